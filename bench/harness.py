@@ -1,0 +1,157 @@
+"""Shared benchmark harness: timing, peak memory, hardware ceilings, JSON + table output.
+
+Every bench script measures its candidates with `measure`, measures the device ceilings in
+the same run (`ceilings`), and reports through `report`. On CPU the figures are smoke
+numbers only (they prove the code runs); speed claims come from CUDA runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+GIB = 1024**3
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test that runs anywhere")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs; the median is reported")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results path (default: print only)")
+    return parser
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, repeat: int = 10) -> float:
+    """Median wall time of `fn` in ms: CUDA events on GPU, perf_counter elsewhere."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(repeat):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_extra_gib(fn: Callable[[], object], device: torch.device | str) -> float | None:
+    """Peak device memory during one call of `fn` above what was allocated before it (CUDA only)."""
+    if torch.device(device).type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / GIB
+
+
+def measure(name: str, fn: Callable[[], object], device, warmup: int = 3, repeat: int = 10, **extra) -> dict:
+    """One row of results: name, median ms and peak extra GiB, plus any extra fields."""
+    try:
+        peak = peak_extra_gib(fn, device)
+        ms = time_ms(fn, device, warmup, repeat)
+    except torch.OutOfMemoryError:
+        return {"name": name, "ms": None, "peak_gib": None, "error": "out of memory", **extra}
+    finally:
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return {"name": name, "ms": ms, "peak_gib": peak, **extra}
+
+
+def ceilings(device, quick: bool = False) -> dict:
+    """Measured bf16 matmul rate (TFLOP/s) and device copy bandwidth (GB/s, read + written)."""
+    dev = torch.device(device)
+    n = 1024 if quick or dev.type != "cuda" else 8192
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    mm_ms = time_ms(lambda: a @ b, dev, warmup=2, repeat=5 if quick else 20)
+    numel = (1 << 22) if quick or dev.type != "cuda" else (1 << 28)
+    src = torch.randn(numel, device=dev, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), dev, warmup=2, repeat=5 if quick else 20)
+    return {
+        "matmul_tflops": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
+        "matmul_dtype": str(dtype).removeprefix("torch."),
+        "copy_gbps": 2 * src.numel() * src.element_size() / (copy_ms * 1e-3) / 1e9,
+    }
+
+
+def environment(device) -> dict:
+    dev = torch.device(device)
+    info = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    for module in ("triton", "transformers", "liger_kernel"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:  # optional packages: absent or broken installs are simply not reported
+            continue
+    return info
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return str(value)
+
+    grid = [columns] + [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in grid) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in grid]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def report(suite: str, rows: list[dict], columns: list[str], device, ceiling: dict, out: Path | None) -> dict:
+    """Print the table (with a CPU caveat) and write the JSON when `out` is given."""
+    result = {"suite": suite, "environment": environment(device), "ceilings": ceiling, "results": rows}
+    print(f"\n== {suite} on {result['environment']['device']} ==")
+    print(
+        f"ceilings: matmul {ceiling['matmul_tflops']:.1f} TFLOP/s ({ceiling['matmul_dtype']}), "
+        f"copy {ceiling['copy_gbps']:.1f} GB/s"
+    )
+    print(format_table(rows, columns))
+    if torch.device(device).type != "cuda":
+        print("note: CPU run: only smoke figures are meaningful here; speed is measured on CUDA.")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return result

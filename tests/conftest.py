@@ -1,0 +1,47 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels run in Triton's interpreter: TRITON_INTERPRET must be set before
+triton is first imported, which rftengine does lazily, so setting it here is early enough.
+On a CUDA machine the kernels are compiled and the same tests run on the GPU.
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The interpreter evaluates masked-out lanes with numpy too (log(0) on rows that are skipped on
+# the GPU); those values are discarded by tl.where, so their numpy warnings are noise.
+warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch) -> str:
+    """Run a test once on the torch reference and once on the Triton kernels."""
+    monkeypatch.setenv("RFTENGINE_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
