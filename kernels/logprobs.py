@@ -1,7 +1,7 @@
 """Per-token log-probs (and entropy) over a [N, V] logits matrix, one pass over V.
 
 Forward: one program per row streams V in blocks with an online log-sum-exp, gathers the
-target logit, and keeps `sum(exp(z - m) * z)` alongside so the entropy costs no second pass.
+target logit, and keeps `sum(exp(z - m) * (z - m))` alongside so the entropy costs no second pass.
 Backward: one program per row recomputes p = exp(z - lse) block by block and writes
 dlogits = (g_logp * (onehot - p) - g_ent * p * (log p + H)) / T.
 All arithmetic is fp32 whatever the logits dtype.
@@ -45,12 +45,18 @@ def _token_logprobs_fwd_kernel(
         z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         z = z * inv_temperature
         m_new = tl.maximum(m, tl.max(z, 0))
-        rescale = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
-        s = s * rescale + tl.sum(e, 0)
+        # shift by 0 while every logit so far is -inf: exp(-inf - (-inf)) would be NaN
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m - shift)
+        e = tl.exp(z - shift)
         if WITH_ENTROPY:
+            # w = sum e * (z - shift), kept relative to the running max so that entropy =
+            # log s - w / s never subtracts two numbers of the logits' magnitude (|z| ~ 1e4).
+            # Moving the shift from m to m_new adds (m - m_new) to every earlier (z - m).
+            moved = tl.where(s > 0, m - shift, 0.0)
             # e > 0 guard: a -inf logit contributes 0, not 0 * -inf = NaN
-            w = w * rescale + tl.sum(tl.where(e > 0, e * z, 0.0), 0)
+            w = (w + s * moved) * rescale + tl.sum(tl.where(e > 0, e * (z - shift), 0.0), 0)
+        s = s * rescale + tl.sum(e, 0)
         m = m_new
 
     target = tl.load(targets_ptr + row, mask=keep, other=0)
@@ -59,7 +65,7 @@ def _token_logprobs_fwd_kernel(
     tl.store(logp_ptr + row, tl.where(keep, z_t - lse, 0.0))
     tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(keep, lse - w / s, 0.0))
+        tl.store(entropy_ptr + row, tl.where(keep, tl.log(s) - w / s, 0.0))
 
 
 @triton.jit

@@ -88,8 +88,11 @@ def as_mask(name: str, mask: torch.Tensor | None, shape: Sequence[int], device: 
     if mask.dtype == torch.bool:
         return mask
     if mask.dtype.is_floating_point and not capturing():
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must hold only 0/1 (or bool) values")
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name} must hold only 0/1 (or bool) values, got {mask[bad].flatten()[0].item()!r}"
+            )
     return mask != 0
 
 

@@ -53,8 +53,10 @@ def token_logprobs_forward_reference(
         logp[rows] = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - chunk_lse
         lse[rows] = chunk_lse
         if with_entropy:
-            p = torch.exp(z - chunk_lse.unsqueeze(-1))
-            entropy[rows] = chunk_lse - torch.where(p > 0, p * z, 0).sum(-1)
+            # -sum p log p, not lse - sum p z: the latter scales p's rounding error by |z|
+            logp_all = z - chunk_lse.unsqueeze(-1)
+            p = torch.exp(logp_all)
+            entropy[rows] = -torch.where(p > 0, p * logp_all, 0).sum(-1)
     if keep is not None:
         for out in (logp, lse, entropy):
             if out is not None:
@@ -87,6 +89,9 @@ def token_logprobs_backward_reference(
         if g_ent is not None:
             h = entropy[rows].to(acc).unsqueeze(-1)
             dz -= g_ent[rows].unsqueeze(-1) * torch.where(p > 0, p * (logp_all + h), 0)
+        if keep is not None:
+            # masked rows carry lse = 0, so exp(z) may overflow there (0 * inf = NaN)
+            dz.masked_fill_(~keep[rows].unsqueeze(-1), 0)
         grad_logits[rows] = (dz / temperature).to(logits.dtype)
     return grad_logits
 
@@ -108,7 +113,6 @@ class _TokenLogprobs(torch.autograd.Function):
         ctx.temperature = temperature
         ctx.triton_path = triton_path
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(lse)
         return logp, entropy
 
     @staticmethod
@@ -167,6 +171,8 @@ def token_logprobs(
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must be [..., T, V] with V > 0, got shape {tuple(logits.shape)}")
     check_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
+    if mask is not None:
+        check_tensor("mask", mask)
     device = check_same_device(logits=logits, targets=targets, mask=mask)
     check_positive("temperature", temperature)
     keep = as_mask("mask", mask, targets.shape, device)
