@@ -144,8 +144,8 @@ def report(suite: str, rows: list[dict], columns: list[str], device, ceiling: di
     result = {"suite": suite, "environment": environment(device), "ceilings": ceiling, "results": rows}
     print(f"\n== {suite} on {result['environment']['device']} ==")
     print(
-        f"ceilings: matmul {ceiling['matmul_tflops']:.1f} TFLOP/s ({ceiling['matmul_dtype']}), "
-        f"copy {ceiling['copy_gbps']:.1f} GB/s"
+        f"ceilings: matmul {ceiling['matmul_tflops']:.3g} TFLOP/s ({ceiling['matmul_dtype']}), "
+        f"copy {ceiling['copy_gbps']:.4g} GB/s"
     )
     print(format_table(rows, columns))
     if torch.device(device).type != "cuda":

@@ -1,0 +1,52 @@
+"""The eager fallback: the Hugging Face model's own forward with its own (dynamic) cache.
+
+Used for families the static runner does not implement. Correct for any causal LM that takes
+`attention_mask`, `position_ids` and `past_key_values`, and slower: one host-driven forward per
+token, no CUDA graph. It shares the sampling and bookkeeping (`record_token`) with the fast path.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+
+class HFRunner:
+    """Prefill once per prompt, then decode one token per row against the model's cache."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache = None
+        self._mask = None
+
+    def _forward(self, ids, mask, positions, cache):
+        extra = {"logits_to_keep": 1} if self._keep_arg else {}
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions,
+            past_key_values=cache, use_cache=True, **extra,
+        )
+        return out.logits[:, -1], out.past_key_values
+
+    def prefill(self, ids: torch.Tensor, prompt_mask: torch.Tensor, copies: int) -> torch.Tensor:
+        """ids/prompt_mask ``[b, P]`` left-padded; returns last-token logits ``[b * copies, V]``."""
+        mask = prompt_mask.long()
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        logits, cache = self._forward(ids, mask, positions, None)
+        if copies > 1:
+            cache.batch_repeat_interleave(copies)
+        self._cache = cache
+        self._mask = mask.repeat_interleave(copies, dim=0)
+        return logits.repeat_interleave(copies, dim=0)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens/positions ``[n]``; returns next-token logits ``[n, V]``."""
+        self._mask = torch.cat([self._mask, self._mask.new_ones(tokens.shape[0], 1)], dim=1)
+        logits, self._cache = self._forward(tokens[:, None], self._mask, positions[:, None], self._cache)
+        return logits
+
+    def release(self) -> None:
+        self._cache = None
+        self._mask = None

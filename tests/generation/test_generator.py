@@ -1,0 +1,342 @@
+"""Generator on tiny random-init models: greedy equals transformers, log-probs equal the trainer's."""
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    Qwen2Config, Qwen2ForCausalLM,
+)
+
+from rftengine.generation import EagerFallbackWarning, Generator, GenerationOutput
+from rftengine.ops import token_logprobs
+
+VOCAB = 131
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19, 20]]
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    initializer_range=0.2, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+)
+
+
+def llama():
+    return LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=False)).eval()
+
+
+def qwen2():
+    return Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True)).eval()
+
+
+def mistral():
+    # A window shorter than the sequences, so the sliding-window mask matters.
+    return MistralForCausalLM(MistralConfig(**COMMON, sliding_window=6)).eval()
+
+
+def gpt2():
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, initializer_range=0.2,
+        pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+FAMILIES = {"llama": llama, "qwen2": qwen2, "mistral": mistral}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls: thread hand-off costs more than the work on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hf_greedy(model, out: GenerationOutput, new_tokens: int) -> torch.Tensor:
+    p = out.prompt_length
+    return model.generate(
+        out.sequences[:, :p], attention_mask=out.prompt_mask.long(), max_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0,
+    )
+
+
+def trainer_logprobs(model, out: GenerationOutput, temperature: float) -> torch.Tensor:
+    """What a trainer computes: a full forward on the rollout, then token_logprobs."""
+    with torch.no_grad():
+        logits = model(
+            out.sequences, attention_mask=out.attention_mask.long(), position_ids=out.position_ids
+        ).logits
+    p = out.prompt_length
+    return token_logprobs(logits[:, p - 1:-1], out.responses, temperature=temperature, mask=out.response_mask)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_matches_transformers_generate(family):
+    model = FAMILIES[family]()
+    gen = Generator(model, max_batch_size=8, max_seq_len=32)
+    assert gen.backend == "static"
+    out = gen.generate(PROMPTS, max_new_tokens=12, top_k=1, eos_token_ids=None, seed=0)
+    assert out.sequences.shape == (3, 9 + 12)
+    assert torch.equal(out.sequences, hf_greedy(model, out, 12))
+    assert out.prompt_mask.sum(1).tolist() == [9, 2, 5]
+    assert out.response_mask.all() and out.finish_reasons == ("length",) * 3
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logprobs_match_training_forward(family):
+    model = FAMILIES[family]()
+    gen = Generator(model, max_batch_size=8, max_seq_len=32)
+    out = gen.generate(
+        PROMPTS, num_samples=2, max_new_tokens=10, temperature=0.8, top_p=0.95,
+        eos_token_ids=[3, 4], seed=1, return_truncated_logprobs=True,
+    )
+    assert out.logprobs.dtype == torch.float32 and out.logprobs.shape == (6, out.responses.shape[1])
+    torch.testing.assert_close(out.logprobs, trainer_logprobs(model, out, 0.8), rtol=0, atol=1e-5)
+    mask = out.response_mask
+    assert torch.all(out.truncated_logprobs[mask] >= out.logprobs[mask] - 1e-6)
+    assert torch.all(out.truncated_logprobs[~mask] == 0)
+
+
+def test_eos_ends_the_response_and_is_kept():
+    model = qwen2()
+    gen = Generator(model, max_batch_size=8, max_seq_len=40, done_check_interval=2)
+    free = gen.generate(PROMPTS, max_new_tokens=12, top_k=1, eos_token_ids=None)
+    eos = int(free.responses[0, 4])  # row 0's 5th greedy token becomes the EOS
+    out = gen.generate(PROMPTS, max_new_tokens=12, top_k=1, eos_token_ids=eos)
+    for r in range(3):
+        resp = free.responses[r].tolist()
+        end = resp.index(eos) + 1 if eos in resp else len(resp)
+        assert out.response_mask[r].tolist() == [True] * end + [False] * (out.responses.shape[1] - end)
+        assert out.responses[r, :end].tolist() == resp[:end]
+        assert torch.all(out.responses[r, end:] == 0) and torch.all(out.logprobs[r, end:] == 0)
+        assert out.finish_reasons[r] == ("eos" if end < len(resp) or resp[-1] == eos else "length")
+    assert out.finish_reasons[0] == "eos" and out.response_lengths[0] == 5
+
+    # Every row ends at its first token: the loop stops at the next done check.
+    first = gen.generate(PROMPTS, max_new_tokens=12, top_k=1, eos_token_ids=free.responses[:, 0].tolist())
+    assert first.responses.shape[1] == 2 and first.response_lengths.tolist() == [1, 1, 1]
+    assert first.finish_reasons == ("eos",) * 3
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_long_rollout_crosses_cache_blocks(family):
+    # Decode attention reads the cache in 128-column blocks: this rollout grows from 1 to 2 blocks.
+    model = FAMILIES[family]()
+    gen = Generator(model, max_batch_size=4, max_seq_len=160)
+    prompts = [list(range(1, 120)), [7, 8, 9]]
+    out = gen.generate(prompts, max_new_tokens=16, top_k=1, eos_token_ids=None)
+    assert torch.equal(out.sequences, hf_greedy(model, out, 16))
+    assert gen._cache.live_length(119) == 128 and gen._cache.live_length(128) == 256
+
+
+def test_chunked_prefill_and_bucket_padding_change_nothing(monkeypatch):
+    import rftengine.generation.generator as generator_module
+
+    model = qwen2()
+    kwargs = dict(num_samples=2, max_new_tokens=8, temperature=0.9, eos_token_ids=[3], seed=4)
+    monkeypatch.setattr(generator_module, "_PREFILL_TOKENS", 10)  # one prompt per prefill chunk
+    padded = Generator(model, max_batch_size=16, max_seq_len=32)
+    padded._bucket_rows = True  # 6 rows run as the 8-row bucket, as under CUDA graphs
+    out = padded.generate(PROMPTS, **kwargs)
+    greedy = padded.generate(PROMPTS, max_new_tokens=8, top_k=1, eos_token_ids=None)
+    assert torch.equal(greedy.sequences, hf_greedy(model, greedy, 8))
+    torch.testing.assert_close(out.logprobs, trainer_logprobs(model, out, 0.9), rtol=0, atol=1e-5)
+    assert out.sequences.shape[0] == 6 and out.response_mask[:, 0].all()
+
+
+def test_num_samples_share_the_prompt():
+    model = llama()
+    gen = Generator(model, max_batch_size=12, max_seq_len=32)
+    one = gen.generate(PROMPTS, max_new_tokens=8, top_k=1, eos_token_ids=None)
+    three = gen.generate(PROMPTS, num_samples=3, max_new_tokens=8, top_k=1, eos_token_ids=None)
+    assert torch.equal(three.sequences, one.sequences.repeat_interleave(3, dim=0))
+    torch.testing.assert_close(three.logprobs, one.logprobs.repeat_interleave(3, dim=0), rtol=0, atol=1e-5)
+    sampled = gen.generate(PROMPTS, num_samples=4, max_new_tokens=8, eos_token_ids=None, seed=7)
+    groups = sampled.responses.view(3, 4, -1)
+    assert all(len({tuple(s.tolist()) for s in g}) > 1 for g in groups)
+    assert torch.equal(sampled.sequences[:, :9].view(3, 4, -1), one.sequences[:, None, :9].expand(3, 4, 9))
+
+
+def test_seed_reproduces_and_changes_the_draws():
+    gen = Generator(qwen2(), max_batch_size=8, max_seq_len=32)
+    kwargs = dict(num_samples=2, max_new_tokens=10, eos_token_ids=[3], top_k=20)
+    a = gen.generate(PROMPTS, seed=123, **kwargs)
+    b = gen.generate(PROMPTS, seed=123, **kwargs)
+    c = gen.generate(PROMPTS, seed=124, **kwargs)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.sequences, c.sequences)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    gen = Generator(mistral(), max_batch_size=8, max_seq_len=32)
+    greedy = gen.generate(PROMPTS, max_new_tokens=10, top_k=1, eos_token_ids=None, seed=0)
+    nucleus = gen.generate(PROMPTS, max_new_tokens=10, top_p=1e-6, eos_token_ids=None, seed=1)
+    cold = gen.generate(PROMPTS, max_new_tokens=10, temperature=1e-4, eos_token_ids=None, seed=2)
+    assert torch.equal(greedy.sequences, nucleus.sequences)
+    assert torch.equal(greedy.sequences, cold.sequences)
+    # Log-probs are over the full vocabulary at the sampling temperature, truncation or not.
+    torch.testing.assert_close(greedy.logprobs, nucleus.logprobs, rtol=0, atol=0)
+
+
+def test_padded_tensor_prompts_equal_list_prompts():
+    gen = Generator(llama(), max_batch_size=8, max_seq_len=32)
+    ids = torch.zeros(3, 11, dtype=torch.long)
+    mask = torch.zeros(3, 11, dtype=torch.bool)
+    for r, p in enumerate(PROMPTS):  # right-padded, as a tokenizer might return
+        ids[r, :len(p)] = torch.tensor(p)
+        mask[r, :len(p)] = True
+    from_list = gen.generate(PROMPTS, max_new_tokens=6, top_k=1, eos_token_ids=None)
+    from_tensor = gen.generate(ids, attention_mask=mask.long(), max_new_tokens=6, top_k=1, eos_token_ids=None)
+    assert torch.equal(from_list.sequences, from_tensor.sequences)
+    assert torch.equal(from_list.prompt_mask, from_tensor.prompt_mask)
+
+
+@pytest.mark.parametrize(
+    "prompts,kwargs,match",
+    [
+        ([list(range(1, 20))], {"max_new_tokens": 1}, "max_seq_len"),
+        ([[1, 2, 3]], {"max_new_tokens": 14}, "max_seq_len"),
+        ([[1, 2]] * 5, {"max_new_tokens": 2}, "max_batch_size"),
+        ([[1, 2]] * 2, {"max_new_tokens": 2, "num_samples": 3}, "max_batch_size"),
+        ([[1, 2], []], {"max_new_tokens": 2}, "empty prompt"),
+        ([], {"max_new_tokens": 2}, "at least one prompt"),
+        ([[1, VOCAB]], {"max_new_tokens": 2}, "token ids"),
+        ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens"),
+        ([[1, 2]], {"max_new_tokens": 2, "temperature": 0.0}, "temperature"),
+        ([[1, 2]], {"max_new_tokens": 2, "eos_token_ids": [VOCAB + 3]}, "eos_token_ids"),
+        ("hello", {"max_new_tokens": 2}, "prompts"),
+    ],
+)
+def test_bad_input_is_rejected(prompts, kwargs, match):
+    gen = Generator(qwen2(), max_batch_size=4, max_seq_len=16)
+    kwargs = {"eos_token_ids": None, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        gen.generate(prompts, **kwargs)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Generator(qwen2(), max_batch_size=0, max_seq_len=16)
+    with pytest.raises(ValueError, match="model"):
+        Generator(torch.nn.Linear(2, 2), max_batch_size=1, max_seq_len=16)
+
+
+def test_in_place_weight_update_reaches_the_next_rollout():
+    torch.manual_seed(4)
+    model = llama()
+    gen = Generator(model, max_batch_size=8, max_seq_len=32)
+    before = gen.generate(PROMPTS, max_new_tokens=8, top_k=1, eos_token_ids=None)
+
+    opt = torch.optim.SGD(model.parameters(), lr=2.0)
+    model(before.sequences).logits.float().logsumexp(-1).mean().backward()
+    opt.step()
+    after = gen.generate(PROMPTS, max_new_tokens=8, top_k=1, eos_token_ids=None)
+    assert not torch.equal(before.sequences, after.sequences)
+    assert torch.equal(after.sequences, hf_greedy(model, after, 8))
+    torch.testing.assert_close(after.logprobs, trainer_logprobs(model, after, 1.0), rtol=0, atol=1e-5)
+
+    # A replaced (not updated) parameter is noticed too.
+    layer = model.model.layers[1].mlp
+    layer.down_proj.weight = torch.nn.Parameter(torch.randn_like(layer.down_proj.weight))
+    replaced = gen.generate(PROMPTS, max_new_tokens=8, top_k=1, eos_token_ids=None)
+    assert torch.equal(replaced.sequences, hf_greedy(model, replaced, 8))
+
+
+def test_cast_rollout_dtype_follows_updates():
+    model = qwen2()
+    gen = Generator(model, max_batch_size=8, max_seq_len=32, dtype=torch.bfloat16)
+    gen.generate(PROMPTS, max_new_tokens=4, top_k=1, eos_token_ids=None)
+    assert gen._weights.embed.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.float32
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)
+    after = gen.generate(PROMPTS, max_new_tokens=6, top_k=1, eos_token_ids=None)
+    fresh = Generator(model, max_batch_size=8, max_seq_len=32, dtype=torch.bfloat16)
+    expected = fresh.generate(PROMPTS, max_new_tokens=6, top_k=1, eos_token_ids=None)
+    assert torch.equal(after.sequences, expected.sequences)
+    assert torch.equal(after.logprobs, expected.logprobs)
+
+
+def test_free_then_generate_again():
+    gen = Generator(mistral(), max_batch_size=8, max_seq_len=32)
+    a = gen.generate(PROMPTS, max_new_tokens=6, eos_token_ids=None, seed=9)
+    gen.free()
+    assert gen._cache is None and gen._state is None
+    b = gen.generate(PROMPTS, max_new_tokens=6, eos_token_ids=None, seed=9)
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_unsupported_family_falls_back_with_a_warning():
+    model = gpt2()
+    with pytest.warns(EagerFallbackWarning, match="GPT2LMHeadModel"):
+        gen = Generator(model, max_batch_size=8, max_seq_len=32)
+    assert gen.backend == "eager-hf"
+    out = gen.generate(PROMPTS, max_new_tokens=8, top_k=1, eos_token_ids=None)
+    assert torch.equal(out.sequences, hf_greedy(model, out, 8))
+    sampled = gen.generate(PROMPTS, num_samples=2, max_new_tokens=8, temperature=1.3, eos_token_ids=[7], seed=2)
+    torch.testing.assert_close(sampled.logprobs, trainer_logprobs(model, sampled, 1.3), rtol=0, atol=1e-5)
+
+
+# -- CUDA: graph capture ------------------------------------------------------------------------
+
+
+def _cuda_model(factory, dtype=torch.float32):
+    torch.manual_seed(0)
+    return factory().to(device="cuda", dtype=dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cuda_graphs_equal_eager(family):
+    model = _cuda_model(FAMILIES[family])
+    graphs = Generator(model, max_batch_size=16, max_seq_len=160)
+    eager = Generator(model, max_batch_size=16, max_seq_len=160, cuda_graphs=False)
+    kwargs = dict(num_samples=3, max_new_tokens=140, top_k=1, eos_token_ids=None)
+    a, b = graphs.generate(PROMPTS, **kwargs), eager.generate(PROMPTS, **kwargs)
+    assert graphs.num_graphs >= 2  # 9 rows -> bucket 16; live lengths 128 and 256 crossed
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+    assert torch.equal(a.sequences, hf_greedy(model, a, 140))
+    torch.testing.assert_close(a.logprobs, trainer_logprobs(model, a, 1.0), rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_sample_reproducibly_and_follow_weight_updates():
+    model = _cuda_model(qwen2)
+    gen = Generator(model, max_batch_size=8, max_seq_len=64)
+    kwargs = dict(num_samples=2, max_new_tokens=20, eos_token_ids=[3], seed=5)
+    a, b = gen.generate(PROMPTS, **kwargs), gen.generate(PROMPTS, **kwargs)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.logprobs, trainer_logprobs(model, a, 1.0), rtol=0, atol=1e-4)
+    captured = gen.num_graphs
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    c = gen.generate(PROMPTS, **kwargs)
+    assert gen.num_graphs == captured  # replayed, not recaptured
+    torch.testing.assert_close(c.logprobs, trainer_logprobs(model, c, 1.0), rtol=0, atol=1e-4)
+    greedy = gen.generate(PROMPTS, max_new_tokens=20, top_k=1, eos_token_ids=None)
+    assert torch.equal(greedy.sequences, hf_greedy(model, greedy, 20))
+    gen.free()
+    assert gen.num_graphs == 0
+    assert torch.equal(gen.generate(PROMPTS, **kwargs).sequences, c.sequences)
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_rollout_logprobs_close_to_trainer():
+    model = _cuda_model(qwen2, torch.bfloat16)
+    gen = Generator(model, max_batch_size=8, max_seq_len=64)
+    out = gen.generate(PROMPTS, num_samples=2, max_new_tokens=40, eos_token_ids=None, seed=0)
+    diff = (out.logprobs - trainer_logprobs(model, out, 1.0)).abs()[out.response_mask]
+    assert diff.mean() < 5e-3
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_step_equals_eager():
+    model = _cuda_model(llama)
+    compiled = Generator(model, max_batch_size=8, max_seq_len=64, compile=True)
+    eager = Generator(model, max_batch_size=8, max_seq_len=64, cuda_graphs=False)
+    kwargs = dict(max_new_tokens=16, top_k=1, eos_token_ids=None)
+    a, b = compiled.generate(PROMPTS, **kwargs), eager.generate(PROMPTS, **kwargs)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-4)
