@@ -1,0 +1,266 @@
+"""gae, whiten and group_advantages on both backends against float64 oracles from DESIGN.md.
+
+GAE sums at most T geometric terms of O(1) fp32 values: rtol 1e-5 / atol 1e-5. Whitening and
+group normalisation divide by standard deviations of O(1) inputs: same tolerances.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rftengine.ops.advantages import gae, group_advantages, whiten
+
+F64 = torch.float64
+
+
+def _close(actual, expected, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(actual.to(F64), expected.to(F64), rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------- GAE
+
+
+def gae_oracle(rewards, values, mask, gamma, lam):
+    """Per sequence, over its valid positions only: δ = r + γ V_next - V, A = δ + γλ A_next."""
+    r = rewards.detach().to(F64).requires_grad_()
+    v = values.detach().to(F64).requires_grad_()
+    b, t = r.shape
+    keep = torch.ones(b, t, dtype=torch.bool) if mask is None else mask.bool().cpu()
+    adv = [[r.new_zeros(()) for _ in range(t)] for _ in range(b)]
+    for i in range(b):
+        valid = [j for j in range(t) if keep[i, j]]
+        a_next, v_next = r.new_zeros(()), r.new_zeros(())
+        for j in reversed(valid):
+            delta = r[i, j] + gamma * v_next - v[i, j]
+            a_next = delta + gamma * lam * a_next
+            v_next = v[i, j]
+            adv[i][j] = a_next
+    adv = torch.stack([torch.stack(row) for row in adv])
+    ret = torch.where(keep.to(r.device), adv + v, 0)
+    g_adv, g_ret = torch.randn(b, t, dtype=F64), torch.randn(b, t, dtype=F64)
+    d_r, d_v = torch.autograd.grad((adv * g_adv.to(r.device)).sum() + (ret * g_ret.to(r.device)).sum(), (r, v))
+    return adv.detach(), ret.detach(), d_r, d_v, g_adv.to(r.device), g_ret.to(r.device)
+
+
+def _masks(kind, b, t, device):
+    lengths = torch.randint(1, t + 1, (b,))
+    lengths[0] = t
+    lengths[-1] = 1
+    pos = torch.arange(t)
+    if kind == "right":
+        mask = pos[None, :] < lengths[:, None]
+    elif kind == "left":
+        mask = pos[None, :] >= (t - lengths)[:, None]
+    elif kind == "gaps":
+        mask = torch.rand(b, t) > 0.4
+        mask[1] = False  # an empty row
+    else:
+        return None
+    return mask.to(device)
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "gaps", "none"])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 0.0)])
+def test_gae_matches_oracle(backend, device, kind, gamma, lam):
+    b, t = 3, 23
+    rewards = torch.randn(b, t, device=device, requires_grad=True)
+    values = torch.randn(b, t, device=device, requires_grad=True)
+    mask = _masks(kind, b, t, device)
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    exp_adv, exp_ret, exp_dr, exp_dv, g_adv, g_ret = gae_oracle(rewards, values, mask, gamma, lam)
+    assert adv.dtype == torch.float32 and ret.dtype == torch.float32
+    _close(adv, exp_adv)
+    _close(ret, exp_ret)
+    d_r, d_v = torch.autograd.grad((adv * g_adv.float()).sum() + (ret * g_ret.float()).sum(), (rewards, values))
+    _close(d_r, exp_dr)
+    _close(d_v, exp_dv)
+
+
+def test_gae_long_rows_cross_scan_blocks(backend, device):
+    # T above the kernel's 256-token scan block: carries between blocks, gaps across the border
+    b, t = 2, 300
+    rewards = torch.randn(b, t, device=device, requires_grad=True)
+    values = torch.randn(b, t, device=device, requires_grad=True)
+    mask = torch.rand(b, t, device=device) > 0.2
+    mask[0, 250:262] = False
+    adv, ret = gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    exp_adv, exp_ret, exp_dr, exp_dv, g_adv, g_ret = gae_oracle(rewards, values, mask, 0.99, 0.95)
+    _close(adv, exp_adv)
+    _close(ret, exp_ret)
+    d_r, d_v = torch.autograd.grad((adv * g_adv.float()).sum() + (ret * g_ret.float()).sum(), (rewards, values))
+    _close(d_r, exp_dr)
+    _close(d_v, exp_dv)
+    # only one output used: the other's gradient is None inside the backward
+    adv, _ = gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    (d_r,) = torch.autograd.grad((adv * g_adv.float()).sum(), rewards)
+    assert torch.isfinite(d_r).all() and d_r.abs().max() > 0
+
+
+def test_gae_closed_form(backend, device):
+    rewards = torch.tensor([[0.0, 0.0, 1.0]], device=device)
+    values = torch.full((1, 3), 0.5, device=device)
+    adv, ret = gae(rewards, values, None, gamma=1.0, lam=1.0)  # Monte Carlo: A = 1 - V
+    _close(adv, torch.full((1, 3), 0.5, dtype=F64))
+    _close(ret, torch.ones(1, 3, dtype=F64))
+    adv, _ = gae(rewards, values, None, gamma=1.0, lam=0.0)  # one-step TD errors
+    _close(adv, torch.tensor([[0.0, 0.0, 0.5]], dtype=F64))
+
+
+def test_gae_left_and_right_padding_agree(backend, device):
+    rewards = torch.randn(1, 6, device=device)
+    values = torch.randn(1, 6, device=device)
+    right = torch.tensor([[1, 1, 1, 1, 0, 0]], dtype=torch.bool, device=device)
+    left = right.flip(-1)
+    adv_r, ret_r = gae(rewards, values, right)
+    adv_l, ret_l = gae(rewards.roll(2, -1), values.roll(2, -1), left)
+    torch.testing.assert_close(adv_r[:, :4], adv_l[:, 2:])
+    torch.testing.assert_close(ret_r[:, :4], ret_l[:, 2:])
+    assert adv_r[:, 4:].abs().max() == 0 and adv_l[:, :2].abs().max() == 0
+
+
+def test_gae_empty_mask_and_padding_not_read(backend, device):
+    rewards = torch.full((2, 5), float("nan"), device=device, requires_grad=True)
+    values = torch.full((2, 5), float("inf"), device=device, requires_grad=True)
+    mask = torch.zeros(2, 5, dtype=torch.bool, device=device)
+    adv, ret = gae(rewards, values, mask)
+    d_r, d_v = torch.autograd.grad(adv.sum() + ret.sum(), (rewards, values))
+    for x in (adv, ret, d_r, d_v):
+        assert x.abs().max() == 0
+
+
+def test_gae_errors():
+    x = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="gamma"):
+        gae(x, x, None, gamma=1.5)
+    with pytest.raises(ValueError, match="lam"):
+        gae(x, x, None, lam=-0.1)
+    with pytest.raises(ValueError, match="values"):
+        gae(x, torch.zeros(2, 5), None)
+    with pytest.raises(ValueError, match="rewards"):
+        gae(torch.full((2, 4), float("nan")), x, None)
+    with pytest.raises(ValueError, match="rewards"):
+        gae(torch.zeros(8), torch.zeros(8), None)
+
+
+# ---------------------------------------------------------------- whiten
+
+
+def whiten_oracle(x, mask, shift_mean):
+    keep = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
+    xv = x.detach().to(F64).requires_grad_()
+    vals = xv[keep]
+    mean = vals.mean()
+    var = vals.var() if vals.numel() > 1 else vals.new_zeros(())
+    y = (xv - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        y = y + mean
+    y = torch.where(keep, y, 0)
+    g = torch.randn_like(y)
+    (d_x,) = torch.autograd.grad((y * g).sum(), xv)
+    return y.detach(), d_x, g
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("shape,masked", [((4, 37), True), ((3, 700), True), ((1, 5), False)])
+def test_whiten_matches_oracle(backend, device, shift_mean, shape, masked):
+    x = (3 * torch.randn(shape) + 1).to(device).requires_grad_()
+    mask = (torch.rand(shape, device=device) > 0.3) if masked else None
+    y = whiten(x, mask, shift_mean=shift_mean)
+    exp_y, exp_dx, g = whiten_oracle(x, mask, shift_mean)
+    _close(y, exp_y)
+    (d_x,) = torch.autograd.grad((y * g.float()).sum(), x)
+    _close(d_x, exp_dx)
+    valid = y[mask] if mask is not None else y.flatten()
+    if shift_mean:
+        assert abs(valid.mean().item()) < 1e-5 and abs(valid.std().item() - 1) < 1e-4
+
+
+def test_whiten_empty_and_single(backend, device):
+    x = torch.randn(2, 6, device=device, requires_grad=True)
+    mask = torch.zeros(2, 6, dtype=torch.bool, device=device)
+    y = whiten(x, mask)
+    (d_x,) = torch.autograd.grad(y.sum(), x)
+    assert y.abs().max() == 0 and d_x.abs().max() == 0
+    mask[1, 3] = True  # one valid entry: centred to 0, finite gradient
+    y = whiten(x, mask)
+    (d_x,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
+    assert y.abs().max() == 0 and torch.isfinite(d_x).all()
+
+
+def test_whiten_errors():
+    with pytest.raises(ValueError, match="eps"):
+        whiten(torch.zeros(3), None, eps=0.0)
+    with pytest.raises(ValueError, match="mask"):
+        whiten(torch.zeros(3), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="x"):
+        whiten(torch.tensor([1.0, float("nan")]), None)
+
+
+# ---------------------------------------------------------------- group advantages
+
+
+def group_oracle(scores, group_size, mode, scale, eps=1e-6):
+    s = scores.detach().to(F64).requires_grad_()
+    groups = s.view(-1, group_size)
+    if mode == "grpo":
+        a = groups - groups.mean(1, keepdim=True)
+    else:  # leave-one-out baseline written directly
+        others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+        a = groups - others
+    if scale == "group":
+        a = a / (groups.std(1, keepdim=True) + eps)
+    elif scale == "batch":
+        a = a / (s.std() + eps)
+    a = a.reshape(-1)
+    g = torch.randn_like(a)
+    (d_s,) = torch.autograd.grad((a * g).sum(), s)
+    return a.detach(), d_s, g
+
+
+@pytest.mark.parametrize("mode", ["grpo", "rloo"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("group_size,n_groups", [(5, 3), (2, 4), (3, 600)])
+def test_group_advantages_match_oracle(backend, device, mode, scale, group_size, n_groups):
+    scores = torch.randn(group_size * n_groups, device=device, requires_grad=True)
+    adv = group_advantages(scores, group_size, mode=mode, scale=scale)
+    exp_adv, exp_ds, g = group_oracle(scores, group_size, mode, scale)
+    _close(adv, exp_adv)
+    (d_s,) = torch.autograd.grad((adv * g.float()).sum(), scores)
+    _close(d_s, exp_ds, atol=1e-4 if group_size == 2 else 1e-5)  # G=2: 1/std is large
+
+
+def test_group_advantages_closed_form(backend, device):
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0], device=device)
+    a = group_advantages(scores, 2, mode="grpo", scale="group")
+    # group (1, 0): mean 0.5, std sqrt(0.5) -> ±0.5/sqrt(0.5) = ±sqrt(0.5)
+    _close(a, torch.tensor([1, -1, -1, 1], dtype=F64) * math.sqrt(0.5), rtol=1e-5)
+    a = group_advantages(scores, 2, mode="rloo", scale="none")  # s_i - the other one
+    _close(a, torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=F64))
+    a = group_advantages(torch.tensor([3.0, 1.0, 2.0], device=device), 3, mode="grpo", scale="none")
+    _close(a, torch.tensor([1.0, -1.0, 0.0], dtype=F64))
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_group_advantages_constant_groups(backend, device, scale):
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], device=device, requires_grad=True)
+    a = group_advantages(scores, 3, scale=scale)
+    (d_s,) = torch.autograd.grad((a * torch.randn_like(a)).sum(), scores)
+    assert a.abs().max() == 0 and torch.isfinite(d_s).all()
+
+
+def test_group_advantages_errors():
+    with pytest.raises(ValueError, match="group_size=3 must divide"):
+        group_advantages(torch.zeros(10), 3)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(torch.zeros(10), 1)
+    with pytest.raises(ValueError, match="mode"):
+        group_advantages(torch.zeros(4), 2, mode="ppo")
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(torch.zeros(4), 2, scale="global")
+    with pytest.raises(ValueError, match="scores"):
+        group_advantages(torch.tensor([0.0, float("inf")]), 2)
+    with pytest.raises(ValueError, match="scores"):
+        group_advantages(torch.zeros(2, 2), 2)
