@@ -1,0 +1,114 @@
+"""Fused PPO / DPO heads against linear_token_logprobs alone and against the composition.
+
+At the ANCHORS.md §1 shapes (N tokens as B sequences of 1024), forward + backward:
+- ``linear_token_logprobs``: the lm_head log-probs alone, backward of ``sum(logp * g)``;
+- ``fused_ppo_loss`` (k3 KL in the loss, entropy bonus) and the same loss composed from
+  ``linear_token_logprobs`` + the standalone ops;
+- ``fused_dpo_loss`` (sigmoid, precomputed reference log-probs; rows = B/2 pairs) and its
+  composition.
+``x_linear`` = ms / the ms of ``linear_token_logprobs`` alone at that shape (the issue's target
+for the fused heads is <= 1.1); ``x_floor``, ``peak_gib`` and ``extra_gib`` as in
+bench_linear_logprobs. Liger's fused GRPO/DPO losses are compared in bench_losses.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rftengine.bench.bench_linear_logprobs import ANCHOR_SHAPES, QUICK_SHAPES
+from rftengine.bench.harness import GIB, base_parser, ceilings, measure, report
+from rftengine.ops.fused_heads import (
+    dpo_composite_loss,
+    fused_dpo_loss,
+    fused_ppo_loss,
+    ppo_composite_loss,
+)
+from rftengine.ops.linear_logprobs import linear_token_logprobs
+
+SEQ_LEN = 1024
+QUICK_SEQ_LEN = 64
+PPO_OPTIONS = dict(kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01)
+
+
+def _grad(loss, params):
+    return torch.autograd.grad(loss, params)
+
+
+def make_steps(h, w, t, g, old, ref, adv, ref_seq):
+    params = (h, w)
+    composite_ppo = dict(
+        kl_clamp=20.0, clip_low=0.2, clip_high=0.2, dual_clip=None, aggregation="token_mean",
+        loss_constant=None, is_weights=None, **PPO_OPTIONS,
+    )
+
+    def linear():
+        return torch.autograd.grad(linear_token_logprobs(h, w, t), params, grad_outputs=g)
+
+    def ppo_fused():
+        return _grad(fused_ppo_loss(h, w, t, old, adv, None, ref_logp=ref, **PPO_OPTIONS)[0], params)
+
+    def ppo_composed():
+        logp, ent = linear_token_logprobs(h, w, t, return_entropy=True)
+        return _grad(ppo_composite_loss(logp, ent, old, adv, None, ref_logp=ref, **composite_ppo)[0], params)
+
+    def dpo_fused():
+        return _grad(fused_dpo_loss(h, w, t, None, ref_logps=ref_seq, beta=0.1)[0], params)
+
+    def dpo_composed():
+        logp = linear_token_logprobs(h, w, t)
+        loss, _ = dpo_composite_loss(logp, None, ref_seq, beta=0.1, loss_type="sigmoid",
+                                     label_smoothing=0.0, gamma=0.0, length_normalized=False)
+        return _grad(loss, params)
+
+    return [
+        ("linear_token_logprobs", linear),
+        ("fused_ppo_loss", ppo_fused),
+        ("linear + ppo ops", ppo_composed),
+        ("fused_dpo_loss", dpo_fused),
+        ("linear + dpo ops", dpo_composed),
+    ]
+
+
+def main(argv=None):
+    parser = base_parser(__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = QUICK_SHAPES if args.quick else ANCHOR_SHAPES
+    seq_len = QUICK_SEQ_LEN if args.quick else SEQ_LEN
+    warmup, repeat = (1, 3) if args.quick else (args.warmup, args.repeat)
+    ceiling = ceilings(device, quick=args.quick)
+    rows = []
+    for n, hidden, vocab in shapes:
+        torch.manual_seed(0)
+        batch = n // seq_len
+        h = torch.randn(batch, seq_len, hidden, device=device, dtype=dtype, requires_grad=True)
+        w = (torch.randn(vocab, hidden, device=device, dtype=dtype) / hidden**0.5).requires_grad_()
+        t = torch.randint(0, vocab, (batch, seq_len), device=device)
+        g = torch.randn(batch, seq_len, device=device)
+        with torch.no_grad():
+            current = linear_token_logprobs(h, w, t)
+        old = current + 0.1 * torch.randn_like(current)
+        ref = current + 0.1 * torch.randn_like(current)
+        adv = torch.randn(batch, device=device)
+        ref_seq = ref.sum(-1)
+        floor_ms = 6 * n * hidden * vocab / (ceiling["matmul_tflops"] * 1e12) * 1e3
+        grad_gib = (h.numel() + w.numel()) * h.element_size() / GIB
+        shape = f"{batch}x{seq_len}x{hidden}x{vocab}"
+        baseline = None
+        for name, step in make_steps(h, w, t, g, old, ref, adv, ref_seq):
+            row = measure(name, step, device, warmup, repeat, shape=shape, floor_ms=floor_ms)
+            if name == "linear_token_logprobs":
+                baseline = row["ms"]
+            if row["ms"] is not None:
+                row["x_linear"] = row["ms"] / baseline if baseline else None
+                row["x_floor"] = row["ms"] / floor_ms
+            if row.get("peak_gib") is not None:
+                row["extra_gib"] = row["peak_gib"] - grad_gib
+            rows.append(row)
+    columns = ["shape", "name", "ms", "x_linear", "x_floor", "peak_gib", "extra_gib"]
+    return report("fused_heads", rows, columns, device, ceiling, args.out)
+
+
+if __name__ == "__main__":
+    main()

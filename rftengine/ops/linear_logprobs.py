@@ -1,0 +1,557 @@
+"""linear_token_logprobs: per-token log-probs straight from hidden states and the lm_head.
+
+``logp[i] = log_softmax((h[i] @ W.T + b) / T)[targets[i]]`` without ever holding the [N, V]
+logits: tokens are processed in chunks of C rows, each chunk's logits computed by one matmul
+into a bounded buffer, reduced by one pass over the vocabulary, and dropped.
+
+Layers, as everywhere in rftengine.ops: the public function (validation, compaction plan),
+an autograd.Function, and the per-chunk softmax passes in two interchangeable forms, the
+Triton launchers in `rftengine.kernels.linear_logprobs` and the torch references below. The
+matmuls are plain torch (cuBLAS on CUDA) in both forms.
+
+Cost and memory (N kept tokens, hidden H, vocabulary V):
+- forward: one matmul per chunk (2NHV FLOPs) and one read of its logits; keeps lse [N].
+- backward: the chunk logits are recomputed (2NHV), overwritten in place by dlogits, then
+  ``dh_c = dlogits @ W`` and ``dW += dlogits.T @ h_c`` (4NHV). 8NHV in all, 4/3 of the 6NHV
+  floor: with an arbitrary upstream gradient the logits are needed again in backward, and
+  keeping them would cost N*V memory. When the loss on the log-probs is known up front the
+  fused heads (`rftengine.ops.fused_heads`) do the gradient in the forward sweep, at 6NHV.
+- extra memory: one chunk of logits (fp32 on CUDA when cuBLAS can write fp32 from half
+  operands, which keeps the log-probs as exact as the inputs allow), about 384 MiB by default,
+  plus O(N) vectors; the dlogits reuse the logits buffer.
+
+Masked rows are compacted: the kept rows are ordered first by a stable sort and only they
+enter the matmuls. The number of kept rows is read on the host in the same device-to-host copy
+as the target-range check (the one sync every op's validation makes, skipped during CUDA-graph
+capture); under capture the op does not compact and masked rows cost matmul work but no
+softmax traffic.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from rftengine.ops._checks import (
+    as_mask,
+    capturing,
+    check_floating,
+    check_index_range,
+    check_integer,
+    check_positive,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+from rftengine.ops._dispatch import use_triton
+from rftengine.ops.logprobs import compute_dtype
+
+# Bytes of one chunk of logits. On CUDA that is the op's whole extra memory; the torch
+# reference holds about three temporaries of a chunk, so it takes smaller chunks.
+_CUDA_CHUNK_BYTES = 384 << 20
+_HOST_CHUNK_BYTES = 32 << 20
+
+
+def default_chunk_rows(n_rows: int, vocab: int, logits_bytes: int, device: torch.device) -> int:
+    """Rows per chunk: as many as the logits budget allows, in whole 128-row matmul tiles."""
+    budget = _CUDA_CHUNK_BYTES if device.type == "cuda" else _HOST_CHUNK_BYTES
+    rows = budget // max(vocab * logits_bytes, 1)
+    if rows >= 128:
+        rows -= rows % 128
+    return max(1, min(rows, n_rows))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_out_matmuls(device: torch.device) -> bool:
+    """Whether this device's matmuls take half operands and write / accumulate fp32.
+
+    `torch.mm(..., out_dtype=float32)` and `aten.addmm.dtype_out` exist on CUDA from torch 2.8;
+    probed once per device (one sync, at the first call) so older builds fall back cleanly.
+    """
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
+        out = torch.mm(a, a, out_dtype=torch.float32)
+        acc = torch.ones(16, 16, device=device, dtype=torch.float32)
+        torch.ops.aten.addmm.dtype_out(acc, a, a, torch.float32, out=acc)
+        return out.dtype == torch.float32 and bool((acc == 17).all()) and bool((out == 16).all())
+    except (RuntimeError, TypeError, NotImplementedError, AttributeError):
+        return False
+
+
+class Plan(NamedTuple):
+    """How one call runs its matmuls and chunks (fixed per call, from shapes and device)."""
+
+    mm_dtype: torch.dtype      # operands of every matmul (the input dtype on CUDA)
+    logits_dtype: torch.dtype  # dtype of the logits chunk (fp32 whenever it can be)
+    fp32_out: bool             # half operands, fp32 logits written by cuBLAS
+    chunk: int                 # rows per chunk
+    triton: bool               # softmax passes in Triton (else the torch references)
+
+
+def make_plan(dtype: torch.dtype, device: torch.device, n_rows: int, vocab: int,
+              chunk_size: int | None, triton_path: bool) -> Plan:
+    acc = compute_dtype(dtype)
+    if device.type == "cuda":
+        fp32_out = dtype in (torch.float16, torch.bfloat16) and _fp32_out_matmuls(device)
+        mm_dtype, logits_dtype = dtype, (torch.float32 if fp32_out else dtype)
+    else:
+        # CPU matmuls in half precision are slow and no more faithful: upcast the operands
+        fp32_out, mm_dtype, logits_dtype = False, acc, acc
+    if chunk_size is None:
+        size = torch.empty((), dtype=logits_dtype).element_size()
+        chunk = default_chunk_rows(n_rows, vocab, size, device)
+    else:
+        chunk = max(1, min(chunk_size, n_rows))
+    return Plan(mm_dtype, logits_dtype, fp32_out, chunk, triton_path)
+
+
+# ---------------------------------------------------------------------------------------
+# torch references of the two per-chunk passes (CPU path and test oracle)
+
+
+def chunk_stats_reference(
+    logits: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    keep: torch.Tensor | None, temperature: float, with_entropy: bool,
+):
+    """Same contract as `rftengine.kernels.linear_logprobs.chunk_stats`; logits left intact.
+
+    Works in place on one copy of the chunk so that the CPU path holds about three chunks.
+    """
+    acc = compute_dtype(logits.dtype)
+    z = logits.to(acc, copy=True)
+    if bias is not None:
+        z += bias.to(acc)
+    z /= temperature
+    lse = torch.logsumexp(z, dim=-1)
+    tgt = targets.long() if keep is None else torch.where(keep, targets, 0).long()
+    z -= lse.unsqueeze(-1)  # now log p
+    logp = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        # -sum p log p rather than lse - sum p z: no cancellation between two large terms;
+        # a -inf logit contributes 0, not 0 * -inf
+        plogp = torch.exp(z).mul_(z).masked_fill_(z == float("-inf"), 0)
+        entropy = -plogp.sum(-1)
+    if keep is not None:
+        for out in (logp, lse, entropy):
+            if out is not None:
+                out.masked_fill_(~keep, 0)
+    return logp, lse, entropy
+
+
+def chunk_grads_reference_(
+    logits: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    keep: torch.Tensor | None, temperature: float, lse: torch.Tensor,
+    entropy: torch.Tensor | None, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
+    grad_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Same contract as `rftengine.kernels.linear_logprobs.chunk_grads_`: dlogits in place.
+
+    The logits buffer is scratch: it becomes log p, then receives the gradient.
+    """
+    acc = compute_dtype(logits.dtype)
+    logp_all = logits if logits.dtype == acc else logits.to(acc)
+    if bias is not None:
+        logp_all += bias.to(acc)
+    logp_all /= temperature
+    logp_all -= lse.to(acc).unsqueeze(-1)
+    g = grad_logp.to(acc)
+    g_ent = grad_entropy.to(acc) if grad_entropy is not None else None
+    if keep is not None:
+        g = g.masked_fill(~keep, 0)
+        g_ent = g_ent.masked_fill(~keep, 0) if g_ent is not None else None
+    dz = torch.exp(logp_all)  # p, turned into the gradient in place
+    if g_ent is not None:
+        # dH/dz_j = -p_j (log p_j + H); zero where p_j = 0 (a -inf logit)
+        ent_term = (logp_all + entropy.to(acc).unsqueeze(-1)).mul_(dz).masked_fill_(dz == 0, 0)
+        dz.mul_(-g.unsqueeze(-1))
+        dz -= ent_term.mul_(g_ent.unsqueeze(-1))
+        del ent_term
+    else:
+        dz.mul_(-g.unsqueeze(-1))
+    if keep is not None:  # masked rows may hold anything (their lse is 0): write zeros
+        dz.masked_fill_(~keep.unsqueeze(-1), 0)
+    tgt = targets.long() if keep is None else torch.where(keep, targets, 0).long()
+    dz.scatter_add_(-1, tgt.unsqueeze(-1), g.unsqueeze(-1))
+    dz /= temperature
+    vocab = logits.shape[-1]
+    grad = logits if grad_dtype == logits.dtype else logits.view(grad_dtype)[:, :vocab]
+    return grad.copy_(dz)
+
+
+def _passes(triton_path: bool):
+    if triton_path:
+        from rftengine.kernels import linear_logprobs as kernel
+
+        return kernel.chunk_stats, kernel.chunk_grads_
+    return chunk_stats_reference, chunk_grads_reference_
+
+
+# ---------------------------------------------------------------------------------------
+# the chunk sweep, shared with the fused heads
+
+
+class HeadInputs(NamedTuple):
+    """Validated, flattened inputs of one lm_head call; rows are in compacted order."""
+
+    hidden: torch.Tensor              # [N, H]
+    weight: torch.Tensor              # [V, H]
+    bias: torch.Tensor | None         # [V]
+    targets: torch.Tensor             # [n] targets of the processed rows
+    keep: torch.Tensor | None         # [n] bool, only when rows are not compacted (capture)
+    rows: torch.Tensor | None         # [n] int64 kept row ids, None = rows 0..n-1 in order
+    n_total: int                      # N
+    plan: Plan
+
+
+def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+def chunk_hidden(inp: HeadInputs, start: int, stop: int) -> torch.Tensor:
+    if inp.rows is None:
+        return inp.hidden[start:stop]
+    return inp.hidden.index_select(0, inp.rows[start:stop])
+
+
+def matmul_weight(inp: HeadInputs) -> torch.Tensor:
+    """The weight in the matmul dtype (the weight itself on CUDA; an upcast copy on CPU)."""
+    return inp.weight if inp.weight.dtype == inp.plan.mm_dtype else inp.weight.to(inp.plan.mm_dtype)
+
+
+def chunk_logits(h_c: torch.Tensor, w_mm: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """[C, H] @ [V, H].T -> [C, V] in plan.logits_dtype (fp32 accumulation in every case)."""
+    h_c = h_c.to(plan.mm_dtype)
+    if plan.fp32_out:
+        return torch.mm(h_c, w_mm.t(), out_dtype=torch.float32)
+    return torch.mm(h_c, w_mm.t())
+
+
+def chunk_slice(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if t is None else t[start:stop]
+
+
+def to_rows(inp: HeadInputs, full: torch.Tensor) -> torch.Tensor:
+    """[N] per-token values -> [n] in processed-row order."""
+    return full if inp.rows is None else full.index_select(0, inp.rows)
+
+
+def from_rows(inp: HeadInputs, values: torch.Tensor) -> torch.Tensor:
+    """[n] values in processed-row order -> [N], zero at dropped (masked) rows."""
+    if inp.rows is None:
+        return values
+    full = values.new_zeros(inp.n_total)
+    return full.index_copy_(0, inp.rows, values)
+
+
+class GradBuffers:
+    """Accumulators of dh, dW, db over the chunks of one sweep."""
+
+    def __init__(self, inp: HeadInputs, need_h: bool, need_w: bool, need_b: bool,
+                 fp32_weight_grad: bool):
+        h, w, plan = inp.hidden, inp.weight, inp.plan
+        self.inp = inp
+        self.h = torch.zeros(h.shape, device=h.device, dtype=h.dtype) if need_h else None
+        if need_w:
+            w_dtype = torch.float32 if fp32_weight_grad and w.dtype != torch.float64 else plan.mm_dtype
+            self.w = torch.zeros(w.shape, device=w.device, dtype=w_dtype)
+        else:
+            self.w = None
+        self.b = (
+            torch.zeros(w.shape[0], device=w.device, dtype=compute_dtype(w.dtype))
+            if need_b else None
+        )
+
+    def add_chunk(self, grad_c: torch.Tensor, h_c: torch.Tensor, w_mm: torch.Tensor,
+                  start: int, stop: int) -> None:
+        """grad_c [C, V] (plan.mm_dtype) = dloss/dlogits of rows start:stop."""
+        inp, plan = self.inp, self.inp.plan
+        if self.h is not None:
+            if inp.rows is None and self.h.dtype == plan.mm_dtype:
+                torch.mm(grad_c, w_mm, out=self.h[start:stop])
+            elif inp.rows is None:
+                self.h[start:stop] = torch.mm(grad_c, w_mm)
+            else:
+                self.h.index_copy_(0, inp.rows[start:stop], torch.mm(grad_c, w_mm).to(self.h.dtype))
+        if self.w is not None:
+            h_mm = h_c.to(plan.mm_dtype)
+            if self.w.dtype == plan.mm_dtype:
+                self.w.addmm_(grad_c.t(), h_mm)
+            elif plan.fp32_out:
+                torch.ops.aten.addmm.dtype_out(self.w, grad_c.t(), h_mm, self.w.dtype, out=self.w)
+            else:
+                self.w.addmm_(grad_c.t().to(self.w.dtype), h_mm.to(self.w.dtype))
+        if self.b is not None:
+            self.b += grad_c.sum(0, dtype=self.b.dtype)
+
+    def results(self, weight_dtype: torch.dtype, bias_dtype: torch.dtype | None):
+        dw = self.w.to(weight_dtype) if self.w is not None else None
+        db = self.b.to(bias_dtype) if self.b is not None else None
+        return self.h, dw, db
+
+
+def logprob_sweep(inp: HeadInputs, temperature: float, with_entropy: bool):
+    """Forward only: (logp, lse, entropy or None) [n] fp32, in processed-row order."""
+    stats, _ = _passes(inp.plan.triton)
+    n = inp.targets.shape[0]
+    acc = compute_dtype(inp.hidden.dtype)
+    logp = torch.zeros(n, device=inp.hidden.device, dtype=acc)
+    lse = torch.zeros_like(logp)
+    entropy = torch.zeros_like(logp) if with_entropy else None
+    w_mm = matmul_weight(inp)
+    for start, stop in chunk_bounds(n, inp.plan.chunk):
+        logits = chunk_logits(chunk_hidden(inp, start, stop), w_mm, inp.plan)
+        lp, ls, ent = stats(
+            logits, inp.bias, inp.targets[start:stop], chunk_slice(inp.keep, start, stop),
+            temperature, with_entropy,
+        )
+        logp[start:stop] = lp
+        lse[start:stop] = ls
+        if with_entropy:
+            entropy[start:stop] = ent
+    return logp, lse, entropy
+
+
+def gradient_sweep(
+    inp: HeadInputs, temperature: float, lse: torch.Tensor, entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, grads: GradBuffers,
+) -> None:
+    """Backward: recompute each chunk's logits, overwrite them with dlogits, feed dh/dW/db."""
+    _, grads_in_place = _passes(inp.plan.triton)
+    w_mm = matmul_weight(inp)
+    for start, stop in chunk_bounds(inp.targets.shape[0], inp.plan.chunk):
+        h_c = chunk_hidden(inp, start, stop)
+        logits = chunk_logits(h_c, w_mm, inp.plan)
+        grad_c = grads_in_place(
+            logits, inp.bias, inp.targets[start:stop], chunk_slice(inp.keep, start, stop),
+            temperature, lse[start:stop], chunk_slice(entropy, start, stop),
+            grad_logp[start:stop], chunk_slice(grad_entropy, start, stop), inp.plan.mm_dtype,
+        )
+        grads.add_chunk(grad_c, h_c, w_mm, start, stop)
+
+
+def fused_sweep(inp: HeadInputs, temperature: float, with_entropy: bool, token_grad,
+                grads: GradBuffers):
+    """Forward and backward in one sweep, for losses whose dloss/dlogp_i is token-local.
+
+    Per chunk: logits, the stats pass, ``token_grad(start, stop, logp_c, entropy_c) ->
+    (g_logp_c, g_entropy_c or None)`` on the chunk's [C] vectors, the in-place gradient pass,
+    and the dh/dW/db matmuls: 6NHV FLOPs, the logits computed once.
+    Returns (logp, entropy or None) [n] in processed-row order.
+    """
+    stats, grads_in_place = _passes(inp.plan.triton)
+    n = inp.targets.shape[0]
+    acc = compute_dtype(inp.hidden.dtype)
+    logp = torch.zeros(n, device=inp.hidden.device, dtype=acc)
+    entropy = torch.zeros_like(logp) if with_entropy else None
+    w_mm = matmul_weight(inp)
+    for start, stop in chunk_bounds(n, inp.plan.chunk):
+        h_c = chunk_hidden(inp, start, stop)
+        logits = chunk_logits(h_c, w_mm, inp.plan)
+        keep_c = chunk_slice(inp.keep, start, stop)
+        lp, lse, ent = stats(logits, inp.bias, inp.targets[start:stop], keep_c, temperature, with_entropy)
+        g, g_ent = token_grad(start, stop, lp, ent)
+        grad_c = grads_in_place(
+            logits, inp.bias, inp.targets[start:stop], keep_c, temperature, lse, ent,
+            g.contiguous(), g_ent.contiguous() if g_ent is not None else None, inp.plan.mm_dtype,
+        )
+        grads.add_chunk(grad_c, h_c, w_mm, start, stop)
+        logp[start:stop] = lp
+        if with_entropy:
+            entropy[start:stop] = ent
+    return logp, entropy
+
+
+# ---------------------------------------------------------------------------------------
+# validation and compaction
+
+
+def _kept_count(targets: torch.Tensor, vocab: int, keep: torch.Tensor | None) -> int | None:
+    """Validate target ids and return the number of kept rows, in one device->host copy.
+
+    None while a CUDA graph is being captured (no sync allowed; the caller then does not
+    compact).
+    """
+    if keep is None:
+        check_index_range("targets", targets, vocab)
+        return targets.numel()
+    if capturing():
+        return None
+    if targets.numel() == 0:
+        return 0
+    bad = ((targets < 0) | (targets >= vocab)) & keep
+    n_bad, n_kept = torch.stack([bad.sum(), keep.sum()]).tolist()
+    if n_bad:
+        check_index_range("targets", targets, vocab, keep)  # raises with the offending values
+    return int(n_kept)
+
+
+def prepare_head_inputs(
+    hidden, weight, targets, *, bias, mask, temperature, chunk_size,
+    names: tuple[str, str, str, str] = ("hidden", "weight", "targets", "bias"),
+) -> tuple[HeadInputs, torch.Size]:
+    """Validate the lm_head inputs and build the compaction plan. Returns (inputs, lead shape).
+
+    `names` are the argument names the error messages use (hidden, weight, targets, bias).
+    """
+    h_name, w_name, t_name, b_name = names
+    check_floating(h_name, hidden)
+    check_floating(w_name, weight)
+    check_tensor(t_name, targets)
+    check_integer(t_name, targets)
+    if hidden.dim() not in (2, 3) or hidden.shape[-1] == 0:
+        raise ValueError(f"{h_name} must be [N, H] or [B, T, H] with H > 0, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{w_name} must be [V, H] with V > 0 and H = {hidden.shape[-1]} "
+            f"(the last dim of {h_name}), got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"{w_name} must have the dtype of {h_name} ({hidden.dtype}), got {weight.dtype}")
+    vocab = weight.shape[0]
+    if bias is not None:
+        check_floating(b_name, bias)
+        check_shape(b_name, bias, (vocab,), f"one entry per row of {w_name}")
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"{b_name} must have the dtype of {w_name} ({weight.dtype}), got {bias.dtype}")
+    check_shape(t_name, targets, hidden.shape[:-1], f"{h_name}.shape[:-1]")
+    device = check_same_device(**{h_name: hidden, w_name: weight, t_name: targets, b_name: bias, "mask": mask})
+    check_positive("temperature", temperature)
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    lead = targets.shape
+    keep = as_mask("mask", mask, lead, device)
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_t = targets.reshape(-1)
+    flat_keep = keep.reshape(-1) if keep is not None else None
+    n_total = flat_t.shape[0]
+    n_kept = _kept_count(flat_t, vocab, flat_keep)
+
+    rows = None
+    if flat_keep is not None and n_kept is not None:
+        if n_kept < n_total:
+            # stable: kept rows keep their order, so chunks read hidden rows ascending
+            rows = torch.argsort((~flat_keep).to(torch.uint8), stable=True)[:n_kept]
+            flat_t = flat_t.index_select(0, rows)
+        flat_keep = None
+    n = n_total if n_kept is None else n_kept
+    triton_path = use_triton(hidden, weight) and hidden.dtype != torch.float64
+    plan = make_plan(hidden.dtype, device, n, vocab, chunk_size, triton_path)
+    inp = HeadInputs(flat_h, weight, bias, flat_t.contiguous(), flat_keep, rows, n_total, plan)
+    return inp, lead
+
+
+# ---------------------------------------------------------------------------------------
+# the op
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, inp, temperature, with_entropy, fp32_weight_grad):
+        logp, lse, entropy = logprob_sweep(inp, temperature, with_entropy)
+        # the inputs go through save_for_backward (in-place edits are caught); the rest of
+        # the plan (compaction ids, compacted targets) is the op's own and rides on ctx
+        ctx.save_for_backward(hidden, weight, bias, lse, entropy)
+        ctx.inp = inp._replace(hidden=None, weight=None, bias=None)
+        ctx.temperature = temperature
+        ctx.fp32_weight_grad = fp32_weight_grad
+        ctx.set_materialize_grads(False)
+        full_entropy = from_rows(inp, entropy) if with_entropy else None
+        return from_rows(inp, logp), full_entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, lse, entropy = ctx.saved_tensors
+        inp = ctx.inp._replace(hidden=hidden, weight=weight, bias=bias)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
+            return (None,) * 7
+        if grad_logp is None:
+            grad_logp = torch.zeros(inp.n_total, device=lse.device, dtype=lse.dtype)
+        g = to_rows(inp, grad_logp.to(lse.dtype)).contiguous()
+        g_ent = to_rows(inp, grad_entropy.to(lse.dtype)).contiguous() if grad_entropy is not None else None
+        grads = GradBuffers(inp, need_h, need_w, need_b and bias is not None, ctx.fp32_weight_grad)
+        gradient_sweep(inp, ctx.temperature, lse, entropy, g, g_ent, grads)
+        dh, dw, db = grads.results(weight.dtype, bias.dtype if bias is not None else None)
+        return dh, dw, db, None, None, None, None
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    fp32_weight_grad: bool = False,
+):
+    """Per-token log-probs of `targets` under the lm_head, without materialising the logits.
+
+    ``z = (hidden @ weight.T + bias) / temperature``; ``logp = z[target] - logsumexp(z)`` and
+    ``entropy = -sum_v p_v log p_v`` per token, exactly as `token_logprobs` on those logits.
+
+    Args:
+        hidden: ``[B, T, H]`` or ``[N, H]`` float16, bfloat16, float32 (float64: torch path
+            only). Already shifted: position t scores ``targets[..., t]``.
+        weight: ``[V, H]`` lm_head weight, same dtype as `hidden`; may be tied to the input
+            embedding (its gradient then adds to the embedding's through autograd).
+        targets: ``[B, T]`` / ``[N]`` integer ids in ``[0, V)`` at unmasked positions.
+        bias: optional ``[V]``, same dtype as `weight`.
+        temperature: > 0; logits are divided by it before the softmax.
+        mask: optional ``[B, T]`` / ``[N]`` bool or 0/1; False positions return 0, get no
+            gradient, are not read from `targets`, and cost no matmul work (compacted out).
+        return_entropy: also return the per-token entropy.
+        chunk_size: rows per chunk; default from the budget (about 384 MiB of logits on CUDA,
+            32 MiB on CPU), in whole 128-row tiles.
+        fp32_weight_grad: accumulate the weight and bias gradients over the chunks in fp32
+            and round once at the end (costs a V x H fp32 buffer during backward); otherwise
+            the weight gradient accumulates in the weight dtype (fp32 inside each chunk's
+            matmul, rounded once per chunk).
+
+    Returns:
+        ``logp`` shaped like `targets`, float32 (float64 for float64 inputs), or
+        ``(logp, entropy)``. Differentiable w.r.t. hidden, weight and bias for any upstream
+        gradient. Cost 8NHV FLOPs over the kept tokens (forward 2NHV; backward recomputes the
+        logits), extra memory one chunk of logits. Triton softmax passes on CUDA, the torch
+        references elsewhere (`RFTENGINE_BACKEND` forces either).
+    """
+    inp, lead = prepare_head_inputs(
+        hidden, weight, targets, bias=bias, mask=mask, temperature=temperature,
+        chunk_size=chunk_size,
+    )
+    logp, entropy = _LinearTokenLogprobs.apply(
+        inp.hidden, weight, bias, inp, float(temperature), bool(return_entropy),
+        bool(fp32_weight_grad),
+    )
+    if return_entropy:
+        return logp.view(lead), entropy.view(lead)
+    return logp.view(lead)
+
+
+def linear_token_logprobs_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+    bias: torch.Tensor | None = None, temperature: float = 1.0,
+    mask: torch.Tensor | None = None, return_entropy: bool = False,
+):
+    """Unchunked plain-torch composition (logits materialised): the test oracle in float64."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    z = logits.to(compute_dtype(hidden.dtype)) / temperature
+    logprobs = torch.log_softmax(z, dim=-1)
+    safe = targets if mask is None else torch.where(mask.bool(), targets, 0)
+    logp = logprobs.gather(-1, safe.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    if mask is not None:
+        logp = logp * mask.to(logp.dtype)
+        entropy = entropy * mask.to(entropy.dtype)
+    return (logp, entropy) if return_entropy else logp
