@@ -8,7 +8,10 @@ At the ANCHORS.md §1 shapes (N tokens as B sequences of 1024), forward + backwa
   composition.
 ``x_linear`` = ms / the ms of ``linear_token_logprobs`` alone at that shape (the issue's target
 for the fused heads is <= 1.1); ``x_floor``, ``peak_gib`` and ``extra_gib`` as in
-bench_linear_logprobs. Liger's fused GRPO/DPO losses are compared in bench_losses.py.
+bench_linear_logprobs. When liger-kernel is importable, its ``LigerFusedLinearGRPOLoss``
+(token-mean 'bnpo', k3 KL against precomputed reference log-probs) and
+``LigerFusedLinearDPOLoss`` (sigmoid; run without a reference model, the policy-side work the
+precomputed-reference rftengine head does) are timed on the same inputs.
 """
 
 from __future__ import annotations
@@ -62,11 +65,42 @@ def make_steps(h, w, t, g, old, ref, adv, ref_seq):
 
     return [
         ("linear_token_logprobs", linear),
+        *liger_steps(h, w, t, old, ref, adv),
         ("fused_ppo_loss", ppo_fused),
         ("linear + ppo ops", ppo_composed),
         ("fused_dpo_loss", dpo_fused),
         ("linear + dpo ops", dpo_composed),
     ]
+
+
+def liger_steps(h, w, t, old, ref, adv):
+    """Liger's fused-linear GRPO and DPO losses on the same work, when liger-kernel imports."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss, LigerFusedLinearGRPOLoss
+    except ImportError:
+        return []
+    params = (h, w)
+    ones = torch.ones_like(t)
+    try:
+        grpo = LigerFusedLinearGRPOLoss(
+            beta=PPO_OPTIONS["kl_coef"], use_ref_model=True, loss_type="bnpo", temperature=1.0
+        )
+        dpo = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False)
+    except TypeError as err:  # the constructor changed between liger releases
+        print(f"note: liger-kernel's fused losses skipped ({err})")
+        return []
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    def grpo_step():
+        out = grpo(h, w, t, ones, adv, ref_per_token_logps=ref, old_per_token_logps=old)
+        return _grad(first(out), params)
+
+    def dpo_step():
+        return _grad(first(dpo(w, h, t)), params)
+
+    return [("liger fused GRPO", grpo_step), ("liger fused DPO", dpo_step)]
 
 
 def main(argv=None):
