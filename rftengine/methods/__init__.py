@@ -1,0 +1,109 @@
+"""rftengine.methods: reward models, RLHF/PPO (with GRPO/RLOO), DPO, RLAIF and Constitutional AI.
+
+Each method is one config dataclass + one ``train_*`` entry point + step-level functions for
+custom loops. Shared vocabulary: a reward function is any ``reward_fn(prompts, responses) ->
+Tensor[B] | list[float]``; preference data is ``[{"prompt", "chosen", "rejected"}, ...]``;
+``callback(step, metrics)`` is called every step; ``TrainState`` carries what a checkpoint needs.
+"""
+
+from rftengine.methods.common import (
+    Callback,
+    CheckpointFn,
+    RewardFn,
+    TrainState,
+    batch_indices,
+    config_from_dict,
+    config_to_dict,
+    make_optimizer,
+    make_scheduler,
+)
+from rftengine.methods.data import (
+    PreferenceExample,
+    SequenceBatch,
+    collate_preferences,
+    decode_responses,
+    encode_preferences,
+    encode_prompt,
+    encode_response,
+    has_chat_template,
+    make_sequence_batch,
+    render_prompt,
+    render_response,
+    require_eos,
+    split_prompt_data,
+)
+from rftengine.methods.dpo import (
+    DPOConfig,
+    DPOResult,
+    dpo_batch_loss,
+    dpo_loss_types,
+    dpo_step,
+    precompute_reference_logps,
+    preference_accuracy,
+    sequence_logps,
+    train_dpo,
+)
+from rftengine.methods.modeling import (
+    CausalLMWithValueHead,
+    Reference,
+    RewardModel,
+    ValueHead,
+    disable_dropout,
+    final_hidden,
+    is_peft_model,
+    load_causal_lm,
+    load_tokenizer,
+    output_head,
+    response_hidden,
+    response_logprobs,
+    reward_model_from_causal_lm,
+)
+from rftengine.methods.ppo import (
+    KLController,
+    PPOBatch,
+    PPOConfig,
+    PPOContext,
+    PPOResult,
+    Rollout,
+    compute_advantages,
+    evaluate_reward,
+    make_ppo_context,
+    ppo_loss,
+    rollout,
+    score,
+    step,
+    train_ppo,
+)
+from rftengine.methods.reward import (
+    RewardConfig,
+    RewardResult,
+    RewardScorer,
+    pairwise_accuracy,
+    reward_loss,
+    reward_step,
+    score_pairs,
+    train_reward_model,
+)
+
+__all__ = [
+    # common
+    "Callback", "CheckpointFn", "RewardFn", "TrainState", "batch_indices", "config_from_dict", "config_to_dict", "make_optimizer",
+    "make_scheduler",
+    # data
+    "PreferenceExample", "SequenceBatch", "collate_preferences", "decode_responses",
+    "encode_preferences", "encode_prompt", "encode_response", "has_chat_template",
+    "make_sequence_batch", "render_prompt", "render_response", "require_eos", "split_prompt_data",
+    # modeling
+    "CausalLMWithValueHead", "Reference", "RewardModel", "ValueHead", "disable_dropout",
+    "final_hidden", "is_peft_model", "load_causal_lm", "load_tokenizer", "output_head",
+    "response_hidden", "response_logprobs", "reward_model_from_causal_lm",
+    # reward model
+    "RewardConfig", "RewardResult", "RewardScorer", "pairwise_accuracy", "reward_loss",
+    "reward_step", "score_pairs", "train_reward_model",
+    # ppo / grpo / rloo
+    "KLController", "PPOBatch", "PPOConfig", "PPOContext", "PPOResult", "Rollout",
+    "compute_advantages", "evaluate_reward", "make_ppo_context", "ppo_loss", "rollout", "score", "step", "train_ppo",
+    # dpo
+    "DPOConfig", "DPOResult", "dpo_batch_loss", "dpo_loss_types", "dpo_step",
+    "precompute_reference_logps", "preference_accuracy", "sequence_logps", "train_dpo",
+]

@@ -1,0 +1,433 @@
+"""Models for every method: loading, dropout off, final hidden states + lm-head weights for the
+fused heads, the frozen reference, value heads and reward models.
+
+Any Hugging Face ``AutoModelForCausalLM`` works: the decoder trunk comes from
+``model.get_decoder()`` and the head from ``model.get_output_embeddings()`` (tied embeddings
+included: the head weight is then the embedding matrix itself). PEFT (LoRA) models work when
+``peft`` is installed; their reference is the same model with adapters disabled.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rftengine.methods.data import SequenceBatch
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _local_dir(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{what} must be a local model directory, got {str(path)!r} (not a directory)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{what} directory {str(path)!r} has no config.json")
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin")) + list(path.glob("*.safetensors.index.json"))
+    if not weights:
+        raise ValueError(f"{what} directory {str(path)!r} has no weights (*.safetensors or *.bin)")
+    return path
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0 (modules, attention-dropout attributes and config),
+    so train() and eval() mode compute the same function and log-probs are deterministic."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "dropout_p", "attn_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None:
+            for key, value in list(vars(config).items()):
+                if "dropout" in key and isinstance(value, float):
+                    setattr(config, key, 0.0)
+    return model
+
+
+def load_causal_lm(
+    model_or_path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A causal LM from a local directory (no downloads) or an existing model, dropout off.
+
+    Args:
+        model_or_path: an ``nn.Module`` (returned as is, moved/cast if asked) or a local
+            Hugging Face directory with config.json and weights.
+        dtype, device: optional cast / placement.
+    """
+    if isinstance(model_or_path, nn.Module):
+        model = model_or_path
+    else:
+        from transformers import AutoModelForCausalLM
+
+        path = _local_dir(model_or_path, "model")
+        kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return disable_dropout(model)
+
+
+def load_tokenizer(tokenizer_or_path, *, padding_side: str = "left"):
+    """A tokenizer from a local directory (or one given), with a pad token (EOS if none)."""
+    if isinstance(tokenizer_or_path, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        path = Path(tokenizer_or_path)
+        if not path.is_dir():
+            raise ValueError(f"tokenizer must be a local directory, got {str(path)!r} (not a directory)")
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    else:
+        tokenizer = tokenizer_or_path
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- trunk and head
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder trunk whose ``last_hidden_state`` feeds the lm head (final norm applied)."""
+    get = getattr(model, "get_decoder", None)
+    if callable(get):
+        dec = get()
+        if dec is not None and dec is not model:
+            return dec
+    for name in ("model", "transformer", "gpt_neox", "decoder"):
+        dec = getattr(model, name, None)
+        if isinstance(dec, nn.Module):
+            return dec
+    raise ValueError(
+        f"cannot find the decoder trunk of {type(model).__name__}: it has no get_decoder() and "
+        "no .model/.transformer attribute"
+    )
+
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` of the lm head (the embedding when tied)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm head) to score tokens with")
+    if hasattr(head, "base_layer"):
+        raise ValueError(
+            "the lm head carries PEFT adapters (lm_head in target_modules); the fused heads read "
+            "the head weight directly, so leave lm_head out of the LoRA target modules"
+        )
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"{type(model).__name__} applies final_logit_softcapping, which the fused lm-head "
+            "log-prob ops do not support"
+        )
+    return head.weight, getattr(head, "bias", None)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: ``cumsum(mask) - 1`` (pads clamped to 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``[N, L, H]`` of the trunk (no lm head, no logits materialised)."""
+    out = decoder_of(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def response_hidden(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """Hidden states that score the response tokens: ``[N, T, H]`` = ``hidden[:, P-1:-1]``."""
+    if batch.prompt_length < 1:
+        raise ValueError("batch.prompt_length must be >= 1: the first response token needs a context")
+    hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
+    return hidden[:, batch.prompt_length - 1:-1]
+
+
+def response_logprobs(
+    model: nn.Module,
+    batch: SequenceBatch,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+):
+    """Per-token log-probs ``[N, T]`` fp32 of the response tokens under softmax(logits / T),
+    through the fused lm-head op (no ``[N, T, V]`` logits stored); 0 on masked positions.
+    Returns ``(logp, entropy)`` when ``return_entropy``."""
+    from rftengine.ops import linear_token_logprobs
+
+    weight, bias = output_head(model)
+    hidden = response_hidden(model, batch)
+    kwargs = {"chunk_size": chunk_size} if chunk_size is not None else {}
+    return linear_token_logprobs(
+        hidden, weight, batch.response_ids, bias=bias, temperature=temperature,
+        mask=batch.response_mask, return_entropy=return_entropy, **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+class Reference:
+    """The frozen reference policy for KL penalties and DPO.
+
+    Either an explicit ``ref_model``, a frozen deep copy of ``policy`` taken at construction
+    (before any update), or, for a PEFT model, the policy itself with adapters disabled (no
+    second copy in memory). When resuming a run, pass the original model as ``ref_model``:
+    a copy of the resumed policy would be the wrong reference.
+    """
+
+    def __init__(self, policy: nn.Module, ref_model: nn.Module | None = None):
+        self.policy = policy
+        if ref_model is not None:
+            self.model = freeze(disable_dropout(ref_model))
+            self.shared = False
+        elif is_peft_model(policy):
+            self.model = policy
+            self.shared = True
+        else:
+            self.model = freeze(disable_dropout(copy.deepcopy(policy)))
+            self.shared = False
+
+    @contextmanager
+    def active(self) -> Iterator[nn.Module]:
+        """Yields the module that computes reference outputs (adapters off for PEFT)."""
+        if self.shared:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.model
+
+    @torch.no_grad()
+    def logprobs(self, batch: SequenceBatch, *, temperature: float = 1.0, chunk_size: int | None = None):
+        """Reference per-token log-probs ``[N, T]`` fp32 of the response tokens (no grad)."""
+        with self.active() as model:
+            return response_logprobs(model, batch, temperature=temperature, chunk_size=chunk_size)
+
+    @torch.no_grad()
+    def hidden_and_head(self, batch: SequenceBatch):
+        """``(hidden [N, T, H], weight [V, H], bias)`` of the reference, for fused DPO's
+        on-the-fly reference path."""
+        with self.active() as model:
+            weight, bias = output_head(model)
+            hidden = response_hidden(model, batch)
+        return hidden, weight.detach(), bias.detach() if bias is not None else None
+
+
+# ----------------------------------------------------------------------------- value heads
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    weight, _ = output_head(model)
+    return weight.shape[1]
+
+
+class ValueHead(nn.Module):
+    """Scalar head ``v = h·w + b`` over hidden states, computed in fp32.
+
+    ``forward(hidden [..., H]) -> [...]`` fp32.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[N]`` index of the last non-pad position (works for left and right padding)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), positions, -1).amax(-1).clamp(min=0)
+
+
+def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``values [N, L, ...]`` at each row's last non-pad position -> ``[N, ...]``."""
+    idx = last_token_index(attention_mask)
+    return values[torch.arange(values.shape[0], device=values.device), idx]
+
+
+class CausalLMWithValueHead(nn.Module):
+    """A causal LM trunk with a scalar ``ValueHead``: the separate PPO critic, or a reward
+    model built from a causal LM. The lm head itself is not run.
+
+    ``forward(input_ids [N, L], attention_mask [N, L]) -> values [N, L]`` fp32.
+    """
+
+    def __init__(self, model: nn.Module, value_head: ValueHead | None = None):
+        super().__init__()
+        self.model = disable_dropout(model)
+        self.v_head = value_head if value_head is not None else ValueHead(hidden_size_of(model))
+        weight, _ = output_head(model)
+        self.v_head.to(weight.device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.v_head(final_hidden(self.model, input_ids, attention_mask))
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[N]`` value at the last non-pad token."""
+        hidden = final_hidden(self.model, input_ids, attention_mask)
+        return self.v_head(gather_last(hidden, attention_mask))
+
+    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        self.model.save_pretrained(path, **kwargs)
+        save_file({k: v.contiguous() for k, v in self.v_head.state_dict().items()},
+                  os.path.join(path, VALUE_HEAD_FILE))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, device=None) -> CausalLMWithValueHead:
+        from safetensors.torch import load_file
+
+        model = load_causal_lm(path, dtype=dtype, device=device)
+        head = ValueHead(hidden_size_of(model))
+        head_file = Path(path) / VALUE_HEAD_FILE
+        if not head_file.is_file():
+            raise ValueError(f"{str(path)!r} has no {VALUE_HEAD_FILE}: not a value-head model directory")
+        head.load_state_dict(load_file(str(head_file)))
+        return cls(model, head)
+
+
+# ----------------------------------------------------------------------------- reward models
+
+
+def _classifier_head(model: nn.Module) -> nn.Module:
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ValueError(
+        f"{type(model).__name__} has no .score/.classifier head; use a causal LM with a value head"
+    )
+
+
+class RewardModel(nn.Module):
+    """A scalar reward model: ``forward(input_ids [N, L], attention_mask [N, L]) -> [N]`` fp32,
+    the score read at each row's last non-pad token.
+
+    Wraps either an ``AutoModelForSequenceClassification`` with ``num_labels=1`` (kind
+    "classification": trunk + its ``score`` head at the last non-pad token) or a causal LM with
+    a value head (kind "value_head"; a plain causal LM is wrapped in one).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if isinstance(model, CausalLMWithValueHead):
+            self.kind = "value_head"
+        elif hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
+            model = CausalLMWithValueHead(model)
+            self.kind = "value_head"
+        else:
+            num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+            if num_labels != 1:
+                raise ValueError(
+                    f"a sequence-classification reward model must have num_labels=1, got {num_labels}"
+                )
+            _classifier_head(model)
+            self.kind = "classification"
+        self.model = disable_dropout(model)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The underlying Hugging Face model (causal LM for value_head, the classifier otherwise)."""
+        return self.model.model if self.kind == "value_head" else self.model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.kind == "value_head":
+            return self.model.score(input_ids, attention_mask)
+        trunk = self.model.base_model
+        out = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return _classifier_head(self.model)(gather_last(hidden, attention_mask)).float().squeeze(-1)
+
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
+        """A Hugging Face directory (plus value_head.safetensors for kind value_head)."""
+        self.model.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, device=None) -> RewardModel:
+        """Load what ``save_pretrained`` wrote: a value-head directory or a classifier."""
+        path = _local_dir(path, "reward model")
+        if (path / VALUE_HEAD_FILE).is_file():
+            return cls(CausalLMWithValueHead.from_pretrained(path, dtype=dtype, device=device))
+        from transformers import AutoModelForSequenceClassification
+
+        kwargs = {"local_files_only": True, "num_labels": 1}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
+        return cls(model.to(device) if device is not None else model)
+
+
+def reward_model_from_causal_lm(model: nn.Module, kind: str = "value_head") -> RewardModel:
+    """A fresh reward model initialised from a causal LM's weights.
+
+    kind "value_head": the LM trunk + a new ValueHead (the LM object is reused).
+    kind "classification": an ``AutoModelForSequenceClassification(num_labels=1)`` of the same
+    architecture with the trunk weights copied and a new score head.
+    """
+    if kind == "value_head":
+        return RewardModel(CausalLMWithValueHead(model))
+    if kind != "classification":
+        raise ValueError(f"kind must be 'value_head' or 'classification', got {kind!r}")
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(model.config)
+    config.num_labels = 1
+    classifier = AutoModelForSequenceClassification.from_config(config)
+    missing = classifier.base_model.load_state_dict(decoder_of(model).state_dict(), strict=False)
+    if missing.missing_keys:
+        raise ValueError(f"trunk weights did not fit the classifier: missing {missing.missing_keys[:4]}")
+    weight, _ = output_head(model)
+    return RewardModel(classifier.to(device=weight.device, dtype=weight.dtype))
+

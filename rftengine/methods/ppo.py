@@ -1,0 +1,764 @@
+"""RLHF with PPO (value head + GAE) and the critic-free estimators GRPO and RLOO.
+
+One iteration is four plain functions over an explicit ``PPOContext``::
+
+    ctx = make_ppo_context(policy, tokenizer, config)
+    ro = rollout(ctx, prompts)                  # Generator samples group_size responses per prompt
+    scores = score(ctx, ro, reward_fn)          # reward_fn on texts, missing-EOS penalty
+    batch = compute_advantages(ctx, ro, scores) # ref log-probs, KL, values, GAE / group advantages
+    metrics = step(ctx, batch)                  # ppo_epochs x minibatches, clipped losses
+
+and ``train_ppo`` runs that loop (``train_ppo(policy, tok, prompts, PPOConfig(), reward_fn=f)``).
+
+algorithm "ppo" (Ouyang et al. 2022; Ziegler et al. 2019): per-token reward
+``r_t = -β·KL_t`` plus the score at the last response token, GAE over a value head
+(``δ_t = r_t + γV_{t+1} - V_t``, ``A_t = δ_t + γλA_{t+1}``, returns ``A + V``), advantages
+whitened over valid tokens; loss = clipped policy loss + vf_coef · clipped value loss.
+β is fixed or follows the adaptive controller of Ziegler et al.: ``β ← β·(1 + clip(KL/target - 1,
+±0.2)·N/horizon)``.
+
+algorithm "grpo" (Shao et al. 2024) / "rloo" (Ahmadian et al. 2024): no critic; ``group_size``
+≥ 2 responses per prompt, sequence advantage = score minus the group mean (GRPO: divided by the
+group std; RLOO: minus the leave-one-out mean); the KL to the reference is in the loss
+(``kl_in_loss``) rather than in the reward.
+
+The policy loss goes through the fused head ``rftengine.ops.fused_ppo_loss`` (hidden states +
+lm-head weight in, no ``[N, T, V]`` logits); the value loss through ``rftengine.ops.value_loss``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rftengine.methods.common import (
+    Callback,
+    CheckpointFn,
+    RewardFn,
+    TrainState,
+    batch_indices,
+    clip_and_step,
+    config_from_dict,
+    make_optimizer,
+    make_scheduler,
+    require_choice,
+    require_float,
+    require_int,
+    resume_state,
+    should_checkpoint,
+    step_seed,
+    to_floats,
+    total_steps,
+    validate_optim_fields,
+)
+from rftengine.methods.data import (
+    PromptLike,
+    SequenceBatch,
+    decode_responses,
+    encode_prompt,
+    pad_token_id,
+    require_eos,
+    split_prompt_data,
+)
+from rftengine.methods.modeling import (
+    CausalLMWithValueHead,
+    Reference,
+    RewardModel,
+    ValueHead,
+    disable_dropout,
+    hidden_size_of,
+    output_head,
+    response_hidden,
+)
+from rftengine.ops.advantages import GROUP_SCALES
+from rftengine.ops.kl import KL_ESTIMATORS
+from rftengine.ops.ppo import AGGREGATIONS
+
+ALGORITHMS = ("ppo", "grpo", "rloo")
+CRITICS = ("shared", "separate")
+
+
+@dataclass
+class PPOConfig:
+    """Options of PPO / GRPO / RLOO (validated on construction; ``from_dict`` rejects unknown
+    keys with the closest valid one).
+
+    Rollout: ``batch_size`` prompts per step, ``group_size`` responses each (N = product),
+    sampled with temperature/top_k/top_p up to ``max_new_tokens``.
+    Update: ``ppo_epochs`` passes over the N rollouts in minibatches of ``minibatch_size``
+    sequences (None = all N), one optimizer step per minibatch.
+    KL: coefficient ``kl_coef`` (β ≥ 0), estimator k1/k2/k3 (default k1 for "ppo", k3 for
+    "grpo"/"rloo"), in the reward (default for "ppo") or in the loss (default otherwise);
+    ``adaptive_kl`` steers β toward ``target_kl`` (sequence-level nats) over ``kl_horizon``.
+    Reward: ``missing_eos_penalty`` is subtracted from the score of responses that hit
+    ``max_new_tokens`` without EOS.
+    Critic-free: ``group_scale`` divides group-centred scores by the group std ("group", the
+    default for "grpo"), the batch std ("batch") or nothing ("none", the default for "rloo").
+    Critic ("ppo" only): "shared" = a value head on the policy's final hidden states (one
+    forward for both), "separate" = its own trunk (a copy of the policy, or ``value_model``).
+    """
+
+    algorithm: str = "ppo"
+    # optimisation
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 0
+    lr_scheduler: str = "constant"
+    # data and loop
+    batch_size: int = 8
+    group_size: int = 1
+    num_epochs: int = 1
+    max_steps: int | None = None
+    shuffle: bool = True
+    # rollout
+    max_prompt_length: int = 256
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # update
+    ppo_epochs: int = 4
+    minibatch_size: int | None = None
+    clip_range: float = 0.2
+    clip_range_high: float | None = None
+    dual_clip: float | None = None
+    aggregation: str = "token_mean"
+    entropy_coef: float = 0.0
+    # KL
+    kl_coef: float = 0.05
+    kl_estimator: str | None = None
+    kl_in_loss: bool | None = None
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    # reward
+    missing_eos_penalty: float | None = None
+    # critic and GAE ("ppo")
+    critic: str = "shared"
+    vf_coef: float = 0.1
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    # critic-free ("grpo", "rloo")
+    group_scale: str | None = None
+    # misc
+    recompute_logprobs: bool = False
+    logprob_chunk_size: int | None = None
+    seed: int = 0
+    save_every: int = 0
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        self.adam_betas = tuple(self.adam_betas)
+        require_choice(owner, "algorithm", self.algorithm, ALGORITHMS)
+        validate_optim_fields(self)
+        require_int(owner, "batch_size", self.batch_size, minimum=1)
+        require_int(owner, "group_size", self.group_size, minimum=1)
+        if self.algorithm != "ppo" and self.group_size < 2:
+            raise ValueError(
+                f"{owner}.group_size must be >= 2 for algorithm={self.algorithm!r} (advantages "
+                f"compare responses within a prompt's group), got {self.group_size}"
+            )
+        require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1)
+        require_int(owner, "max_new_tokens", self.max_new_tokens, minimum=1)
+        require_float(owner, "temperature", self.temperature, minimum=0.0, strict_min=True)
+        require_int(owner, "top_k", self.top_k, minimum=0)
+        require_float(owner, "top_p", self.top_p, minimum=0.0, maximum=1.0, strict_min=True)
+        require_int(owner, "ppo_epochs", self.ppo_epochs, minimum=1)
+        require_int(owner, "minibatch_size", self.minibatch_size, minimum=1, allow_none=True)
+        if self.minibatch_size is not None and self.minibatch_size > self.batch_size * self.group_size:
+            raise ValueError(
+                f"{owner}.minibatch_size must be <= batch_size * group_size "
+                f"({self.batch_size * self.group_size}), got {self.minibatch_size}"
+            )
+        require_float(owner, "clip_range", self.clip_range, minimum=0.0, strict_min=True)
+        require_float(owner, "clip_range_high", self.clip_range_high, minimum=0.0, strict_min=True,
+                      allow_none=True)
+        require_float(owner, "dual_clip", self.dual_clip, minimum=1.0, strict_min=True, allow_none=True)
+        require_choice(owner, "aggregation", self.aggregation, AGGREGATIONS)
+        require_float(owner, "entropy_coef", self.entropy_coef, minimum=0.0)
+        require_float(owner, "kl_coef", self.kl_coef, minimum=0.0)
+        if self.kl_estimator is None:
+            self.kl_estimator = "k1" if self.algorithm == "ppo" else "k3"
+        require_choice(owner, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        if self.kl_in_loss is None:
+            self.kl_in_loss = self.algorithm != "ppo"
+        if not isinstance(self.kl_in_loss, bool):
+            raise ValueError(f"{owner}.kl_in_loss must be true or false, got {self.kl_in_loss!r}")
+        if self.adaptive_kl:
+            if self.kl_in_loss:
+                raise ValueError(
+                    f"{owner}.adaptive_kl steers the KL penalty in the reward; it needs kl_in_loss=False"
+                )
+            if self.kl_coef <= 0:
+                raise ValueError(f"{owner}.kl_coef must be > 0 with adaptive_kl (it scales β), got {self.kl_coef}")
+        require_float(owner, "target_kl", self.target_kl, minimum=0.0, strict_min=True)
+        require_int(owner, "kl_horizon", self.kl_horizon, minimum=1)
+        require_float(owner, "missing_eos_penalty", self.missing_eos_penalty, allow_none=True)
+        require_choice(owner, "critic", self.critic, CRITICS)
+        require_float(owner, "vf_coef", self.vf_coef, minimum=0.0)
+        require_float(owner, "value_clip", self.value_clip, minimum=0.0, strict_min=True)
+        require_float(owner, "gamma", self.gamma, minimum=0.0, maximum=1.0)
+        require_float(owner, "lam", self.lam, minimum=0.0, maximum=1.0)
+        if self.group_scale is None:
+            self.group_scale = "group" if self.algorithm == "grpo" else "none"
+        require_choice(owner, "group_scale", self.group_scale, GROUP_SCALES)
+        require_int(owner, "logprob_chunk_size", self.logprob_chunk_size, minimum=1, allow_none=True)
+        for name in ("shuffle", "whiten_advantages", "recompute_logprobs", "adaptive_kl"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{owner}.{name} must be true or false, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PPOConfig:
+        return config_from_dict(cls, data)
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.batch_size * self.group_size
+
+
+# ----------------------------------------------------------------------------- KL control
+
+
+@dataclass
+class KLController:
+    """β for the KL penalty: fixed, or adaptive toward ``target`` (Ziegler et al. 2019, §2.2)::
+
+        e = clip(KL / target - 1, -0.2, 0.2);   β ← β · (1 + e · n / horizon)
+
+    where KL is the measured sequence-level KL and n the number of rollouts in the batch.
+    """
+
+    value: float
+    adaptive: bool = False
+    target: float = 6.0
+    horizon: int = 10000
+
+    def update(self, current_kl: float, n: int) -> float:
+        if self.adaptive:
+            error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n / self.horizon
+        return self.value
+
+
+# ----------------------------------------------------------------------------- containers
+
+
+@dataclass
+class Rollout:
+    """Sampled responses of one step (rows group-contiguous: prompt i owns rows
+    ``[i*G, (i+1)*G)``).
+
+    Fields:
+        prompts: ``N`` prompts (each repeated ``group_size`` times).
+        responses: ``N`` decoded response texts (no special tokens).
+        references: ``N`` reference answers, or None when the data has none.
+        batch: ``SequenceBatch`` ``[N, P+T]`` (left-padded prompt | response).
+        logprobs: ``[N, T]`` fp32 rollout log-probs (temperature-scaled, full vocabulary).
+        eos: ``[N]`` bool, the response ended with EOS (False = cut at max_new_tokens).
+        group_size: G.
+    """
+
+    prompts: list[Any]
+    responses: list[str]
+    references: list[Any] | None
+    batch: SequenceBatch
+    logprobs: torch.Tensor
+    eos: torch.Tensor
+    group_size: int
+
+
+@dataclass
+class PPOBatch:
+    """Experience for ``step``: everything the update needs, detached.
+
+    Fields:
+        batch: ``SequenceBatch`` ``[N, P+T]``.
+        old_logprobs: ``[N, T]`` fp32 log-probs of the rollout policy.
+        advantages: ``[N, T]`` fp32 ("ppo") or ``[N]`` per-sequence (critic-free).
+        ref_logprobs: ``[N, T]`` fp32, only when the KL is in the loss, else None.
+        returns, old_values: ``[N, T]`` fp32 for the value loss ("ppo"), else None.
+        scores: ``[N]`` fp32 rewards after the missing-EOS penalty.
+        stats: rollout metrics (``reward/mean``, ``reward/std``, ``kl``, ``response_length``, ...).
+    """
+
+    batch: SequenceBatch
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    returns: torch.Tensor | None
+    old_values: torch.Tensor | None
+    scores: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return self.batch.num_rows
+
+    def select(self, rows: torch.Tensor) -> PPOBatch:
+        def pick(t):
+            return None if t is None else t[rows]
+
+        return PPOBatch(
+            self.batch.select(rows), self.old_logprobs[rows], self.advantages[rows],
+            pick(self.ref_logprobs), pick(self.returns), pick(self.old_values), self.scores[rows],
+            self.stats,
+        )
+
+
+@dataclass
+class PPOContext:
+    """The explicit context of one PPO/GRPO/RLOO run (built by ``make_ppo_context``).
+
+    ``critic`` is a ``ValueHead`` on the policy's hidden states (critic "shared"), a
+    ``CausalLMWithValueHead`` (critic "separate"), or None (grpo/rloo).
+    """
+
+    policy: nn.Module
+    tokenizer: Any
+    config: PPOConfig
+    reference: Reference | None
+    critic: nn.Module | None
+    generator: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    kl: KLController
+    state: TrainState
+    eos_token_id: int
+    pad_token_id: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+
+@dataclass
+class PPOResult:
+    """What ``train_ppo`` returns: the trained policy, the final state and per-step metrics."""
+
+    policy: nn.Module
+    state: TrainState
+    history: list[dict[str, float]] = field(default_factory=list)
+    context: PPOContext | None = None
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_ppo_context(
+    policy: nn.Module,
+    tokenizer,
+    config: PPOConfig,
+    *,
+    ref_model: nn.Module | None = None,
+    value_model: nn.Module | None = None,
+    num_training_steps: int | None = None,
+    state: TrainState | Mapping[str, Any] | None = None,
+) -> PPOContext:
+    """Build reference, critic, Generator, optimizer, scheduler and TrainState for a run.
+
+    Args:
+        policy: a causal LM (dropout is switched off in place).
+        tokenizer: needs an EOS token.
+        ref_model: the reference policy; default a frozen copy of ``policy`` as given (or
+            adapters-off for PEFT). Pass the original model when resuming.
+        value_model: for critic "separate": a causal LM, a ``CausalLMWithValueHead`` or a
+            value-head ``RewardModel`` (the usual critic init); default a copy of ``policy``
+            with a new value head.
+        num_training_steps: for the LR schedule (default ``config.max_steps`` or 1).
+        state: resume from a ``TrainState`` or its ``state_dict()``.
+    """
+    from rftengine.generation import Generator
+
+    if not isinstance(config, PPOConfig):
+        raise ValueError(f"config must be a PPOConfig, got {type(config).__name__}")
+    eos = require_eos(tokenizer)
+    pad = pad_token_id(tokenizer)
+    disable_dropout(policy)
+    device = next(policy.parameters()).device
+    needs_ref = config.kl_coef > 0 or config.adaptive_kl
+    reference = Reference(policy, ref_model) if needs_ref else None
+
+    modules: dict[str, nn.Module] = {}
+    critic = None
+    if config.algorithm == "ppo":
+        if config.critic == "shared":
+            if value_model is not None:
+                raise ValueError("value_model is only used with critic='separate'")
+            critic = ValueHead(hidden_size_of(policy)).to(device)
+        else:
+            base = value_model if value_model is not None else copy.deepcopy(policy)
+            if isinstance(base, RewardModel):
+                if base.kind != "value_head":
+                    raise ValueError("value_model must be a causal LM or a value-head reward model, "
+                                     "got a sequence-classification reward model")
+                base = base.model
+            critic = base if isinstance(base, CausalLMWithValueHead) else CausalLMWithValueHead(base)
+            critic.to(device)
+        modules["critic"] = critic
+    elif value_model is not None:
+        raise ValueError(f"value_model is not used by algorithm={config.algorithm!r} (critic-free)")
+
+    params = list(policy.parameters()) + (list(critic.parameters()) if critic is not None else [])
+    optimizer = make_optimizer(params, config)
+    scheduler = make_scheduler(optimizer, config, num_training_steps or config.max_steps or 1)
+    train_state = TrainState(
+        config.algorithm, model=policy, optimizer=optimizer, scheduler=scheduler, modules=modules,
+        extra={"kl_coef": float(config.kl_coef)},
+    )
+    train_state = resume_state(train_state, state)
+    kl = KLController(float(train_state.extra.get("kl_coef", config.kl_coef)), config.adaptive_kl,
+                      config.target_kl, config.kl_horizon)
+    generator = Generator(
+        policy,
+        max_batch_size=config.rollouts_per_step,
+        max_seq_len=config.max_prompt_length + config.max_new_tokens,
+    )
+    return PPOContext(policy, tokenizer, config, reference, critic, generator, optimizer, scheduler,
+                      kl, train_state, eos, pad)
+
+
+# ----------------------------------------------------------------------------- the four steps
+
+
+@torch.no_grad()
+def rollout(
+    ctx: PPOContext,
+    prompts: Sequence[PromptLike],
+    *,
+    references: Sequence[Any] | None = None,
+    seed: int | None = None,
+    num_samples: int | None = None,
+) -> Rollout:
+    """Sample ``num_samples`` (default ``config.group_size``) responses per prompt with the
+    Generator; at most ``batch_size * group_size`` sequences per call.
+
+    Prompts are strings or chat-message lists (rendered with the chat template), truncated from
+    the left to ``max_prompt_length``. ``seed`` defaults to one derived from ``config.seed`` and
+    the step, so a resumed run samples the same responses.
+    """
+    cfg = ctx.config
+    g = cfg.group_size if num_samples is None else num_samples
+    if len(prompts) == 0:
+        raise ValueError("prompts must hold at least one prompt, got 0")
+    if references is not None and len(references) != len(prompts):
+        raise ValueError(f"references must have one entry per prompt ({len(prompts)}), got {len(references)}")
+    prompt_ids = [encode_prompt(ctx.tokenizer, p, cfg.max_prompt_length) for p in prompts]
+    seed = step_seed(cfg.seed, ctx.state.step) if seed is None else seed
+    ctx.policy.eval()
+    out = ctx.generator.generate(
+        prompt_ids,
+        num_samples=g,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_token_ids=[ctx.eos_token_id],
+        pad_token_id=ctx.pad_token_id,
+        seed=seed,
+    )
+    batch = SequenceBatch(
+        input_ids=out.sequences,
+        attention_mask=out.attention_mask.long(),
+        response_mask=out.response_mask.bool(),
+        prompt_length=out.prompt_length,
+    )
+    eos = torch.tensor([r == "eos" for r in out.finish_reasons], dtype=torch.bool, device=ctx.device)
+    return Rollout(
+        prompts=[p for p in prompts for _ in range(g)],
+        responses=decode_responses(ctx.tokenizer, batch),
+        references=[r for r in references for _ in range(g)] if references is not None else None,
+        batch=batch,
+        logprobs=out.logprobs.float(),
+        eos=eos,
+        group_size=g,
+    )
+
+
+def _accepts_references(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins and some C callables: let the call decide
+        return True
+    return any(p.name == "references" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def score(ctx: PPOContext, ro: Rollout, reward_fn: RewardFn) -> torch.Tensor:
+    """``[N]`` fp32 rewards: ``reward_fn(prompts, responses[, references=...])`` minus
+    ``missing_eos_penalty`` for responses that did not end with EOS."""
+    if ro.references is not None:
+        if not _accepts_references(reward_fn):
+            raise ValueError(
+                "the prompt data has 'reference' fields but reward_fn does not accept a "
+                "references= keyword argument"
+            )
+        raw = reward_fn(ro.prompts, ro.responses, references=ro.references)
+    else:
+        raw = reward_fn(ro.prompts, ro.responses)
+    scores = torch.as_tensor(raw, dtype=torch.float32).to(ctx.device).reshape(-1)
+    if scores.shape[0] != len(ro.responses):
+        raise ValueError(
+            f"reward_fn must return one score per response ({len(ro.responses)}), got {scores.shape[0]}"
+        )
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("reward_fn returned NaN or inf scores")
+    if ctx.config.missing_eos_penalty is not None:
+        scores = torch.where(ro.eos, scores, scores - ctx.config.missing_eos_penalty)
+    return scores
+
+
+def _critic_values(ctx: PPOContext, batch: SequenceBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+    """Values ``[N, T]`` at the positions that score each response token."""
+    if isinstance(ctx.critic, ValueHead):
+        return ctx.critic(hidden)
+    values = ctx.critic(batch.input_ids, batch.attention_mask)
+    return values[:, batch.prompt_length - 1:-1]
+
+
+@torch.no_grad()
+def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PPOBatch:
+    """Reference log-probs, KL, values and advantages for one rollout batch.
+
+    "ppo": per-token rewards ``-β·KL_t`` (unless ``kl_in_loss``) with ``scores`` added at the
+    last response token, GAE with ``gamma``/``lam``, whitened advantages.
+    "grpo"/"rloo": per-sequence group advantages from ``scores``.
+    Stats: ``reward/mean``, ``reward/std`` (of ``scores``), ``kl`` (mean sequence KL, summed
+    over tokens, of the chosen estimator), ``kl_coef``, ``response_length``, ``eos_fraction``.
+    """
+    from rftengine.ops import gae, group_advantages, kl_penalty, linear_token_logprobs, whiten
+
+    cfg = ctx.config
+    batch = ro.batch
+    mask = batch.response_mask
+    hidden = None
+    if cfg.recompute_logprobs or isinstance(ctx.critic, ValueHead):
+        ctx.policy.eval()
+        hidden = response_hidden(ctx.policy, batch)
+    if cfg.recompute_logprobs:
+        weight, bias = output_head(ctx.policy)
+        old_logp = linear_token_logprobs(
+            hidden, weight, batch.response_ids, bias=bias, temperature=cfg.temperature, mask=mask,
+            **({"chunk_size": cfg.logprob_chunk_size} if cfg.logprob_chunk_size else {}),
+        )
+    else:
+        old_logp = ro.logprobs
+    ref_logp = None
+    seq_kl = torch.zeros_like(scores)
+    if ctx.reference is not None:
+        ref_logp = ctx.reference.logprobs(batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+        token_kl = kl_penalty(old_logp, ref_logp, estimator=cfg.kl_estimator, mask=mask)
+        seq_kl = token_kl.sum(-1)
+
+    returns = old_values = None
+    if cfg.algorithm == "ppo":
+        old_values = _critic_values(ctx, batch, hidden) * mask
+        rewards = torch.zeros_like(old_logp)
+        if ref_logp is not None and not cfg.kl_in_loss:
+            rewards = -ctx.kl.value * token_kl
+        last = (mask.sum(-1) - 1).clamp(min=0)
+        rewards = rewards.scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1))
+        advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        advantages = advantages * mask
+    else:
+        advantages = group_advantages(scores, ro.group_size, mode=cfg.algorithm, scale=cfg.group_scale)
+
+    lengths = mask.sum(-1).float()
+    stats = {
+        "reward/mean": scores.mean(),
+        "reward/std": scores.std(unbiased=False),
+        "kl": seq_kl.mean(),
+        "kl_coef": ctx.kl.value,
+        "response_length": lengths.mean(),
+        "eos_fraction": ro.eos.float().mean(),
+    }
+    return PPOBatch(
+        batch=batch,
+        old_logprobs=old_logp,
+        advantages=advantages,
+        ref_logprobs=ref_logp if cfg.kl_in_loss else None,
+        returns=returns,
+        old_values=old_values,
+        scores=scores,
+        stats=to_floats(stats),
+    )
+
+
+def ppo_loss(ctx: PPOContext, mb: PPOBatch):
+    """Loss of one minibatch: fused clipped policy loss (+ KL and entropy terms) and, for
+    "ppo", ``vf_coef`` · clipped value loss. Returns ``(loss, stats)`` (stats detached):
+    ``loss`` (the total), ``policy_loss`` (the clipped term), ``clipfrac``, ``entropy``,
+    ``approx_kl``, ``ratio_mean``, ``ratio_max``, ``kl/policy`` (KL-in-loss), ``value_loss``
+    and ``value/*`` ("ppo")."""
+    from rftengine.ops import fused_ppo_loss, value_loss
+
+    cfg = ctx.config
+    batch = mb.batch
+    hidden = response_hidden(ctx.policy, batch)
+    weight, bias = output_head(ctx.policy)
+    kl_coef = ctx.kl.value if (cfg.kl_in_loss and mb.ref_logprobs is not None) else 0.0
+    loss, op_stats = fused_ppo_loss(
+        hidden, weight, batch.response_ids, mb.old_logprobs, mb.advantages, batch.response_mask,
+        bias=bias,
+        ref_logp=mb.ref_logprobs if kl_coef > 0 else None,
+        kl_coef=kl_coef,
+        kl_estimator=cfg.kl_estimator,
+        entropy_coef=cfg.entropy_coef,
+        temperature=cfg.temperature,
+        clip_low=cfg.clip_range,
+        clip_high=cfg.clip_range_high if cfg.clip_range_high is not None else cfg.clip_range,
+        dual_clip=cfg.dual_clip,
+        aggregation=cfg.aggregation,
+    )
+    stats = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in dict(op_stats).items()}
+    if "kl" in stats:  # token-mean KL of the current policy (KL-in-loss); "kl" names the rollout's
+        stats["kl/policy"] = stats.pop("kl")
+    if cfg.algorithm == "ppo":
+        values = _critic_values(ctx, batch, hidden)
+        v_loss, v_stats = value_loss(values, mb.old_values, mb.returns, batch.response_mask, clip=cfg.value_clip)
+        stats.update({f"value/{k}": (v.detach() if isinstance(v, torch.Tensor) else v)
+                      for k, v in dict(v_stats).items() if k != "loss"})
+        stats["value_loss"] = v_loss.detach()
+        loss = loss + cfg.vf_coef * v_loss
+    stats["loss"] = loss.detach()
+    return loss, stats
+
+
+def step(ctx: PPOContext, exp: PPOBatch) -> dict[str, float]:
+    """``ppo_epochs`` passes over ``exp`` in shuffled minibatches, one optimizer step each;
+    then the adaptive KL controller update. Advances ``ctx.state.step`` by one.
+
+    Returns float metrics: the rollout stats of ``exp`` plus the minibatch means of ``loss``,
+    ``policy_loss``, ``clipfrac``, ``entropy``, ``value_loss`` (ppo), ... and ``learning_rate``.
+    """
+    cfg = ctx.config
+    n = exp.num_rows
+    mb_size = cfg.minibatch_size or n
+    sums: dict[str, Any] = {}  # detached tensors: one host sync per step, not per minibatch
+    count = 0
+    ctx.policy.train()
+    if ctx.critic is not None:
+        ctx.critic.train()
+    params = ctx.trainable_parameters()
+    for epoch in range(cfg.ppo_epochs):
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, ctx.state.step, salt=epoch + 1))
+        order = torch.randperm(n, generator=gen).to(exp.old_logprobs.device)
+        for start in range(0, n, mb_size):
+            mb = exp.select(order[start:start + mb_size])
+            loss, stats = ppo_loss(ctx, mb)
+            loss.backward()
+            grad_norm = clip_and_step(params, ctx.optimizer, None, cfg.max_grad_norm)
+            if grad_norm is not None:
+                stats["grad_norm"] = grad_norm
+            for k, v in stats.items():
+                sums[k] = sums[k] + v if k in sums else v
+            count += 1
+    if ctx.scheduler is not None:
+        ctx.scheduler.step()
+    metrics = {k: v / count for k, v in to_floats(sums).items()}
+    metrics.update(exp.stats)
+    metrics["learning_rate"] = ctx.optimizer.param_groups[0]["lr"]
+    ctx.kl.update(exp.stats.get("kl", 0.0), n)
+    ctx.state.extra["kl_coef"] = ctx.kl.value
+    ctx.state.step += 1
+    ctx.policy.eval()
+    return metrics
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def train_ppo(
+    policy: nn.Module,
+    tokenizer,
+    prompts: Sequence[Any],
+    config: PPOConfig | None = None,
+    *,
+    reward_fn: RewardFn,
+    ref_model: nn.Module | None = None,
+    value_model: nn.Module | None = None,
+    callback: Callback | None = None,
+    state: TrainState | Mapping[str, Any] | None = None,
+    checkpoint_fn: CheckpointFn | None = None,
+    progress: bool = False,
+) -> PPOResult:
+    """Optimise ``policy`` against ``reward_fn`` with PPO, GRPO or RLOO (``config.algorithm``).
+
+    Args:
+        policy: causal LM, trained in place.
+        tokenizer: its tokenizer (needs an EOS token).
+        prompts: strings, chat-message lists, or dicts ``{"prompt", "reference"?}`` (references
+            are passed to ``reward_fn`` as ``references=``).
+        config: ``PPOConfig`` (defaults if None).
+        reward_fn: ``reward_fn(prompts, responses) -> Tensor[N] | list[float]`` (a
+            ``RewardScorer``, a Judge, any function).
+        ref_model, value_model: see ``make_ppo_context``.
+        callback: ``callback(step, metrics)`` after each step.
+        state: a ``TrainState`` or its ``state_dict()`` to resume from (``policy`` must hold the
+            checkpoint's weights; pass the original model as ``ref_model``).
+        checkpoint_fn: ``checkpoint_fn(state)`` every ``config.save_every`` steps and at the end.
+        progress: show a tqdm bar.
+    """
+    config = config or PPOConfig()
+    texts, references = split_prompt_data(prompts)
+    num_steps = total_steps(config, len(texts), config.batch_size)
+    ctx = make_ppo_context(policy, tokenizer, config, ref_model=ref_model, value_model=value_model,
+                           num_training_steps=num_steps, state=state)
+    history: list[dict[str, float]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, initial=ctx.state.step, desc=config.algorithm, unit="step",
+                   dynamic_ncols=True)
+    while ctx.state.step < num_steps:
+        idx = batch_indices(len(texts), config.batch_size, ctx.state.data_position, config.seed, config.shuffle)
+        ro = rollout(ctx, [texts[i] for i in idx],
+                     references=[references[i] for i in idx] if references is not None else None)
+        exp = compute_advantages(ctx, ro, score(ctx, ro, reward_fn))
+        metrics = step(ctx, exp)
+        ctx.state.data_position += len(idx)
+        history.append(metrics)
+        if callback is not None:
+            callback(ctx.state.step, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.3f}")
+        if checkpoint_fn is not None and should_checkpoint(config, ctx.state.step, num_steps):
+            checkpoint_fn(ctx.state)
+    if bar is not None:
+        bar.close()
+    return PPOResult(policy=policy, state=ctx.state, history=history, context=ctx)
+
+
+def evaluate_reward(
+    ctx: PPOContext, prompts: Sequence[PromptLike], reward_fn: RewardFn, *, seed: int = 12345,
+    num_samples: int = 1,
+) -> float:
+    """Mean ``reward_fn`` score of ``num_samples`` sampled responses per prompt, with a fixed
+    seed and no training (before/after comparisons)."""
+    if not 1 <= num_samples <= ctx.config.rollouts_per_step:
+        raise ValueError(
+            f"num_samples must be in [1, batch_size * group_size = {ctx.config.rollouts_per_step}], got {num_samples}"
+        )
+    per_call = ctx.config.rollouts_per_step // num_samples
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), per_call):
+        ro = rollout(ctx, prompts[start:start + per_call], seed=seed + start, num_samples=num_samples)
+        raw = torch.as_tensor(reward_fn(ro.prompts, ro.responses), dtype=torch.float32)
+        total += float(raw.sum())
+        count += raw.numel()
+    return total / max(count, 1)
