@@ -1,0 +1,542 @@
+"""The `rftengine` command: train from files, run the benchmarks, run the demo.
+
+    rftengine train CONFIG.yaml [key=value ...] [--resume [DIR]]
+    rftengine bench [--suite kernels|losses|generate|all] [--quick]
+    rftengine demo [demo options]
+
+A user error (missing file, bad config or data, wrong checkpoint) prints what went wrong and
+where, without a traceback, and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import random
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from rftengine.checkpoint import (
+    Checkpoint,
+    check_model_dir,
+    check_tokenizer_dir,
+    export_model,
+    list_checkpoints,
+    load_checkpoint,
+    quiet_transformers,
+    resolve_resume,
+    save_checkpoint,
+)
+from rftengine.config import RunConfig, UserError, closest, is_function_spec, load_run_config, method_config
+from rftengine.datasets import load_preferences, load_prompts
+from rftengine.metrics import MetricsWriter, plot_metrics
+
+BENCH_SUITES = {
+    "kernels": ("bench_logprobs", "bench_linear_logprobs", "bench_fused_heads"),
+    "losses": ("bench_losses",),
+    "generate": ("bench_generate",),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rftengine", description="Reinforcement finetuning of language models: train, bench, demo."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,demo}")
+
+    train = sub.add_parser("train", help="train from a YAML config (method: reward, ppo, grpo, rloo, dpo, rlaif, cai)")
+    train.add_argument("config", help="the run's YAML file (examples/ has one per method)")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="override config values, dotted for sections (train.beta=0.2); values are YAML")
+    train.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                       help="continue from the newest checkpoint in output_dir, or from DIR "
+                            "(a checkpoint or an output directory)")
+    train.set_defaults(func=cmd_train)
+
+    bench = sub.add_parser("bench", help="run the kernel, loss and generation benchmarks and print their tables")
+    bench.add_argument("--suite", choices=[*BENCH_SUITES, "all"], default="all")
+    bench.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run that finishes in seconds")
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed runs before timing (each benchmark's default)")
+    bench.add_argument("--repeat", type=int, default=None, help="timed runs, median reported (each benchmark's default)")
+    bench.add_argument("--out-dir", type=Path, default=None, help="write each benchmark's JSON results here")
+    bench.set_defaults(func=cmd_bench)
+
+    # Listed for --help only: main() hands everything after `demo` to rftengine.demo.main.
+    sub.add_parser("demo", help="the end-to-end demo on a tiny model, no downloads (rftengine demo --help)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv[:1] == ["demo"]:
+        # The demo parses its own options; argparse's REMAINDER would reject a leading "--quick".
+        args = argparse.Namespace(command="demo", func=cmd_demo, args=argv[1:])
+    else:
+        args, extra = parser.parse_known_args(argv)
+        if args.command == "train":
+            # Overrides may also follow `--resume [DIR]`, which argparse leaves over.
+            if args.resume and "=" in args.resume and not Path(args.resume).exists():
+                extra.insert(0, args.resume)
+                args.resume = ""
+            args.overrides += [a for a in extra if not a.startswith("-")]
+            extra = [a for a in extra if a.startswith("-")]
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"rftengine {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"rftengine {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args) -> int:
+    run_training(args.config, args.overrides, resume=args.resume)
+    return 0
+
+
+@dataclass
+class Run:
+    """What every method's runner needs: the checked config, where to write, what to resume."""
+
+    cfg: RunConfig
+    config_path: Path
+    method_config: object
+    output_dir: Path
+    device: torch.device
+    dtype: torch.dtype | None
+    tokenizer: object
+    resume: Checkpoint | None
+    writer: MetricsWriter
+
+    @property
+    def resume_state(self):
+        return self.resume.state if self.resume is not None else None
+
+    def callback(self, step: int, metrics: dict) -> None:
+        self.writer.log(step, metrics)
+
+    def checkpoint_fn(self, state) -> None:
+        save_checkpoint(
+            self.output_dir, step=state.step, method=self.cfg.method, model=state.model,
+            tokenizer=self.tokenizer, state=state.state_dict(), keep_last=self.cfg.keep_last,
+        )
+
+    def policy_path(self) -> str:
+        """The weights to start from: the checkpoint's when resuming, else the configured model."""
+        return str(self.resume.path) if self.resume is not None else self.cfg.model
+
+    def load_policy(self):
+        from rftengine.methods.modeling import load_causal_lm
+
+        path = check_model_dir(self.policy_path(), "checkpoint" if self.resume is not None else "model")
+        with _as_user_error(f"model {path}"):
+            return load_causal_lm(path, dtype=self.dtype, device=self.device)
+
+    def load_reference(self):
+        """The frozen reference: always the configured reference (or the initial model), never the
+        resumed policy, so KL terms mean the same before and after a resume."""
+        from rftengine.methods.modeling import load_causal_lm
+
+        path = check_model_dir(self.cfg.reference_path, "reference")
+        with _as_user_error(f"reference {path}"):
+            return load_causal_lm(path, dtype=self.dtype, device=self.device)
+
+
+@contextmanager
+def _as_user_error(where: str):
+    """ValueError/OSError raised while reading the user's inputs -> UserError naming the input.
+
+    Set RFTENGINE_DEBUG=1 to see the original traceback instead."""
+    try:
+        yield
+    except (ValueError, OSError) as exc:
+        if os.environ.get("RFTENGINE_DEBUG"):
+            raise
+        raise UserError(f"{where}: {exc}") from None
+
+
+def _torch_dtype(name: str) -> torch.dtype | None:
+    return None if name == "auto" else getattr(torch, name)  # auto: the dtype the directory was saved in
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_training(config_path: str | Path, overrides: list[str] = (), *, resume: str | None = None) -> dict:
+    """`rftengine train`: load and check everything, train with checkpoints and metrics, export.
+
+    `resume`: None starts fresh (an output_dir that already holds checkpoints is an error),
+    "" continues from the newest checkpoint in output_dir, a path from that checkpoint or
+    output directory. Returns the method's summary (also printed).
+    """
+    with quiet_transformers():
+        return _run_training(Path(config_path), list(overrides), resume)
+
+
+def _run_training(config_path: Path, overrides: list[str], resume: str | None) -> dict:
+    cfg = load_run_config(config_path, overrides, method_keys=_method_keys)
+    spec = METHOD_RUNNERS[cfg.method]
+    section = dict(cfg.train)
+    if cfg.method in ("ppo", "grpo", "rloo"):
+        # One config class for the three; the method names the algorithm.
+        if section.setdefault("algorithm", cfg.method) != cfg.method:
+            raise UserError(
+                f"{config_path}: train.algorithm is {section['algorithm']!r} but method is {cfg.method!r}; "
+                "set only method"
+            )
+    method_cfg = method_config(spec.config_class(), section, str(config_path))
+    output_dir = Path(cfg.output_dir)
+
+    checkpoint = None
+    if resume is None:
+        if list_checkpoints(output_dir):
+            raise UserError(
+                f"output_dir {output_dir} already holds checkpoints of an earlier run: add --resume to "
+                "continue it, or choose another output_dir (or delete the old one)"
+            )
+    else:
+        checkpoint = load_checkpoint(resolve_resume(resume or output_dir), cfg.method)
+
+    # Every input is checked before anything heavy is loaded, so mistakes surface in seconds.
+    check_model_dir(cfg.model, "model")
+    for key in ("reference", "judge"):
+        if getattr(cfg, key) is not None:
+            check_model_dir(getattr(cfg, key), key)
+    if cfg.reward is not None and not is_function_spec(cfg.reward):
+        check_model_dir(cfg.reward, "reward")
+
+    try:
+        device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"{config_path}: device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{config_path}: device is {cfg.device!r} but this machine has no CUDA GPU")
+    _seed_everything(getattr(method_cfg, "seed", 0))
+    tok_dir = check_tokenizer_dir(cfg.tokenizer_path)
+    from rftengine.methods.modeling import load_tokenizer
+
+    with _as_user_error(f"tokenizer {tok_dir}"):
+        tokenizer = load_tokenizer(tok_dir)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "run_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    writer = MetricsWriter(
+        output_dir, resume_step=checkpoint.step if checkpoint is not None else None, tensorboard=cfg.tensorboard
+    )
+    run = Run(cfg, config_path, method_cfg, output_dir, device, _torch_dtype(cfg.dtype), tokenizer,
+              checkpoint, writer)
+    start = f"resuming from {checkpoint.path} (step {checkpoint.step})" if checkpoint else "starting"
+    print(f"rftengine train: method {cfg.method}, {start}; writing to {output_dir}", flush=True)
+    if checkpoint is not None:
+        checkpoint.restore_rng()  # the method's state restores torch and python RNGs again, numpy is ours
+    try:
+        model, summary = spec.run(run)
+    finally:
+        writer.close()
+
+    if cfg.export:
+        final = export_model(model, tokenizer, output_dir / "final", merge_lora=cfg.merge_lora)
+        summary["final_model"] = str(final)
+    if cfg.plot:
+        plot = plot_metrics(writer.rows, output_dir / "metrics.png", title=f"rftengine {cfg.method}")
+        if plot is not None:
+            summary["plot"] = str(plot)
+    summary["metrics"] = str(writer.jsonl_path)
+    print("rftengine train: done")
+    for key, value in summary.items():
+        print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# one runner per method: load the method's data and models, call its train_* function
+
+
+@dataclass
+class MethodRunner:
+    config_class: Callable[[], type]
+    run: Callable[[Run], tuple[object, dict]]
+
+
+def _is_reward_model_dir(path: Path) -> bool:
+    from rftengine.methods.modeling import VALUE_HEAD_FILE
+
+    if (path / VALUE_HEAD_FILE).is_file():
+        return True
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def _run_reward(run: Run):
+    from rftengine.methods.modeling import load_causal_lm
+    from rftengine.methods.reward import RewardModel, train_reward_model
+
+    pairs = load_preferences(run.cfg.data, run.tokenizer)
+    path = check_model_dir(run.policy_path(), "checkpoint" if run.resume else "model")
+    with _as_user_error(f"model {path}"):
+        if _is_reward_model_dir(path):
+            model = RewardModel.from_pretrained(path, dtype=run.dtype, device=run.device)
+        else:
+            model = load_causal_lm(path, dtype=run.dtype, device=run.device)
+    with _as_user_error("method reward"):
+        result = train_reward_model(
+            model, run.tokenizer, pairs, run.method_config, callback=run.callback, state=run.resume_state,
+            checkpoint_fn=run.checkpoint_fn, progress=run.cfg.progress,
+        )
+    return result.model, {"steps": result.state.step, "pair_accuracy": result.accuracy}
+
+
+def _import_function(spec: str, config_dir: Path):
+    """`package.module:function` -> the callable; the config's folder and the working directory
+    are searched after sys.path, so a rewards.py beside the config is found."""
+    module_name, _, func_name = spec.partition(":")
+    extra = [d for d in (str(config_dir), os.getcwd()) if d not in sys.path]
+    sys.path.extend(extra)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"reward {spec}: cannot import module '{module_name}' ({exc})") from None
+    finally:
+        for d in extra:
+            sys.path.remove(d)
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise UserError(f"reward {spec}: module '{module_name}' ({module.__file__}) has no '{func_name}'")
+    if not callable(func):
+        raise UserError(f"reward {spec}: '{func_name}' is a {type(func).__name__}, not a function")
+    return func
+
+
+def _load_tokenizer_beside(path: Path, fallback):
+    """The tokenizer saved in a model directory, or `fallback` when it has none."""
+    from rftengine.methods.modeling import load_tokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((path / n).is_file() for n in names):
+        return fallback
+    with _as_user_error(f"tokenizer {path}"):
+        return load_tokenizer(path)
+
+
+def _make_judge(run: Run, path: str | Path, constitution=None):
+    """A Judge over the causal LM in `path` with `judge_options` as its keyword arguments;
+    with a constitution, the principle-guided judge of RL-CAI."""
+    from rftengine.methods.cai import principle_judge
+    from rftengine.methods.judge import Judge
+    from rftengine.methods.modeling import load_causal_lm
+
+    options = dict(run.cfg.judge_options)
+    valid = [p for p in inspect.signature(Judge).parameters if p not in ("model", "tokenizer")]
+    for key in options:
+        if key not in valid:
+            raise UserError(f"{run.config_path}: unknown judge_options key '{key}'{closest(key, valid)}")
+    path = check_model_dir(path, "judge")
+    with _as_user_error(f"judge {path}"):
+        model = load_causal_lm(path, dtype=run.dtype, device=run.device)
+        tokenizer = _load_tokenizer_beside(path, run.tokenizer)
+        if constitution is not None:
+            return principle_judge(model, tokenizer, constitution, **options)
+        return Judge(model, tokenizer, **options)
+
+
+def _reward_fn(run: Run):
+    """`reward`: a Python `module:function`, a reward-model directory (value head or sequence
+    classifier) scored with RewardScorer, or any other causal LM directory used as a Judge."""
+    from rftengine.methods.modeling import RewardModel
+    from rftengine.methods.reward import RewardScorer
+
+    spec = run.cfg.reward
+    if is_function_spec(spec):
+        return _import_function(spec, run.config_path.resolve().parent)
+    path = check_model_dir(spec, "reward")
+    if not _is_reward_model_dir(path):
+        return _make_judge(run, path)
+    with _as_user_error(f"reward model {path}"):
+        model = RewardModel.from_pretrained(path, dtype=run.dtype, device=run.device)
+        return RewardScorer(model, _load_tokenizer_beside(path, run.tokenizer))
+
+
+def _prompt_data(run: Run) -> list:
+    prompts, references = load_prompts(run.cfg.data, run.tokenizer)
+    if references is None:
+        return prompts
+    return [{"prompt": p, "reference": r} for p, r in zip(prompts, references)]
+
+
+def _run_ppo(run: Run):
+    """ppo, grpo and rloo: PPOConfig.algorithm is the method."""
+    from rftengine.methods.ppo import train_ppo
+
+    prompts = _prompt_data(run)
+    reward_fn = _reward_fn(run)
+    policy = run.load_policy()
+    cfg = run.method_config
+    needs_ref = cfg.kl_coef > 0 or cfg.adaptive_kl
+    ref_model = run.load_reference() if needs_ref and (run.resume or run.cfg.reference) else None
+    with _as_user_error(f"method {run.cfg.method}"):
+        result = train_ppo(
+            policy, run.tokenizer, prompts, cfg, reward_fn=reward_fn, ref_model=ref_model,
+            callback=run.callback, state=run.resume_state, checkpoint_fn=run.checkpoint_fn,
+            progress=run.cfg.progress,
+        )
+    return result.policy, _last_metrics(result, ("reward/mean", "kl", "loss"))
+
+
+def _run_dpo(run: Run):
+    from rftengine.methods.dpo import train_dpo
+
+    pairs = load_preferences(run.cfg.data, run.tokenizer)
+    policy = run.load_policy()
+    cfg = run.method_config
+    # A resumed run with precomputed reference log-probs has them in its state: no reference model.
+    needs_ref = cfg.uses_reference and not (run.resume and cfg.precompute_ref)
+    ref_model = run.load_reference() if needs_ref and (run.resume or run.cfg.reference) else None
+    with _as_user_error("method dpo"):
+        result = train_dpo(
+            policy, run.tokenizer, pairs, cfg, ref_model=ref_model, callback=run.callback,
+            state=run.resume_state, checkpoint_fn=run.checkpoint_fn, progress=run.cfg.progress,
+        )
+    return result.policy, _last_metrics(result, ("loss", "rewards/accuracies", "rewards/margins"))
+
+
+def _run_rlaif(run: Run):
+    from rftengine.methods.rlaif import train_rlaif
+
+    prompts = _prompt_data(run)
+    judge = _make_judge(run, run.cfg.judge)
+    policy = run.load_policy()
+    ref_model = run.load_reference() if run.resume or run.cfg.reference else None
+    with _as_user_error("method rlaif"):
+        result = train_rlaif(
+            policy, run.tokenizer, prompts, judge, run.method_config, ref_model=ref_model,
+            callback=run.callback, state=run.resume_state, checkpoint_fn=run.checkpoint_fn,
+            progress=run.cfg.progress,
+        )
+    return result.policy, _last_metrics(result, ("judge/score", "reward/mean", "kl", "loss"))
+
+
+def _run_cai(run: Run):
+    from rftengine.methods.cai import load_constitution, train_cai
+
+    prompts = _prompt_data(run)
+    with _as_user_error("constitution"):
+        constitution = load_constitution(run.cfg.constitution)
+    cfg = run.method_config
+    judge = None
+    if "rl" in cfg.stages:
+        # Always the configured judge (default: the initial policy), never a copy of a resumed policy.
+        judge = _make_judge(run, run.cfg.judge or run.cfg.model, constitution)
+    ref_model = run.load_reference() if run.cfg.reference else None
+    policy = run.load_policy()
+    with _as_user_error("method cai"):
+        result = train_cai(
+            policy, run.tokenizer, prompts, cfg, constitution=constitution, judge=judge, ref_model=ref_model,
+            callback=run.callback, state=run.resume_state, checkpoint_fn=run.checkpoint_fn,
+            progress=run.cfg.progress,
+        )
+    summary = _last_metrics(result, ("loss", "rewards/accuracies", "reward/mean"))
+    summary.update(examples=len(result.examples), pairs=len(result.pairs))
+    return result.policy, summary
+
+
+def _last_metrics(result, keys) -> dict:
+    summary = {"steps": result.state.step}
+    if result.history:
+        summary.update({f"last {k}": result.history[-1][k] for k in keys if k in result.history[-1]})
+    return summary
+
+
+def _method_keys(method: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(METHOD_RUNNERS[method].config_class())]
+
+
+def _module_attr(module: str, name: str) -> Callable[[], type]:
+    return lambda: getattr(importlib.import_module(f"rftengine.methods.{module}"), name)
+
+
+METHOD_RUNNERS: dict[str, MethodRunner] = {
+    "reward": MethodRunner(_module_attr("reward", "RewardConfig"), _run_reward),
+    "ppo": MethodRunner(_module_attr("ppo", "PPOConfig"), _run_ppo),
+    "grpo": MethodRunner(_module_attr("ppo", "PPOConfig"), _run_ppo),
+    "rloo": MethodRunner(_module_attr("ppo", "PPOConfig"), _run_ppo),
+    "dpo": MethodRunner(_module_attr("dpo", "DPOConfig"), _run_dpo),
+    "rlaif": MethodRunner(_module_attr("rlaif", "RLAIFConfig"), _run_rlaif),
+    "cai": MethodRunner(_module_attr("cai", "CAIConfig"), _run_cai),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+def _bench_module(name: str):
+    try:
+        return importlib.import_module(f"rftengine.bench.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"rftengine.bench.{name}":
+            raise
+        return None
+
+
+def cmd_bench(args) -> int:
+    names = [n for suite, mods in BENCH_SUITES.items() if args.suite in (suite, "all") for n in mods]
+    modules = {name: _bench_module(name) for name in names}
+    missing = [name for name, module in modules.items() if module is None]
+    if missing:
+        raise UserError(f"benchmark modules not found in rftengine.bench: {', '.join(missing)} (broken install?)")
+    argv_common = ["--quick"] if args.quick else []
+    for flag in ("device", "warmup", "repeat"):
+        if getattr(args, flag) is not None:
+            argv_common += [f"--{flag}", str(getattr(args, flag))]
+    for name, module in modules.items():
+        argv = list(argv_common)
+        if args.out_dir is not None:
+            argv += ["--out", str(args.out_dir / f"{name}.json")]
+        print(f"\n### {name} {' '.join(argv)}".rstrip(), flush=True)
+        module.main(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type != "cuda":
+        print("\nnote: this ran on CPU: only the smoke figures (that every benchmark runs and agrees) are "
+              "meaningful here; speed and memory are measured on a CUDA GPU.")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def cmd_demo(args) -> int:
+    from rftengine import demo
+
+    result = demo.main(args.args)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Run configuration for `rftengine train`: a YAML file plus `key=value` overrides.
+
+A run file has run-level keys (what to load, where to write, how often to checkpoint) and one
+`train:` section that maps onto the method's config dataclass through its `from_dict`:
+
+    method: dpo
+    model: models/my-sft            # a local Hugging Face directory
+    data: data/pairs.jsonl
+    output_dir: runs/dpo
+    train:
+      beta: 0.1
+
+Overrides use dotted keys and YAML-typed values: `train.beta=0.2 train.seed=3 reference=null`.
+Unknown keys are errors that suggest the closest valid key; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("reward", "ppo", "grpo", "rloo", "dpo", "rlaif", "cai")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-5` as a string (it wants `1.0e-5`); learning rates are written the short way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, data, paths): reported without a traceback."""
+
+
+def closest(key: str, valid) -> str:
+    """' (did you mean X?)' for the closest valid key, or '' when nothing is close."""
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+@dataclass
+class RunConfig:
+    """Run-level settings; the method's own hyper-parameters live in `train`.
+
+    method       one of METHODS
+    model        policy: a local Hugging Face model directory
+    tokenizer    tokenizer directory (default: `model`)
+    data         JSONL: preference pairs (reward, dpo) or prompts (ppo, grpo, rloo, rlaif, cai)
+    reference    reference model directory (default: `model`)
+    reward       ppo/grpo/rloo: a reward-model directory, a judge model directory or `module:function`
+    judge        rlaif/cai: the judge's causal-LM directory (default: the policy's `model` for cai)
+    judge_options  keyword arguments of rftengine.methods.Judge (template, ratings, criteria, chat ...)
+    constitution cai: a constitution YAML (default: the one shipped with rftengine)
+    output_dir   checkpoints, metrics, plot and the final export go here
+    device       auto (cuda when available), cpu, cuda, cuda:1 ...
+    dtype        auto (as saved), float32, bfloat16 or float16
+    keep_last    number of checkpoints kept (how often they are written is the method's
+                 `train.save_every`; one is always written after the last step)
+    export       write the final policy to output_dir/final as a plain Hugging Face directory
+    merge_lora   fold LoRA adapters into the base weights on export (PEFT models only)
+    tensorboard, plot, progress   TensorBoard events (when installed), the PNG, tqdm bars
+    train        the method's config (RewardConfig, PPOConfig, DPOConfig, RLAIFConfig, CAIConfig);
+                 seed, max_steps and save_every live there
+    """
+
+    method: str
+    model: str
+    data: str | None = None
+    tokenizer: str | None = None
+    reference: str | None = None
+    reward: str | None = None
+    judge: str | None = None
+    constitution: str | None = None
+    output_dir: str = "runs/rftengine"
+    device: str = "auto"
+    dtype: str = "auto"
+    keep_last: int = 2
+    export: bool = True
+    merge_lora: bool = False
+    tensorboard: bool = True
+    plot: bool = True
+    progress: bool = True
+    judge_options: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}{closest(str(self.method), METHODS)}")
+        for name in ("model", "output_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise UserError(f"{name} must be a non-empty path, got {getattr(self, name)!r}")
+        for name in ("data", "tokenizer", "reference", "reward", "judge", "constitution"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{name} must be a path or null, got {value!r}")
+        if not isinstance(self.keep_last, int) or isinstance(self.keep_last, bool) or self.keep_last < 1:
+            raise UserError(f"keep_last must be an integer >= 1, got {self.keep_last!r}")
+        if not isinstance(self.device, str):
+            raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("export", "merge_lora", "tensorboard", "plot", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.train, dict):
+            raise UserError(f"train must be a mapping of the method's settings, got {self.train!r}")
+        if not isinstance(self.judge_options, dict):
+            raise UserError(f"judge_options must be a mapping of Judge settings, got {self.judge_options!r}")
+        if self.data is None:
+            raise UserError(f"data is required for method {self.method} (a JSONL file)")
+        if self.method in ("ppo", "grpo", "rloo") and self.reward is None:
+            raise UserError(
+                f"reward is required for method {self.method}: a reward-model directory, a judge model "
+                "directory or a Python function as module:function"
+            )
+        if self.method == "rlaif" and self.judge is None:
+            raise UserError("judge is required for method rlaif: a causal-LM model directory")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model
+
+    @property
+    def reference_path(self) -> str:
+        return self.reference or self.model
+
+
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.beta=0.2' -> (['train', 'beta'], 0.2); the value is read as YAML ('null', 'true', '1e-5')."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {text!r} must look like key=value (dotted keys for sections: train.beta=0.1)")
+    try:
+        value = yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise UserError(f"override {text!r}: value is not valid YAML ({exc.problem})") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """A copy of `raw` with each dotted `key=value` set; intermediate sections are created as needed."""
+    out = _deep_copy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise UserError(f"override {text!r}: {where} is {child!r}, not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def _deep_copy(value):
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        return yaml_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise UserError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def load_run_config(path: str | Path, overrides: list[str] = (), method_keys=None) -> RunConfig:
+    """Read the YAML run file, apply overrides, check every key.
+
+    Relative paths, in the file and in overrides alike, are relative to the working directory
+    (the examples are written to run from the repository root). `method_keys(method)`, when
+    given, lists the method config's keys, so a method key set at the top level is pointed to
+    the train section."""
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the config must be a mapping of keys to values, got {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides))
+    for key in raw:
+        if key not in RUN_KEYS:
+            if method_keys is not None and raw.get("method") in METHODS and key in method_keys(raw["method"]):
+                raise UserError(f"{path}: '{key}' is a setting of the method: put it in the train section (train.{key})")
+            raise UserError(f"{path}: unknown config key '{key}'{closest(str(key), RUN_KEYS)}")
+    for key in ("method", "model"):
+        if key not in raw:
+            raise UserError(f"{path}: missing required key '{key}'")
+    for key in ("train", "judge_options"):
+        if key in raw and raw[key] is None:
+            raw[key] = {}
+    try:
+        return RunConfig(**raw)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def is_function_spec(spec: str) -> bool:
+    """`package.module:function` (a Python callable) rather than a path."""
+    if spec.count(":") != 1 or Path(spec).exists():
+        return False
+    module, _, func = spec.partition(":")
+    return bool(module) and all(p.isidentifier() for p in module.split(".")) and func.isidentifier()
+
+
+def method_config(cls, section: dict, where: str):
+    """Build the method's config dataclass via its `from_dict`, turning its ValueError (unknown key
+    with a suggestion, out-of-range field) into a UserError that says where the section is."""
+    try:
+        return cls.from_dict(dict(section))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{where}: section 'train': {exc}") from None

@@ -1,0 +1,142 @@
+"""Metrics of a training run: JSONL and CSV always, TensorBoard when installed, a PNG plot at the end.
+
+One row per optimizer step: {"step": N, <metric>: value, ...} with the metric names the methods
+emit (`loss`, `reward/mean`, `kl`, `rewards/accuracies` ...). On resume the rows after the
+checkpoint's step are dropped, so the files read as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+JSONL_NAME = "metrics.jsonl"
+CSV_NAME = "metrics.csv"
+PLOT_NAME = "metrics.png"
+
+# Panels of the plot, in order: (title, candidate metric names; the first present is drawn).
+PANELS = (
+    ("reward", ("reward/mean", "judge/score", "rewards/margins", "rewards/chosen")),
+    ("KL", ("kl", "objective/kl")),
+    ("loss", ("loss",)),
+    ("accuracy", ("accuracy", "rewards/accuracies")),
+)
+
+
+def _scalar(value) -> float | None:
+    """Python float of a number or a one-element tensor; None for anything else."""
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+class MetricsWriter:
+    """Appends one row per `log(step, metrics)` to `metrics.jsonl` and `metrics.csv` in `out_dir`.
+
+    `resume_step`: keep the rows of an earlier run up to that step and continue after them;
+    None starts fresh (existing files are replaced).
+    """
+
+    def __init__(self, out_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = True):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.out_dir / JSONL_NAME
+        self.csv_path = self.out_dir / CSV_NAME
+        self.rows: list[dict] = []
+        if resume_step is not None and self.jsonl_path.is_file():
+            self.rows = [r for r in read_metrics(self.jsonl_path) if r.get("step", math.inf) <= resume_step]
+        self.jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.columns: list[str] = []
+        self._rewrite_csv()
+        self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
+        self.tb = _tensorboard_writer(self.out_dir / "tensorboard") if tensorboard else None
+
+    def log(self, step: int, metrics: dict) -> dict:
+        row = {"step": int(step)}
+        for key, value in metrics.items():
+            scalar = _scalar(value)
+            if scalar is not None:
+                row[key] = scalar
+        self.rows.append(row)
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if any(k not in self.columns for k in row):
+            self._rewrite_csv()  # a new metric: widen the header (rare: metric sets are fixed per method)
+        else:
+            with self.csv_path.open("a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, self.columns).writerow(row)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tb.add_scalar(key, value, step)
+        return row
+
+    def _rewrite_csv(self) -> None:
+        for row in self.rows:
+            self.columns += [k for k in row if k not in self.columns]
+        if "step" in self.columns:
+            self.columns.remove("step")
+        self.columns.insert(0, "step")
+        with self.csv_path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _tensorboard_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(rows: list[dict], path: str | Path, title: str = "") -> Path | None:
+    """PNG of the main curves (reward, KL, loss, accuracy) against step; panels without data are
+    left out. Returns the path, or None when no panel has data."""
+    panels = []
+    for name, candidates in PANELS:
+        key = next((k for k in candidates if any(k in r for r in rows)), None)
+        if key is not None:
+            panels.append((name, key))
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (name, key) in zip(axes[0], panels):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
+        ax.set_title(f"{name} ({key})", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,87 @@
+"""JSONL data: plain text and chat records, errors that name the file and the line."""
+
+import json
+
+import pytest
+
+from rftengine.config import UserError
+from rftengine.datasets import load_preferences, load_prompts, read_jsonl
+from rftengine.toy import char_tokenizer
+
+
+def write_lines(tmp_path, lines, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_plain_preferences_and_blank_lines(tmp_path):
+    path = write_lines(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b", "extra": 1}, "", {"prompt": "q", "chosen": "c", "rejected": "d"}])
+    assert load_preferences(path, char_tokenizer()) == [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": "c", "rejected": "d"},
+    ]
+
+
+def test_chat_records_pass_through_as_messages(tmp_path):
+    record = {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "aeiou"}],
+        "rejected": "xyz",
+        "margin": 2,
+    }
+    assert load_preferences(write_lines(tmp_path, [record]), char_tokenizer()) == [record | {"margin": 2.0}]
+    with pytest.raises(UserError, match=r"data.jsonl:1: field 'margin' must be a number"):
+        load_preferences(write_lines(tmp_path, [record | {"margin": "big"}]), char_tokenizer())
+
+
+def test_prompts_with_references(tmp_path):
+    chat = [{"role": "user", "content": "x"}]
+    path = write_lines(tmp_path, [{"prompt": "p1", "reference": "a"}, {"prompt": chat, "reference": 3}])
+    prompts, refs = load_prompts(path, char_tokenizer())
+    assert prompts == ["p1", chat] and refs == ["a", 3]
+    prompts, refs = load_prompts(write_lines(tmp_path, [{"prompt": "p"}], "b.jsonl"), char_tokenizer())
+    assert prompts == ["p"] and refs is None
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="data file not found: .*absent.jsonl"):
+        read_jsonl(tmp_path / "absent.jsonl")
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = write_lines(tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "c"}, "", '{"prompt": "a", "chosen": '])
+    with pytest.raises(UserError, match=r"data.jsonl:3: malformed JSON"):
+        load_preferences(path, char_tokenizer())
+    with pytest.raises(UserError, match=r"data.jsonl:1: expected a JSON object, got list"):
+        read_jsonl(write_lines(tmp_path, ["[1, 2]"]))
+
+
+def test_missing_field_names_the_line(tmp_path):
+    path = write_lines(tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}])
+    with pytest.raises(UserError, match=r"data.jsonl:2: missing field 'rejected'"):
+        load_preferences(path, char_tokenizer())
+    with pytest.raises(UserError, match=r"data.jsonl:1: missing field 'prompt'"):
+        load_prompts(write_lines(tmp_path, [{"question": "a"}]), char_tokenizer())
+    with pytest.raises(UserError, match=r"data.jsonl:2: missing field 'reference'"):
+        load_prompts(write_lines(tmp_path, [{"prompt": "a", "reference": 1}, {"prompt": "b"}]), char_tokenizer())
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": 3, "chosen": "b", "rejected": "c"}, "field 'prompt' must be a string or a list of chat messages"),
+        ({"prompt": "a", "chosen": [{"role": "assistant"}], "rejected": "c"}, "field 'chosen' message 0 must be"),
+        ({"prompt": [], "chosen": "b", "rejected": "c"}, "field 'prompt' is an empty message list"),
+    ],
+)
+def test_bad_field_types(tmp_path, record, message):
+    with pytest.raises(UserError, match=message):
+        load_preferences(write_lines(tmp_path, [record]), char_tokenizer())
+
+
+def test_chat_data_needs_a_chat_template(tmp_path):
+    records = [{"prompt": "a", "chosen": "b", "rejected": "c"},
+               {"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}]
+    with pytest.raises(UserError, match=r"data.jsonl:2: the data has chat messages but the tokenizer has no chat template"):
+        load_preferences(write_lines(tmp_path, records), char_tokenizer(chat_template=False))
