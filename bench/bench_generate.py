@@ -64,7 +64,7 @@ def floor_ms(model, batch: int, prompt: int, new: int, copy_gbps: float) -> floa
 
 def mean_abs_dlogp(model, out, temperature: float, chunk: int = 8) -> float:
     """Mean |rollout logp - trainer logp| over response tokens (trainer: HF forward + token_logprobs)."""
-    p, new = out.prompt_length, out.responses.shape[1]
+    new = out.responses.shape[1]
     total, count = 0.0, 0
     with torch.no_grad():
         for r in range(0, out.sequences.shape[0], chunk):

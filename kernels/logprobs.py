@@ -1,10 +1,21 @@
-"""Per-token log-probs (and entropy) over a [N, V] logits matrix, one pass over V.
+"""Per-token log-probs (and entropy) over rows of logits, one pass over V per row.
 
-Forward: one program per row streams V in blocks with an online log-sum-exp, gathers the
-target logit, and keeps `sum(exp(z - m) * (z - m))` alongside so the entropy costs no second pass.
-Backward: one program per row recomputes p = exp(z - lse) block by block and writes
-dlogits = (g_logp * (onehot - p) - g_ent * p * (log p + H)) / T.
-All arithmetic is fp32 whatever the logits dtype.
+Used by `token_logprobs` (a [N, V] logits tensor) and by `linear_token_logprobs` (one token
+chunk of lm_head logits at a time, bias added on the fly). One program per row:
+
+- `logprob_stats`: online log-sum-exp over V, the target logit, and
+  `sum(exp(z - m) * (z - m))` alongside so the entropy costs no second pass and never
+  subtracts two numbers of the logits' magnitude.
+- `logprob_grads`: recomputes p = exp(z - lse) block by block and writes
+  dlogits = (g_logp * (onehot - p) - g_ent * p * (log p + H)) / T, into a separate tensor or
+  IN PLACE over the logits (`chunk_grads_`). In place and narrower than the logits (fp32
+  logits, bf16 grads), row r of the gradient occupies the first half of row r's own bytes (row
+  stride 2V elements): column j is written over bytes that held fp32 columns < j, which were
+  all read in this or an earlier block of the same program. A barrier between each block's
+  loads and stores keeps warps that run ahead from overwriting columns another warp of the
+  program has not loaded yet.
+
+z = (logits + bias) / T; all arithmetic is fp32 whatever the logits dtype.
 """
 
 from __future__ import annotations
@@ -14,20 +25,21 @@ import triton
 import triton.language as tl
 
 
-def _block_and_warps(vocab: int) -> tuple[int, int]:
-    # 4096 fp32 values per block keep registers under control at 8 warps (16 values a thread)
-    # while making the V loop long enough to hide memory latency; small V uses one block.
+def block_and_warps(vocab: int) -> tuple[int, int]:
+    # 4096 fp32 values per block at 8 warps (16 a thread) keep registers in check while the
+    # V loop stays long enough to hide memory latency; small vocabularies take one block.
     block = min(triton.next_power_of_2(vocab), 4096)
     warps = 8 if block >= 2048 else 4
     return block, warps
 
 
 @triton.jit
-def _token_logprobs_fwd_kernel(
-    logits_ptr, row_stride, targets_ptr, keep_ptr,
+def _logprob_stats_kernel(
+    logits_ptr, row_stride, bias_ptr, targets_ptr, keep_ptr,
     logp_ptr, lse_ptr, entropy_ptr,
     V, inv_temperature,
-    HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
@@ -42,7 +54,10 @@ def _token_logprobs_fwd_kernel(
     w = 0.0
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        in_row = cols < V
+        z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
         z = z * inv_temperature
         m_new = tl.maximum(m, tl.max(z, 0))
         # shift by 0 while every logit so far is -inf: exp(-inf - (-inf)) would be NaN
@@ -50,9 +65,9 @@ def _token_logprobs_fwd_kernel(
         rescale = tl.exp(m - shift)
         e = tl.exp(z - shift)
         if WITH_ENTROPY:
-            # w = sum e * (z - shift), kept relative to the running max so that entropy =
-            # log s - w / s never subtracts two numbers of the logits' magnitude (|z| ~ 1e4).
-            # Moving the shift from m to m_new adds (m - m_new) to every earlier (z - m).
+            # w = sum e * (z - shift), relative to the running max so that entropy =
+            # log s - w / s stays exact for |z| ~ 1e4. Moving the shift from m to m_new adds
+            # (m - m_new) to every earlier (z - m).
             moved = tl.where(s > 0, m - shift, 0.0)
             # e > 0 guard: a -inf logit contributes 0, not 0 * -inf = NaN
             w = (w + s * moved) * rescale + tl.sum(tl.where(e > 0, e * (z - shift), 0.0), 0)
@@ -60,7 +75,10 @@ def _token_logprobs_fwd_kernel(
         m = m_new
 
     target = tl.load(targets_ptr + row, mask=keep, other=0)
-    z_t = tl.load(row_ptr + target, mask=keep, other=0.0).to(tl.float32) * inv_temperature
+    z_t = tl.load(row_ptr + target, mask=keep, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z_t += tl.load(bias_ptr + target, mask=keep, other=0.0).to(tl.float32)
+    z_t = z_t * inv_temperature
     lse = m + tl.log(s)
     tl.store(logp_ptr + row, tl.where(keep, z_t - lse, 0.0))
     tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
@@ -69,16 +87,17 @@ def _token_logprobs_fwd_kernel(
 
 
 @triton.jit
-def _token_logprobs_bwd_kernel(
-    logits_ptr, row_stride, targets_ptr, keep_ptr,
+def _logprob_grads_kernel(
+    logits_ptr, row_stride, bias_ptr, targets_ptr, keep_ptr,
     lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
-    grad_logits_ptr, grad_row_stride,
+    grad_ptr, grad_row_stride,
     V, inv_temperature,
-    HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    NARROWING: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
-    out_ptr = grad_logits_ptr + row * grad_row_stride
+    out_ptr = grad_ptr + row * grad_row_stride
     keep = row >= 0  # all-true; a tensor so it can mask loads
     if HAS_MASK:
         keep = tl.load(keep_ptr + row) != 0
@@ -94,23 +113,26 @@ def _token_logprobs_bwd_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
         z = tl.load(row_ptr + cols, mask=cols < n_read, other=0.0).to(tl.float32)
-        z = z * inv_temperature
-        logp = z - lse
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols, mask=cols < n_read, other=0.0).to(tl.float32)
+        logp = z * inv_temperature - lse
         p = tl.where(keep, tl.exp(logp), 0.0)
         dz = tl.where(cols == target, g_logp, 0.0) - g_logp * p
         if WITH_ENTROPY:
             # dH/dz_j = -p_j (log p_j + H); p > 0 guard keeps -inf logits at 0
             dz -= g_ent * tl.where(p > 0, p * (logp + entropy), 0.0)
-        tl.store(out_ptr + cols, (dz * inv_temperature).to(grad_logits_ptr.dtype.element_ty), mask=in_row)
+        if NARROWING:
+            tl.debug_barrier()
+        tl.store(out_ptr + cols, (dz * inv_temperature).to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def token_logprobs_forward(
-    logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor | None,
-    temperature: float, with_entropy: bool,
+def logprob_stats(
+    logits: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    keep: torch.Tensor | None, temperature: float, with_entropy: bool,
 ):
-    """logits [N, V] (last dim contiguous), targets [N] int, keep [N] bool or None.
+    """logits [C, V] (unit stride along V), bias [V] or None, targets [C], keep [C] bool or None.
 
-    Returns (logp [N] fp32, lse [N] fp32, entropy [N] fp32 or None).
+    Returns (logp [C] fp32, lse [C] fp32, entropy [C] fp32 or None) of softmax((logits + bias) / T).
     """
     n_rows, vocab = logits.shape
     logp = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
@@ -118,34 +140,68 @@ def token_logprobs_forward(
     entropy = torch.empty_like(logp) if with_entropy else None
     if n_rows == 0:
         return logp, lse, entropy
-    block, warps = _block_and_warps(vocab)
-    _token_logprobs_fwd_kernel[(n_rows,)](
-        logits, logits.stride(0), targets, keep if keep is not None else targets,
+    block, warps = block_and_warps(vocab)
+    _logprob_stats_kernel[(n_rows,)](
+        logits, logits.stride(0), bias if bias is not None else logits, targets,
+        keep if keep is not None else targets,
         logp, lse, entropy if with_entropy else lse,
         vocab, 1.0 / temperature,
-        HAS_MASK=keep is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps,
+        HAS_BIAS=bias is not None, HAS_MASK=keep is not None, WITH_ENTROPY=with_entropy,
+        BLOCK_V=block, num_warps=warps,
     )
     return logp, lse, entropy
 
 
-def token_logprobs_backward(
-    logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor | None,
-    temperature: float, lse: torch.Tensor, entropy: torch.Tensor | None,
-    grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
+def logprob_grads(
+    logits: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    keep: torch.Tensor | None, temperature: float, lse: torch.Tensor,
+    entropy: torch.Tensor | None, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """Gradient of sum(grad_logp * logp + grad_entropy * entropy) w.r.t. logits [N, V]."""
+    """Write d(sum(g_logp * logp + g_ent * entropy))/dlogits into `out` [C, V] and return it.
+
+    `out` may be a separate tensor or a view of the logits' own storage (see `chunk_grads_`).
+    """
     n_rows, vocab = logits.shape
-    grad_logits = torch.empty((n_rows, vocab), device=logits.device, dtype=logits.dtype)
     if n_rows == 0:
-        return grad_logits
-    block, warps = _block_and_warps(vocab)
+        return out
+    block, warps = block_and_warps(vocab)
     with_entropy = grad_entropy is not None
-    _token_logprobs_bwd_kernel[(n_rows,)](
-        logits, logits.stride(0), targets, keep if keep is not None else targets,
+    in_place = out.data_ptr() == logits.data_ptr()
+    _logprob_grads_kernel[(n_rows,)](
+        logits, logits.stride(0), bias if bias is not None else logits, targets,
+        keep if keep is not None else targets,
         lse, entropy if with_entropy else lse,
         grad_logp, grad_entropy if with_entropy else grad_logp,
-        grad_logits, grad_logits.stride(0),
+        out, out.stride(0),
         vocab, 1.0 / temperature,
-        HAS_MASK=keep is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps,
+        HAS_BIAS=bias is not None, HAS_MASK=keep is not None, WITH_ENTROPY=with_entropy,
+        NARROWING=in_place and out.dtype != logits.dtype, BLOCK_V=block, num_warps=warps,
     )
-    return grad_logits
+    return out
+
+
+# --- token_logprobs: a [N, V] logits tensor, gradient into a new tensor -------------------
+
+def token_logprobs_forward(logits, targets, keep, temperature, with_entropy):
+    """(logp, lse, entropy) of softmax(logits / T) for logits [N, V]; see `logprob_stats`."""
+    return logprob_stats(logits, None, targets, keep, temperature, with_entropy)
+
+
+def token_logprobs_backward(logits, targets, keep, temperature, lse, entropy, grad_logp, grad_entropy):
+    """dlogits [N, V] in the logits dtype; see `logprob_grads`."""
+    out = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+    return logprob_grads(logits, None, targets, keep, temperature, lse, entropy, grad_logp, grad_entropy, out)
+
+
+# --- linear_token_logprobs: one chunk of lm_head logits, gradient in place -----------------
+
+chunk_stats = logprob_stats
+
+
+def chunk_grads_(logits, bias, targets, keep, temperature, lse, entropy, grad_logp, grad_entropy, grad_dtype):
+    """Overwrite the logits chunk [C, V] with its gradient; returns it as a [C, V] view in
+    `grad_dtype`, which may be narrower than the logits (then its row stride is the logits')."""
+    vocab = logits.shape[1]
+    out = logits.view(grad_dtype)[:, :vocab] if grad_dtype != logits.dtype else logits
+    return logprob_grads(logits, bias, targets, keep, temperature, lse, entropy, grad_logp, grad_entropy, out)

@@ -42,7 +42,7 @@ from rftengine.ops.linear_logprobs import (
     prepare_head_inputs,
     to_rows,
 )
-from rftengine.ops.logprobs import compute_dtype
+from rftengine.ops._precision import accumulation_dtype
 from rftengine.ops.ppo import AGGREGATIONS, LOG_RATIO_CLAMP, aggregation_weights, ppo_policy_loss, ppo_token_reference
 from rftengine.ops.preference import dpo_loss
 from rftengine.ops.sequence import sequence_logprobs
@@ -210,7 +210,7 @@ def fused_ppo_loss(
     check_non_negative("kl_coef", kl_coef)
     check_non_negative("entropy_coef", entropy_coef)
     keep = as_mask("mask", mask, lead, hidden.device)
-    acc = compute_dtype(hidden.dtype)
+    acc = accumulation_dtype(hidden)
 
     # per-token constants of the loss, flattened and in the sweep's row order
     counts = keep.to(acc).sum(-1) if keep is not None else torch.full(
@@ -390,7 +390,7 @@ def fused_dpo_loss(
         check_shape("ref_logps", ref_logps, lead[:1], "[2B]: chosen rows, then rejected rows")
     else:
         ref_logps = None
-    acc = compute_dtype(hidden.dtype)
+    acc = accumulation_dtype(hidden)
 
     def finish(logp):
         token_logp = from_rows(inp, logp).view(lead).detach().requires_grad_()

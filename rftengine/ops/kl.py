@@ -18,15 +18,10 @@ from rftengine.ops._checks import (
     check_shape,
 )
 from rftengine.ops._dispatch import use_triton
+from rftengine.ops._precision import accumulation_dtype
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
-
-def accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """fp32 accumulation, except float64 inputs (test oracles) which stay float64."""
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
 
 
 def kl_token_reference(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str, clamp: float):

@@ -6,7 +6,8 @@ into a bounded buffer, reduced by one pass over the vocabulary, and dropped.
 
 Layers, as everywhere in rftengine.ops: the public function (validation, compaction plan),
 an autograd.Function, and the per-chunk softmax passes in two interchangeable forms, the
-Triton launchers in `rftengine.kernels.linear_logprobs` and the torch references below. The
+Triton launchers in `rftengine.kernels.logprobs` and their torch references in
+`rftengine.ops.logprobs`. The
 matmuls are plain torch (cuBLAS on CUDA) in both forms.
 
 Cost and memory (N kept tokens, hidden H, vocabulary V):
@@ -46,7 +47,8 @@ from rftengine.ops._checks import (
     check_tensor,
 )
 from rftengine.ops._dispatch import use_triton
-from rftengine.ops.logprobs import compute_dtype
+from rftengine.ops._precision import accumulation_dtype
+from rftengine.ops.logprobs import logprob_grads_reference_, logprob_stats_reference
 
 # Bytes of one chunk of logits. On CUDA that is the op's whole extra memory; the torch
 # reference holds about three temporaries of a chunk, so it takes smaller chunks.
@@ -94,7 +96,7 @@ class Plan(NamedTuple):
 
 def make_plan(dtype: torch.dtype, device: torch.device, n_rows: int, vocab: int,
               chunk_size: int | None, triton_path: bool) -> Plan:
-    acc = compute_dtype(dtype)
+    acc = accumulation_dtype(dtype)
     if device.type == "cuda":
         fp32_out = dtype in (torch.float16, torch.bfloat16) and _fp32_out_matmuls(device)
         mm_dtype, logits_dtype = dtype, (torch.float32 if fp32_out else dtype)
@@ -109,86 +111,12 @@ def make_plan(dtype: torch.dtype, device: torch.device, n_rows: int, vocab: int,
     return Plan(mm_dtype, logits_dtype, fp32_out, chunk, triton_path)
 
 
-# ---------------------------------------------------------------------------------------
-# torch references of the two per-chunk passes (CPU path and test oracle)
-
-
-def chunk_stats_reference(
-    logits: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    keep: torch.Tensor | None, temperature: float, with_entropy: bool,
-):
-    """Same contract as `rftengine.kernels.linear_logprobs.chunk_stats`; logits left intact.
-
-    Works in place on one copy of the chunk so that the CPU path holds about three chunks.
-    """
-    acc = compute_dtype(logits.dtype)
-    z = logits.to(acc, copy=True)
-    if bias is not None:
-        z += bias.to(acc)
-    z /= temperature
-    lse = torch.logsumexp(z, dim=-1)
-    tgt = targets.long() if keep is None else torch.where(keep, targets, 0).long()
-    z -= lse.unsqueeze(-1)  # now log p
-    logp = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        # -sum p log p rather than lse - sum p z: no cancellation between two large terms;
-        # a -inf logit contributes 0, not 0 * -inf
-        plogp = torch.exp(z).mul_(z).masked_fill_(z == float("-inf"), 0)
-        entropy = -plogp.sum(-1)
-    if keep is not None:
-        for out in (logp, lse, entropy):
-            if out is not None:
-                out.masked_fill_(~keep, 0)
-    return logp, lse, entropy
-
-
-def chunk_grads_reference_(
-    logits: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    keep: torch.Tensor | None, temperature: float, lse: torch.Tensor,
-    entropy: torch.Tensor | None, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
-    grad_dtype: torch.dtype,
-) -> torch.Tensor:
-    """Same contract as `rftengine.kernels.linear_logprobs.chunk_grads_`: dlogits in place.
-
-    The logits buffer is scratch: it becomes log p, then receives the gradient.
-    """
-    acc = compute_dtype(logits.dtype)
-    logp_all = logits if logits.dtype == acc else logits.to(acc)
-    if bias is not None:
-        logp_all += bias.to(acc)
-    logp_all /= temperature
-    logp_all -= lse.to(acc).unsqueeze(-1)
-    g = grad_logp.to(acc)
-    g_ent = grad_entropy.to(acc) if grad_entropy is not None else None
-    if keep is not None:
-        g = g.masked_fill(~keep, 0)
-        g_ent = g_ent.masked_fill(~keep, 0) if g_ent is not None else None
-    dz = torch.exp(logp_all)  # p, turned into the gradient in place
-    if g_ent is not None:
-        # dH/dz_j = -p_j (log p_j + H); zero where p_j = 0 (a -inf logit)
-        ent_term = (logp_all + entropy.to(acc).unsqueeze(-1)).mul_(dz).masked_fill_(dz == 0, 0)
-        dz.mul_(-g.unsqueeze(-1))
-        dz -= ent_term.mul_(g_ent.unsqueeze(-1))
-        del ent_term
-    else:
-        dz.mul_(-g.unsqueeze(-1))
-    if keep is not None:  # masked rows may hold anything (their lse is 0): write zeros
-        dz.masked_fill_(~keep.unsqueeze(-1), 0)
-    tgt = targets.long() if keep is None else torch.where(keep, targets, 0).long()
-    dz.scatter_add_(-1, tgt.unsqueeze(-1), g.unsqueeze(-1))
-    dz /= temperature
-    vocab = logits.shape[-1]
-    grad = logits if grad_dtype == logits.dtype else logits.view(grad_dtype)[:, :vocab]
-    return grad.copy_(dz)
-
-
 def _passes(triton_path: bool):
     if triton_path:
-        from rftengine.kernels import linear_logprobs as kernel
+        from rftengine.kernels import logprobs as kernel
 
         return kernel.chunk_stats, kernel.chunk_grads_
-    return chunk_stats_reference, chunk_grads_reference_
+    return logprob_stats_reference, logprob_grads_reference_
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,7 +190,7 @@ class GradBuffers:
         else:
             self.w = None
         self.b = (
-            torch.zeros(w.shape[0], device=w.device, dtype=compute_dtype(w.dtype))
+            torch.zeros(w.shape[0], device=w.device, dtype=accumulation_dtype(w))
             if need_b else None
         )
 
@@ -298,7 +226,7 @@ def logprob_sweep(inp: HeadInputs, temperature: float, with_entropy: bool):
     """Forward only: (logp, lse, entropy or None) [n] fp32, in processed-row order."""
     stats, _ = _passes(inp.plan.triton)
     n = inp.targets.shape[0]
-    acc = compute_dtype(inp.hidden.dtype)
+    acc = accumulation_dtype(inp.hidden)
     logp = torch.zeros(n, device=inp.hidden.device, dtype=acc)
     lse = torch.zeros_like(logp)
     entropy = torch.zeros_like(logp) if with_entropy else None
@@ -345,7 +273,7 @@ def fused_sweep(inp: HeadInputs, temperature: float, with_entropy: bool, token_g
     """
     stats, grads_in_place = _passes(inp.plan.triton)
     n = inp.targets.shape[0]
-    acc = compute_dtype(inp.hidden.dtype)
+    acc = accumulation_dtype(inp.hidden)
     logp = torch.zeros(n, device=inp.hidden.device, dtype=acc)
     entropy = torch.zeros_like(logp) if with_entropy else None
     w_mm = matmul_weight(inp)
@@ -546,7 +474,7 @@ def linear_token_logprobs_reference(
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
-    z = logits.to(compute_dtype(hidden.dtype)) / temperature
+    z = logits.to(accumulation_dtype(hidden)) / temperature
     logprobs = torch.log_softmax(z, dim=-1)
     safe = targets if mask is None else torch.where(mask.bool(), targets, 0)
     logp = logprobs.gather(-1, safe.long().unsqueeze(-1)).squeeze(-1)

@@ -20,18 +20,89 @@ from rftengine.ops._checks import (
     check_tensor,
 )
 from rftengine.ops._dispatch import use_triton
+from rftengine.ops._precision import accumulation_dtype
 
 # Rows per chunk of the reference so that one chunk of fp32 logits stays near 16 MiB.
 _REFERENCE_CHUNK_ELEMENTS = 1 << 22
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 accumulation for half/single inputs; float64 inputs keep float64 (test oracles)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def reference_rows_per_chunk(vocab: int) -> int:
     return max(1, _REFERENCE_CHUNK_ELEMENTS // max(vocab, 1))
+
+
+# torch references of the two per-row passes of `rftengine.kernels.logprobs`, applied to one
+# chunk of rows at a time: the CPU path of token_logprobs and linear_token_logprobs.
+
+
+def logprob_stats_reference(
+    logits: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    keep: torch.Tensor | None, temperature: float, with_entropy: bool,
+):
+    """Same contract as `rftengine.kernels.logprobs.logprob_stats`; logits left intact.
+
+    Works in place on one copy of the chunk so that the CPU path holds about three chunks.
+    """
+    acc = accumulation_dtype(logits)
+    z = logits.to(acc, copy=True)
+    if bias is not None:
+        z += bias.to(acc)
+    z /= temperature
+    lse = torch.logsumexp(z, dim=-1)
+    tgt = targets.long() if keep is None else torch.where(keep, targets, 0).long()
+    z -= lse.unsqueeze(-1)  # now log p
+    logp = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        # -sum p log p rather than lse - sum p z: no cancellation between two large terms;
+        # a -inf logit contributes 0, not 0 * -inf
+        plogp = torch.exp(z).mul_(z).masked_fill_(z == float("-inf"), 0)
+        entropy = -plogp.sum(-1)
+    if keep is not None:
+        for out in (logp, lse, entropy):
+            if out is not None:
+                out.masked_fill_(~keep, 0)
+    return logp, lse, entropy
+
+
+def logprob_grads_reference_(
+    logits: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    keep: torch.Tensor | None, temperature: float, lse: torch.Tensor,
+    entropy: torch.Tensor | None, grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
+    grad_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Same contract as `rftengine.kernels.logprobs.chunk_grads_`: dlogits in place.
+
+    The logits buffer is scratch: it becomes log p, then receives the gradient.
+    """
+    acc = accumulation_dtype(logits)
+    logp_all = logits if logits.dtype == acc else logits.to(acc)
+    if bias is not None:
+        logp_all += bias.to(acc)
+    logp_all /= temperature
+    logp_all -= lse.to(acc).unsqueeze(-1)
+    g = grad_logp.to(acc)
+    g_ent = grad_entropy.to(acc) if grad_entropy is not None else None
+    if keep is not None:
+        g = g.masked_fill(~keep, 0)
+        g_ent = g_ent.masked_fill(~keep, 0) if g_ent is not None else None
+    dz = torch.exp(logp_all)  # p, turned into the gradient in place
+    if g_ent is not None:
+        # dH/dz_j = -p_j (log p_j + H); zero where p_j = 0 (a -inf logit)
+        ent_term = (logp_all + entropy.to(acc).unsqueeze(-1)).mul_(dz).masked_fill_(dz == 0, 0)
+        dz.mul_(-g.unsqueeze(-1))
+        dz -= ent_term.mul_(g_ent.unsqueeze(-1))
+        del ent_term
+    else:
+        dz.mul_(-g.unsqueeze(-1))
+    if keep is not None:  # masked rows may hold anything (their lse is 0): write zeros
+        dz.masked_fill_(~keep.unsqueeze(-1), 0)
+    tgt = targets.long() if keep is None else torch.where(keep, targets, 0).long()
+    dz.scatter_add_(-1, tgt.unsqueeze(-1), g.unsqueeze(-1))
+    dz /= temperature
+    vocab = logits.shape[-1]
+    grad = logits if grad_dtype == logits.dtype else logits.view(grad_dtype)[:, :vocab]
+    return grad.copy_(dz)
 
 
 def token_logprobs_forward_reference(
@@ -40,27 +111,20 @@ def token_logprobs_forward_reference(
 ):
     """Chunked torch version of the forward kernel: same inputs and outputs."""
     n_rows, vocab = logits.shape
-    acc = compute_dtype(logits.dtype)
+    acc = accumulation_dtype(logits)
     logp = torch.zeros(n_rows, device=logits.device, dtype=acc)
     lse = torch.zeros_like(logp)
     entropy = torch.zeros_like(logp) if with_entropy else None
     step = reference_rows_per_chunk(vocab)
     for start in range(0, n_rows, step):
         rows = slice(start, min(start + step, n_rows))
-        z = logits[rows].to(acc) / temperature
-        chunk_lse = torch.logsumexp(z, dim=-1)
-        tgt = targets[rows] if keep is None else torch.where(keep[rows], targets[rows], 0)
-        logp[rows] = z.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - chunk_lse
-        lse[rows] = chunk_lse
-        if with_entropy:
-            # -sum p log p, not lse - sum p z: the latter scales p's rounding error by |z|
-            logp_all = z - chunk_lse.unsqueeze(-1)
-            p = torch.exp(logp_all)
-            entropy[rows] = -torch.where(p > 0, p * logp_all, 0).sum(-1)
-    if keep is not None:
-        for out in (logp, lse, entropy):
-            if out is not None:
-                out.masked_fill_(~keep, 0)
+        outs = logprob_stats_reference(
+            logits[rows], None, targets[rows], None if keep is None else keep[rows],
+            temperature, with_entropy,
+        )
+        for full, part in zip((logp, lse, entropy), outs):
+            if full is not None:
+                full[rows] = part
     return logp, lse, entropy
 
 
@@ -71,28 +135,17 @@ def token_logprobs_backward_reference(
 ) -> torch.Tensor:
     """Chunked torch version of the backward kernel: dlogits [N, V] in the logits dtype."""
     n_rows, vocab = logits.shape
-    acc = compute_dtype(logits.dtype)
+    acc = accumulation_dtype(logits)
     grad_logits = torch.empty_like(logits)
-    g_logp = grad_logp.to(acc)
-    g_ent = grad_entropy.to(acc) if grad_entropy is not None else None
-    if keep is not None:
-        g_logp = g_logp.masked_fill(~keep, 0)
-        g_ent = g_ent.masked_fill(~keep, 0) if g_ent is not None else None
     step = reference_rows_per_chunk(vocab)
     for start in range(0, n_rows, step):
         rows = slice(start, min(start + step, n_rows))
-        logp_all = logits[rows].to(acc) / temperature - lse[rows].to(acc).unsqueeze(-1)
-        p = torch.exp(logp_all)
-        dz = -g_logp[rows].unsqueeze(-1) * p
-        tgt = targets[rows] if keep is None else torch.where(keep[rows], targets[rows], 0)
-        dz.scatter_add_(-1, tgt.unsqueeze(-1), g_logp[rows].unsqueeze(-1))
-        if g_ent is not None:
-            h = entropy[rows].to(acc).unsqueeze(-1)
-            dz -= g_ent[rows].unsqueeze(-1) * torch.where(p > 0, p * (logp_all + h), 0)
-        if keep is not None:
-            # masked rows carry lse = 0, so exp(z) may overflow there (0 * inf = NaN)
-            dz.masked_fill_(~keep[rows].unsqueeze(-1), 0)
-        grad_logits[rows] = (dz / temperature).to(logits.dtype)
+        scratch = logits[rows].to(acc, copy=True)  # becomes the gradient in place
+        grad_logits[rows] = logprob_grads_reference_(
+            scratch, None, targets[rows], None if keep is None else keep[rows], temperature,
+            lse[rows], None if entropy is None else entropy[rows], grad_logp[rows],
+            None if grad_entropy is None else grad_entropy[rows], acc,
+        )
     return grad_logits
 
 

@@ -24,7 +24,7 @@ from rftengine.ops._checks import (
     check_shape,
 )
 from rftengine.ops._dispatch import use_triton
-from rftengine.ops.kl import accumulation_dtype
+from rftengine.ops._precision import accumulation_dtype
 from rftengine.ops.logprobs import rows_view
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "token_sum_norm")

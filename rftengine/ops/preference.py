@@ -24,7 +24,7 @@ from rftengine.ops._checks import (
     check_tensor,
 )
 from rftengine.ops._dispatch import use_triton
-from rftengine.ops.kl import accumulation_dtype
+from rftengine.ops._precision import accumulation_dtype
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
 

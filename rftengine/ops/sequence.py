@@ -11,7 +11,7 @@ import torch
 
 from rftengine.ops._checks import as_mask, check_choice, check_floating, check_ndim, check_same_device
 from rftengine.ops._dispatch import use_triton
-from rftengine.ops.kl import accumulation_dtype
+from rftengine.ops._precision import accumulation_dtype
 from rftengine.ops.logprobs import rows_view
 
 REDUCTIONS = ("sum", "mean")

@@ -16,9 +16,9 @@ import textwrap
 import pytest
 import torch
 
-from rftengine.kernels import linear_logprobs as kernel
-from rftengine.ops import linear_logprobs as op_module
+from rftengine.kernels import logprobs as kernel
 from rftengine.ops.linear_logprobs import linear_token_logprobs, linear_token_logprobs_reference
+from rftengine.ops.logprobs import logprob_grads_reference_, logprob_stats_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
@@ -250,7 +250,9 @@ def _chunk_case(device, rows=5, vocab=45, bias=True, keep=True):
 def test_stats_kernel_matches_reference(device, bias, keep):
     logits, b, t, k = _chunk_case(device, bias=bias, keep=keep)
     ours = kernel.chunk_stats(logits, b, t, k, 0.8, True)
-    ref = op_module.chunk_stats_reference(logits.double(), b.double() if bias else None, t, k, 0.8, True)
+    ref = logprob_stats_reference(
+        logits.double(), b.double() if bias else None, t, k, 0.8, True
+    )
     for x, y in zip(ours, ref):
         torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-5)
 
@@ -260,9 +262,9 @@ def test_grads_kernel_in_place_matches_reference(device, grad_dtype):
     """grad_dtype bf16 over fp32 logits is the CUDA layout: gradient rows written over the
     first half of each logits row's own bytes."""
     logits, b, t, k = _chunk_case(device)
-    _, lse, ent = op_module.chunk_stats_reference(logits, b, t, k, 0.8, True)
+    _, lse, ent = logprob_stats_reference(logits, b, t, k, 0.8, True)
     g, g_ent = torch.randn(5, device=device), torch.randn(5, device=device)
-    expected = op_module.chunk_grads_reference_(logits.clone(), b, t, k, 0.8, lse, ent, g, g_ent, FP32)
+    expected = logprob_grads_reference_(logits.clone(), b, t, k, 0.8, lse, ent, g, g_ent, FP32)
     buf = logits.clone()
     out = kernel.chunk_grads_(buf, b, t, k, 0.8, lse, ent, g, g_ent, grad_dtype)
     assert out.dtype == grad_dtype and out.shape == logits.shape
