@@ -6,6 +6,20 @@ Tensor[B] | list[float]``; preference data is ``[{"prompt", "chosen", "rejected"
 ``callback(step, metrics)`` is called every step; ``TrainState`` carries what a checkpoint needs.
 """
 
+from rftengine.methods.cai import (
+    CAIConfig,
+    CAIExample,
+    CAIResult,
+    Constitution,
+    Principle,
+    default_constitution_path,
+    generate_revisions,
+    load_constitution,
+    principle_judge,
+    revision_pairs,
+    revision_sft_data,
+    train_cai,
+)
 from rftengine.methods.common import (
     Callback,
     CheckpointFn,
@@ -42,6 +56,13 @@ from rftengine.methods.dpo import (
     preference_accuracy,
     sequence_logps,
     train_dpo,
+)
+from rftengine.methods.judge import (
+    JUDGE_MODES,
+    GroupReward,
+    Judge,
+    pairs_from_scores,
+    single_token_id,
 )
 from rftengine.methods.modeling import (
     CausalLMWithValueHead,
@@ -84,6 +105,22 @@ from rftengine.methods.reward import (
     score_pairs,
     train_reward_model,
 )
+from rftengine.methods.rlaif import (
+    RLAIFConfig,
+    RLAIFResult,
+    judge_reward_fn,
+    rlaif_dpo_round,
+    sample_responses,
+    train_rlaif,
+)
+from rftengine.methods.sft import (
+    SFTConfig,
+    SFTResult,
+    encode_sft_examples,
+    sft_loss,
+    sft_step,
+    train_sft,
+)
 
 __all__ = [
     # common
@@ -106,4 +143,13 @@ __all__ = [
     # dpo
     "DPOConfig", "DPOResult", "dpo_batch_loss", "dpo_loss_types", "dpo_step",
     "precompute_reference_logps", "preference_accuracy", "sequence_logps", "train_dpo",
+    # sft
+    "SFTConfig", "SFTResult", "encode_sft_examples", "sft_loss", "sft_step", "train_sft",
+    # rlaif
+    "GroupReward", "JUDGE_MODES", "Judge", "pairs_from_scores", "single_token_id",
+    "RLAIFConfig", "RLAIFResult", "judge_reward_fn", "rlaif_dpo_round", "sample_responses", "train_rlaif",
+    # constitutional ai
+    "CAIConfig", "CAIExample", "CAIResult", "Constitution", "Principle", "default_constitution_path",
+    "generate_revisions", "load_constitution", "principle_judge", "revision_pairs", "revision_sft_data",
+    "train_cai",
 ]

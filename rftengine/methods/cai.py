@@ -1,0 +1,558 @@
+"""Constitutional AI (Bai et al. 2022, "Constitutional AI: Harmlessness from AI Feedback").
+
+A constitution is a list of principles, each a critique request and a revision request. For each
+prompt the policy answers, critiques its own answer under one sampled principle, and revises it;
+the three stages run batched through the Generator. Training then uses either
+
+- mode "sft_dpo" (default): SFT on the revisions, then DPO on (revision ≻ original) pairs
+  (modes "sft" and "dpo" run one of the two), or
+- mode "rl" (RL-CAI): optionally SFT on the revisions, then PPO/GRPO/RLOO with a Judge whose
+  template lists the principles (``principle_judge``).
+
+Three lines::
+
+    constitution = load_constitution()            # the default set shipped with rftengine
+    result = train_cai(policy, tokenizer, prompts, CAIConfig(max_new_tokens=128), constitution=constitution)
+    print(result.pairs[0])                        # {"prompt", "chosen": revision, "rejected": original}
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rftengine.methods.common import (
+    Callback,
+    CheckpointFn,
+    TrainState,
+    config_from_dict,
+    require_choice,
+    require_float,
+    require_int,
+)
+from rftengine.methods.data import PromptLike, has_chat_template, render_prompt, require_eos, split_prompt_data
+from rftengine.methods.dpo import DPOConfig, train_dpo
+from rftengine.methods.judge import JUDGE_MODES, Judge, _template_fields
+from rftengine.methods.modeling import disable_dropout, freeze
+from rftengine.methods.ppo import PPOConfig, train_ppo
+from rftengine.methods.rlaif import sample_responses, stage_state, unwrap_stage_state
+from rftengine.methods.sft import SFTConfig, train_sft
+
+CAI_MODES = ("sft_dpo", "sft", "dpo", "rl")
+
+CRITIQUE_TEMPLATE = (
+    "{prompt}{response}\n\n"
+    "Critique request: {critique_request}\n"
+    "Critique:"
+)
+REVISION_TEMPLATE = (
+    "{prompt}{response}\n\n"
+    "Critique request: {critique_request}\n"
+    "Critique:{critique}\n\n"
+    "Revision request: {revision_request}\n"
+    "Revision:"
+)
+PRINCIPLE_TEMPLATE = (
+    "Principles:\n{criteria}\n\n"
+    "Rate how well the response to the request follows the principles, from {lowest} (worst) "
+    "to {highest} (best).\n"
+    "Request: {prompt}\n"
+    "Response: {response}\n"
+    "Rating: "
+)
+PRINCIPLE_PAIRWISE_TEMPLATE = (
+    "Principles:\n{criteria}\n\n"
+    "Which response to the request follows the principles better? Answer {first} or {second}.\n"
+    "Request: {prompt}\n"
+    "Response {first}: {response_a}\n"
+    "Response {second}: {response_b}\n"
+    "Better response: "
+)
+
+_CRITIQUE_FIELDS = {"prompt", "response", "critique_request"}
+_REVISION_FIELDS = {"prompt", "response", "critique_request", "critique", "revision_request"}
+
+
+# ----------------------------------------------------------------------------- constitution
+
+
+@dataclass(frozen=True)
+class Principle:
+    """One principle: what to look for in an answer and how to rewrite it."""
+
+    name: str
+    critique_request: str
+    revision_request: str
+
+
+@dataclass(frozen=True)
+class Constitution:
+    """An ordered, non-empty list of principles with distinct names."""
+
+    principles: tuple[Principle, ...]
+
+    def __post_init__(self):
+        if not self.principles:
+            raise ValueError("a constitution needs at least one principle, got none")
+        names = [p.name for p in self.principles]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"constitution principle names must be distinct; repeated: {dup}")
+
+    def __len__(self) -> int:
+        return len(self.principles)
+
+    def __getitem__(self, i: int) -> Principle:
+        return self.principles[i]
+
+    def sample(self, n: int, seed: int) -> list[Principle]:
+        """``n`` principles drawn uniformly with replacement, a pure function of ``seed``."""
+        rng = random.Random(seed)
+        return [self.principles[rng.randrange(len(self.principles))] for _ in range(n)]
+
+    def criteria(self) -> str:
+        """The principles as a bulleted list (what a principle-guided judge reads)."""
+        return "\n".join(f"- {p.name}: {p.critique_request}" for p in self.principles)
+
+    @classmethod
+    def from_list(cls, items: Sequence[Mapping[str, Any]], source: str = "constitution") -> Constitution:
+        """From ``[{"name"?, "critique_request", "revision_request"}, ...]``; errors name the
+        source and the principle index."""
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+            raise ValueError(f"{source}: principles must be a list, got {type(items).__name__}")
+        principles = []
+        for i, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                raise ValueError(f"{source}: principle {i} must be a mapping, got {type(item).__name__}")
+            unknown = sorted(set(item) - {"name", "critique_request", "revision_request"})
+            if unknown:
+                raise ValueError(
+                    f"{source}: principle {i} has unknown keys {unknown}; allowed: name, critique_request, "
+                    "revision_request"
+                )
+            for key in ("critique_request", "revision_request"):
+                value = item.get(key)
+                if not isinstance(value, str) or not value.strip():
+                    raise ValueError(f"{source}: principle {i} needs a non-empty string {key!r}, got {value!r}")
+            name = item.get("name", f"principle-{i}")
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"{source}: principle {i} name must be a non-empty string, got {name!r}")
+            principles.append(Principle(name.strip(), item["critique_request"].strip(),
+                                        item["revision_request"].strip()))
+        return cls(tuple(principles))
+
+
+def default_constitution_path() -> Path:
+    """The YAML constitution shipped with rftengine (``rftengine/data/constitution.yaml``)."""
+    return Path(str(resources.files("rftengine") / "data" / "constitution.yaml"))
+
+
+def load_constitution(path: str | Path | None = None) -> Constitution:
+    """A constitution from YAML: ``principles: [{name, critique_request, revision_request}, ...]``
+    (a bare list of principles is accepted too). ``None`` loads the default set."""
+    import yaml
+
+    path = Path(path) if path is not None else default_constitution_path()
+    if not path.is_file():
+        raise ValueError(f"constitution file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    if isinstance(data, Mapping):
+        unknown = sorted(set(data) - {"principles"})
+        if unknown:
+            raise ValueError(f"{path}: unknown top-level keys {unknown}; expected 'principles'")
+        if "principles" not in data:
+            raise ValueError(f"{path}: no 'principles' list")
+        data = data["principles"]
+    return Constitution.from_list(data, source=str(path))
+
+
+def principle_judge(model: nn.Module, tokenizer, constitution: Constitution, **judge_kwargs: Any) -> Judge:
+    """A Judge whose templates list every principle of ``constitution`` (RL-CAI's feedback
+    model). ``judge_kwargs`` go to ``Judge`` (ratings, choices, chat, batch_size, ...)."""
+    judge_kwargs.setdefault("template", PRINCIPLE_TEMPLATE)
+    judge_kwargs.setdefault("pairwise_template", PRINCIPLE_PAIRWISE_TEMPLATE)
+    judge_kwargs.setdefault("criteria", constitution.criteria())
+    return Judge(model, tokenizer, **judge_kwargs)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _nested(owner: str, name: str, cls: type, value, default: dict[str, Any]):
+    if value is None:
+        return cls(**default)
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return config_from_dict(cls, {**default, **value})
+        except ValueError as exc:
+            raise ValueError(f"{owner}.{name}: {exc}") from None
+    raise ValueError(f"{owner}.{name} must be a {cls.__name__}, a mapping of its options or None, "
+                     f"got {type(value).__name__}")
+
+
+@dataclass
+class CAIConfig:
+    """Options of ``train_cai`` (validated on construction; ``from_dict`` rejects unknown keys).
+
+    mode: "sft_dpo" (SFT on revisions, then DPO on revision ≻ original), "sft", "dpo", or "rl"
+        (RL-CAI: SFT on revisions when ``sft_before_rl``, then PPO/GRPO/RLOO with a
+        principle-guided Judge).
+    Data generation: responses to prompts cut to ``max_prompt_length`` tokens, up to
+    ``max_new_tokens``; critiques and revisions up to ``critique_max_new_tokens`` /
+    ``revision_max_new_tokens`` (None: ``max_new_tokens``) with their contexts cut (from the
+    left) to ``max_context_length``; sampling ``temperature``/``top_k``/``top_p``;
+    ``generation_batch_size`` sequences per Generator call.
+    critique_template / revision_template: plain-text stage prompts (chat-message prompts with
+    a chat template run as a conversation instead). Placeholders: {prompt}, {response},
+    {critique_request} (+ {critique}, {revision_request} for the revision).
+    sft, dpo, rl: the stage configs (SFTConfig, DPOConfig, PPOConfig or mappings of their
+    options, kept as given; ``sft_config`` / ``dpo_config`` / ``rl_config`` build them over
+    defaults sized by this config); rl defaults to GRPO with 4 samples per prompt. judge_mode: how the RL-CAI judge
+    scores ("pointwise" or "pairwise").
+    """
+
+    mode: str = "sft_dpo"
+    max_prompt_length: int = 256
+    max_new_tokens: int = 64
+    critique_max_new_tokens: int = 64
+    revision_max_new_tokens: int | None = None
+    max_context_length: int = 1024
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generation_batch_size: int = 16
+    critique_template: str = CRITIQUE_TEMPLATE
+    revision_template: str = REVISION_TEMPLATE
+    sft: SFTConfig | Mapping[str, Any] | None = None
+    dpo: DPOConfig | Mapping[str, Any] | None = None
+    rl: PPOConfig | Mapping[str, Any] | None = None
+    sft_before_rl: bool = True
+    judge_mode: str = "pointwise"
+    seed: int = 0
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        require_choice(owner, "mode", self.mode, CAI_MODES)
+        require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1)
+        require_int(owner, "max_new_tokens", self.max_new_tokens, minimum=1)
+        require_int(owner, "critique_max_new_tokens", self.critique_max_new_tokens, minimum=1)
+        require_int(owner, "revision_max_new_tokens", self.revision_max_new_tokens, minimum=1, allow_none=True)
+        require_int(owner, "max_context_length", self.max_context_length, minimum=1)
+        require_float(owner, "temperature", self.temperature, minimum=0.0, strict_min=True)
+        require_int(owner, "top_k", self.top_k, minimum=0)
+        require_float(owner, "top_p", self.top_p, minimum=0.0, maximum=1.0, strict_min=True)
+        require_int(owner, "generation_batch_size", self.generation_batch_size, minimum=1)
+        require_choice(owner, "judge_mode", self.judge_mode, JUDGE_MODES)
+        require_int(owner, "seed", self.seed, minimum=0)
+        if not isinstance(self.sft_before_rl, bool):
+            raise ValueError(f"{owner}.sft_before_rl must be true or false, got {self.sft_before_rl!r}")
+        for name, template, required in (("critique_template", self.critique_template, _CRITIQUE_FIELDS),
+                                         ("revision_template", self.revision_template, _REVISION_FIELDS)):
+            fields = _template_fields(f"{owner}.{name}", template)
+            if fields != required:
+                raise ValueError(
+                    f"{owner}.{name} must use exactly the placeholders {sorted(required)}, got {sorted(fields)}"
+                )
+        for name in ("sft", "dpo", "rl"):
+            if getattr(self, name) is not None and name not in self.stages:
+                raise ValueError(f"{owner}.{name} is not used with mode={self.mode!r}"
+                                 + (" and sft_before_rl=False" if name == "sft" and self.mode == "rl" else ""))
+        for name in self.stages:
+            _ = getattr(self, f"{name}_config")          # validate the stage configs now
+        if "rl" in self.stages and self.judge_mode == "pairwise" and self.rl_config.group_size < 2:
+            raise ValueError(
+                f"{owner}.rl.group_size must be >= 2 with judge_mode='pairwise' (responses are "
+                f"compared within a prompt's group), got {self.rl_config.group_size}"
+            )
+
+    @property
+    def sft_config(self) -> SFTConfig:
+        """The SFTConfig of the SFT stage (``sft`` over defaults sized by this config)."""
+        return _nested(type(self).__name__, "sft", SFTConfig, self.sft,
+                       {"max_prompt_length": self.max_prompt_length,
+                        "max_response_length": self.revision_new_tokens + 1})
+
+    @property
+    def dpo_config(self) -> DPOConfig:
+        """The DPOConfig of the DPO stage (``dpo`` over defaults sized by this config)."""
+        return _nested(type(self).__name__, "dpo", DPOConfig, self.dpo,
+                       {"max_prompt_length": self.max_prompt_length,
+                        "max_response_length": max(self.max_new_tokens, self.revision_new_tokens) + 1})
+
+    @property
+    def rl_config(self) -> PPOConfig:
+        """The PPOConfig of RL-CAI (``rl`` over GRPO with 4 samples per prompt)."""
+        return _nested(type(self).__name__, "rl", PPOConfig, self.rl,
+                       {"algorithm": "grpo", "group_size": 4, "max_new_tokens": self.max_new_tokens,
+                        "max_prompt_length": self.max_prompt_length})
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The training stages of ``mode``, in order."""
+        if self.mode == "sft_dpo":
+            return ("sft", "dpo")
+        if self.mode == "rl":
+            return ("sft", "rl") if self.sft_before_rl else ("rl",)
+        return (self.mode,)
+
+    @property
+    def revision_new_tokens(self) -> int:
+        return self.revision_max_new_tokens or self.max_new_tokens
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CAIConfig:
+        return config_from_dict(cls, data)
+
+
+# ----------------------------------------------------------------------------- data generation
+
+
+@dataclass
+class CAIExample:
+    """One prompt through the three stages: the original response, the sampled principle, the
+    critique and the revision (texts without special tokens)."""
+
+    prompt: PromptLike
+    response: str
+    principle: str
+    critique: str
+    revision: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "response": self.response, "principle": self.principle,
+                "critique": self.critique, "revision": self.revision}
+
+
+def _stage_prompt(tokenizer, prompt: PromptLike, turns: list[tuple[str, str]], template: str, **fields) -> PromptLike:
+    """A chat conversation (message-list prompt + ``turns`` of (role, content)) when the prompt
+    is chat and the tokenizer has a template; else the plain-text ``template`` filled in."""
+    if not isinstance(prompt, str) and has_chat_template(tokenizer):
+        return list(prompt) + [{"role": role, "content": content} for role, content in turns]
+    return template.format(prompt=render_prompt(tokenizer, prompt), **fields)
+
+
+@torch.no_grad()
+def generate_revisions(
+    policy: nn.Module,
+    tokenizer,
+    prompts: Sequence[PromptLike],
+    constitution: Constitution,
+    config: CAIConfig | None = None,
+    *,
+    generator=None,
+    seed: int | None = None,
+) -> list[CAIExample]:
+    """Response -> critique under a sampled principle -> revision, for every prompt.
+
+    Each stage is one batched pass through the Generator (``generator``, or one built on
+    ``policy`` for the call). Principles are drawn with ``seed`` (default ``config.seed``).
+    """
+    from rftengine.generation import Generator
+
+    config = config or CAIConfig()
+    seed = config.seed if seed is None else seed
+    require_eos(tokenizer)
+    if not isinstance(constitution, Constitution):
+        raise ValueError(
+            f"constitution must be a Constitution (see load_constitution), got {type(constitution).__name__}"
+        )
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt, got 0")
+    longest_new = max(config.max_new_tokens, config.critique_max_new_tokens, config.revision_new_tokens)
+    own_generator = generator is None
+    if own_generator:
+        disable_dropout(policy)
+        generator = Generator(policy, max_batch_size=config.generation_batch_size,
+                              max_seq_len=max(config.max_context_length, config.max_prompt_length) + longest_new)
+        policy.eval()
+    sampling = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p}
+
+    def run(stage_prompts, max_prompt_length, new_tokens, salt):
+        out = sample_responses(generator, tokenizer, stage_prompts, num_samples=1, max_new_tokens=new_tokens,
+                               max_prompt_length=max_prompt_length, seed=seed * 3 + salt, **sampling)
+        return [group[0] for group in out]
+
+    try:
+        responses = run(prompts, config.max_prompt_length, config.max_new_tokens, 0)
+        principles = constitution.sample(len(prompts), seed)
+        critique_prompts = [
+            _stage_prompt(tokenizer, p, [("assistant", r), ("user", pr.critique_request)], config.critique_template,
+                          response=r, critique_request=pr.critique_request)
+            for p, r, pr in zip(prompts, responses, principles)
+        ]
+        critiques = run(critique_prompts, config.max_context_length, config.critique_max_new_tokens, 1)
+        revision_prompts = [
+            _stage_prompt(tokenizer, p, [("assistant", r), ("user", pr.critique_request), ("assistant", c),
+                                         ("user", pr.revision_request)],
+                          config.revision_template, response=r, critique_request=pr.critique_request,
+                          critique=c, revision_request=pr.revision_request)
+            for p, r, pr, c in zip(prompts, responses, principles, critiques)
+        ]
+        revisions = run(revision_prompts, config.max_context_length, config.revision_new_tokens, 2)
+    finally:
+        if own_generator:
+            generator.free()
+    return [CAIExample(p, r, pr.name, c, v)
+            for p, r, pr, c, v in zip(prompts, responses, principles, critiques, revisions)]
+
+
+def revision_pairs(examples: Sequence[CAIExample]) -> list[dict[str, Any]]:
+    """``[{"prompt", "chosen": revision, "rejected": original response}, ...]``, skipping
+    examples whose revision is blank or the same as the original."""
+    return [{"prompt": e.prompt, "chosen": e.revision, "rejected": e.response}
+            for e in examples if e.revision.strip() and e.revision.strip() != e.response.strip()]
+
+
+def revision_sft_data(examples: Sequence[CAIExample]) -> list[dict[str, Any]]:
+    """``[{"prompt", "response": revision}, ...]`` for SFT, skipping blank revisions."""
+    return [{"prompt": e.prompt, "response": e.revision} for e in examples if e.revision.strip()]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class CAIResult:
+    """What ``train_cai`` returns.
+
+    examples: the generated (response, principle, critique, revision) records; pairs: the
+    (revision ≻ original) preference pairs; stage_results: each stage's result (SFTResult,
+    DPOResult, PPOResult) by stage name; history: every step's metrics across stages (each with
+    ``stage_index``); state: the last state (method "cai").
+    """
+
+    policy: nn.Module
+    examples: list[CAIExample]
+    pairs: list[dict[str, Any]]
+    state: TrainState
+    stage_results: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train_cai(
+    policy: nn.Module,
+    tokenizer,
+    prompts: Sequence[Any],
+    config: CAIConfig | None = None,
+    *,
+    constitution: Constitution | str | Path | None = None,
+    judge: Judge | None = None,
+    judge_model: nn.Module | None = None,
+    judge_tokenizer=None,
+    ref_model: nn.Module | None = None,
+    callback: Callback | None = None,
+    state: TrainState | Mapping[str, Any] | None = None,
+    checkpoint_fn: CheckpointFn | None = None,
+    progress: bool = False,
+) -> CAIResult:
+    """Generate critiques and revisions with ``policy`` itself, then train it on them.
+
+    Args:
+        policy: causal LM, trained in place.
+        tokenizer: its tokenizer (needs an EOS token).
+        prompts: strings, chat-message lists or dicts with "prompt".
+        config: ``CAIConfig`` (defaults if None).
+        constitution: a ``Constitution``, a YAML path, or None for the default set.
+        judge: mode "rl": the reward Judge (default: ``principle_judge`` over ``judge_model`` /
+            ``judge_tokenizer``, or over a frozen copy of the policy as given: self-feedback).
+        ref_model: the reference of the DPO/RL stage (default: a frozen copy of the policy at
+            the start of that stage).
+        callback: ``callback(step, metrics)`` with steps counted across stages.
+        state: a TrainState (method "cai") or its ``state_dict()`` to resume from; the generated
+            examples are restored from it, finished stages are skipped.
+        checkpoint_fn: ``checkpoint_fn(state)`` during each stage (method "cai"; the generated
+            examples ride in ``extra["cai_examples"]``).
+        progress: tqdm bars for the stages.
+    """
+    import copy
+
+    config = config or CAIConfig()
+    if not isinstance(config, CAIConfig):
+        raise ValueError(f"config must be a CAIConfig, got {type(config).__name__}")
+    require_eos(tokenizer)
+    if not isinstance(constitution, Constitution):
+        constitution = load_constitution(constitution)
+    texts, _ = split_prompt_data(prompts)
+    if not texts:
+        raise ValueError("prompts must hold at least one prompt, got 0")
+    stages = config.stages
+    if "rl" in stages and judge is None:
+        if judge_model is None:
+            judge_model = freeze(disable_dropout(copy.deepcopy(policy)))
+        judge = principle_judge(judge_model, judge_tokenizer or tokenizer, constitution)
+    elif "rl" not in stages and any(x is not None for x in (judge, judge_model, judge_tokenizer)):
+        raise ValueError(
+            f"judge, judge_model and judge_tokenizer are only used with mode='rl', got mode={config.mode!r}"
+        )
+
+    sub_state, offset = unwrap_stage_state("cai", state)
+    if sub_state is not None:
+        records = sub_state["extra"].pop("cai_examples", None)
+        if records is None:
+            raise ValueError("checkpoint state of method 'cai' holds no generated examples")
+        examples = [CAIExample(**r) for r in records]
+        stage_name = "rl" if sub_state["method"] in ("ppo", "grpo", "rloo") else sub_state["method"]
+        if stage_name not in stages:
+            raise ValueError(f"checkpoint state is a CAI run in stage {sub_state['method']!r}, "
+                             f"which mode={config.mode!r} does not have")
+        first = stages.index(stage_name)
+    else:
+        examples = generate_revisions(policy, tokenizer, texts, constitution, config)
+        first = 0
+    records = [e.as_dict() for e in examples]
+    pairs = revision_pairs(examples)
+    sft_data = revision_sft_data(examples)
+
+    history: list[dict[str, float]] = []
+    results: dict[str, Any] = {}
+    last_state: TrainState | None = None
+    for index, stage in enumerate(stages):
+        if index < first:
+            continue
+        resume = sub_state if index == first else None
+        start_offset = offset if index == first and sub_state is not None else (
+            last_state.step if last_state is not None else 0)
+
+        def stage_callback(step, metrics, _offset=start_offset, _index=index):
+            metrics = {**metrics, "stage_index": float(_index)}
+            history.append(metrics)
+            if callback is not None:
+                callback(_offset + step, metrics)
+
+        def stage_ckpt(sub, _offset=start_offset):
+            checkpoint_fn(stage_state("cai", sub, offset=_offset, cai_examples=records))
+
+        common = {"callback": stage_callback, "state": resume,
+                  "checkpoint_fn": stage_ckpt if checkpoint_fn is not None else None, "progress": progress}
+        if stage == "sft":
+            if not sft_data:
+                raise ValueError("CAI produced no non-empty revision to finetune on")
+            result = train_sft(policy, tokenizer, sft_data, config.sft_config, **common)
+        elif stage == "dpo":
+            if not pairs:
+                raise ValueError("CAI produced no (revision, original) pair that differs; nothing to train on")
+            result = train_dpo(policy, tokenizer, pairs, config.dpo_config, ref_model=ref_model, **common)
+        else:
+            rl_config = config.rl_config
+            reward_fn = judge if config.judge_mode == "pointwise" else judge.group_reward(rl_config.group_size)
+            result = train_ppo(policy, tokenizer, texts, rl_config, reward_fn=reward_fn, ref_model=ref_model,
+                               **common)
+            result.context.generator.free()
+        results[stage] = result
+        last_state = stage_state("cai", result.state, offset=start_offset, cai_examples=records)
+    policy.eval()
+    return CAIResult(policy=policy, examples=examples, pairs=pairs, state=last_state,
+                     stage_results=results, history=history)

@@ -1,0 +1,493 @@
+"""RLAIF: reinforcement learning from AI feedback (Bai et al. 2022; Lee et al. 2023).
+
+The policy samples ``num_samples >= 2`` responses per prompt, a ``Judge`` (any causal LM plus a
+prompt template) scores or compares them, and the policy is trained on that feedback online:
+
+- algorithm "ppo" / "grpo" / "rloo": the judge is the reward function of ``train_ppo``
+  (pointwise: the expected rating of each response; pairwise: each response's mean win
+  probability against the others of its group, judged in both orders);
+- algorithm "dpo": every round, the strongest and weakest response of each prompt become a
+  (chosen, rejected) pair and the policy takes a DPO step on the round's pairs, against the
+  frozen reference.
+
+Three lines::
+
+    judge = Judge(judge_model, judge_tokenizer)
+    config = RLAIFConfig(algorithm="dpo", num_samples=4, max_steps=100, dpo={"beta": 0.1})
+    result = train_rlaif(policy, tokenizer, prompts, judge, config)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rftengine.methods.common import (
+    Callback,
+    CheckpointFn,
+    TrainState,
+    batch_indices,
+    config_from_dict,
+    config_to_dict,
+    make_optimizer,
+    make_scheduler,
+    require_choice,
+    require_float,
+    require_int,
+    resume_state,
+    should_checkpoint,
+    step_seed,
+    total_steps,
+)
+from rftengine.methods.data import (
+    PromptLike,
+    collate_preferences,
+    encode_preferences,
+    encode_prompt,
+    left_pad,
+    pad_token_id,
+    require_eos,
+    split_prompt_data,
+)
+from rftengine.methods.dpo import DPOConfig, dpo_step, precompute_reference_logps
+from rftengine.methods.judge import JUDGE_MODES, Judge, pairs_from_scores
+from rftengine.methods.modeling import Reference, disable_dropout
+from rftengine.methods.ppo import ALGORITHMS as PPO_ALGORITHMS
+from rftengine.methods.ppo import PPOConfig, train_ppo
+
+RLAIF_ALGORITHMS = PPO_ALGORITHMS + ("dpo",)
+
+# RLAIFConfig owns the loop and sampling: these fields of the nested PPOConfig / DPOConfig are
+# set from it, and giving them a different non-default value there is an error.
+_PPO_LOOP_FIELDS = {
+    "algorithm": "algorithm", "group_size": "num_samples", "batch_size": "batch_size",
+    "num_epochs": "num_epochs", "max_steps": "max_steps", "shuffle": "shuffle",
+    "max_prompt_length": "max_prompt_length", "max_new_tokens": "max_new_tokens",
+    "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed",
+    "save_every": "save_every",
+}
+_DPO_LOOP_FIELDS = {
+    "batch_size": "batch_size", "num_epochs": "num_epochs", "max_steps": "max_steps",
+    "shuffle": "shuffle", "seed": "seed", "save_every": "save_every",
+    "max_prompt_length": "max_prompt_length",
+}
+
+
+def _merge_nested(owner: str, name: str, cls: type, given, loop: dict[str, Any], defaults_here: dict[str, Any]):
+    """``given`` (None, a mapping or a ``cls``) with the loop fields set from the outer config
+    and ``defaults_here`` filling fields left at their class defaults.
+
+    A loop field given in the nested config with a non-default value that disagrees with the
+    outer config is an error naming both fields; so is any invalid or unknown nested option.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    if given is None:
+        data: dict[str, Any] = {}
+    elif isinstance(given, cls):
+        data = config_to_dict(given)
+        if cls is PPOConfig and given.algorithm != loop["algorithm"]:
+            # KL defaults resolved for the object's own algorithm follow the outer one instead.
+            resolved = {"kl_estimator": "k1" if given.algorithm == "ppo" else "k3",
+                        "kl_in_loss": given.algorithm != "ppo"}
+            for key, value in resolved.items():
+                if data[key] == value:
+                    data[key] = None
+    elif isinstance(given, Mapping):
+        data = dict(given)
+    else:
+        raise ValueError(f"{owner}.{name} must be a {cls.__name__}, a mapping of its options or None, "
+                         f"got {type(given).__name__}")
+    outer_names = {**_PPO_LOOP_FIELDS, **_DPO_LOOP_FIELDS}
+    for key, value in loop.items():
+        if key in data and data[key] != defaults.get(key) and data[key] != value:
+            raise ValueError(
+                f"{owner}.{name}.{key}={data[key]!r} conflicts with {owner}.{outer_names[key]}={value!r}; "
+                f"set {owner}.{outer_names[key]} (it drives the RLAIF loop)"
+            )
+        data[key] = value
+    for key, value in defaults_here.items():
+        if data.get(key, defaults.get(key)) == defaults.get(key):
+            data[key] = value
+    try:
+        return config_from_dict(cls, data)
+    except ValueError as exc:
+        raise ValueError(f"{owner}.{name}: {exc}") from None
+
+
+@dataclass
+class RLAIFConfig:
+    """Options of ``train_rlaif`` (validated on construction; ``from_dict`` rejects unknown keys).
+
+    algorithm: "ppo", "grpo", "rloo" (the judge is the reward) or "dpo" (judged pairs).
+    judge_mode: "pointwise" (expected rating) or "pairwise" (both-order comparisons within a
+        prompt's samples).
+    num_samples: responses sampled per prompt (>= 2; the group size of GRPO/RLOO).
+    batch_size: prompts per step; max_steps / num_epochs: how long (as everywhere).
+    max_prompt_length, max_new_tokens, temperature, top_k, top_p: rollout sampling.
+    min_margin ("dpo"): prompts whose best and worst responses differ by at most this judge
+        margin give no pair. updates_per_round ("dpo"): optimizer steps on each round's pairs.
+    ppo: PPOConfig options for "ppo"/"grpo"/"rloo" (learning rate, KL, clipping, ...).
+    dpo: DPOConfig options for "dpo" (beta, loss_type, learning rate, ...).
+    The loop fields above are set on the nested config from this one; ``ppo_config`` /
+    ``dpo_config`` give the merged configs (the fields keep what was given, so ``from_dict``
+    of ``config_to_dict`` round-trips).
+    """
+
+    algorithm: str = "grpo"
+    judge_mode: str = "pointwise"
+    num_samples: int = 2
+    batch_size: int = 8
+    num_epochs: int = 1
+    max_steps: int | None = None
+    shuffle: bool = True
+    max_prompt_length: int = 256
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_margin: float = 0.0
+    updates_per_round: int = 1
+    ppo: PPOConfig | Mapping[str, Any] | None = None
+    dpo: DPOConfig | Mapping[str, Any] | None = None
+    seed: int = 0
+    save_every: int = 0
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        require_choice(owner, "algorithm", self.algorithm, RLAIF_ALGORITHMS)
+        require_choice(owner, "judge_mode", self.judge_mode, JUDGE_MODES)
+        if not isinstance(self.num_samples, int) or isinstance(self.num_samples, bool) or self.num_samples < 2:
+            raise ValueError(
+                f"{owner}.num_samples must be an integer >= 2 (the judge compares responses to the "
+                f"same prompt), got {self.num_samples!r}"
+            )
+        require_int(owner, "batch_size", self.batch_size, minimum=1)
+        require_int(owner, "num_epochs", self.num_epochs, minimum=1)
+        require_int(owner, "max_steps", self.max_steps, minimum=1, allow_none=True)
+        require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1)
+        require_int(owner, "max_new_tokens", self.max_new_tokens, minimum=1)
+        require_float(owner, "temperature", self.temperature, minimum=0.0, strict_min=True)
+        require_int(owner, "top_k", self.top_k, minimum=0)
+        require_float(owner, "top_p", self.top_p, minimum=0.0, maximum=1.0, strict_min=True)
+        require_float(owner, "min_margin", self.min_margin, minimum=0.0)
+        require_int(owner, "updates_per_round", self.updates_per_round, minimum=1)
+        require_int(owner, "seed", self.seed, minimum=0)
+        require_int(owner, "save_every", self.save_every, minimum=0)
+        if not isinstance(self.shuffle, bool):
+            raise ValueError(f"{owner}.shuffle must be true or false, got {self.shuffle!r}")
+        if self.algorithm == "dpo" and self.ppo is not None:
+            raise ValueError(f"{owner}.ppo is only used with algorithm 'ppo', 'grpo' or 'rloo'; "
+                             f"algorithm is 'dpo' (use {owner}.dpo)")
+        if self.algorithm != "dpo" and self.dpo is not None:
+            raise ValueError(f"{owner}.dpo is only used with algorithm 'dpo'; algorithm is "
+                             f"{self.algorithm!r} (use {owner}.ppo)")
+        _ = self.dpo_config if self.algorithm == "dpo" else self.ppo_config   # validate now
+
+    @property
+    def ppo_config(self) -> PPOConfig:
+        """The PPOConfig ``train_ppo`` runs with: ``ppo`` plus this config's loop fields."""
+        if self.algorithm == "dpo":
+            raise ValueError("RLAIFConfig.ppo_config: algorithm is 'dpo', which trains with dpo_config")
+        return _merge_nested(type(self).__name__, "ppo", PPOConfig, self.ppo, self._loop(_PPO_LOOP_FIELDS), {})
+
+    @property
+    def dpo_config(self) -> DPOConfig:
+        """The DPOConfig of each online round: ``dpo`` plus this config's loop fields."""
+        if self.algorithm != "dpo":
+            raise ValueError(f"RLAIFConfig.dpo_config: algorithm is {self.algorithm!r}, which trains with ppo_config")
+        return _merge_nested(type(self).__name__, "dpo", DPOConfig, self.dpo, self._loop(_DPO_LOOP_FIELDS),
+                             {"max_response_length": self.max_new_tokens + 1})
+
+    def _loop(self, fields: dict[str, str]) -> dict[str, Any]:
+        return {inner: getattr(self, outer) for inner, outer in fields.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RLAIFConfig:
+        return config_from_dict(cls, data)
+
+
+@dataclass
+class RLAIFResult:
+    """What ``train_rlaif`` returns: the trained policy, the final state (method "rlaif") and
+    per-step metrics."""
+
+    policy: nn.Module
+    state: TrainState
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_responses(
+    generator,
+    tokenizer,
+    prompts: Sequence[PromptLike],
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int,
+    max_prompt_length: int | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[list[str]]:
+    """``num_samples`` sampled response texts per prompt (no special tokens), in chunks of
+    prompts that fit ``generator.max_batch_size``.
+
+    Prompts are strings or chat-message lists, truncated from the left to
+    ``max_prompt_length``. Returns ``[[response, ...] * num_samples] * len(prompts)``.
+    """
+    eos = require_eos(tokenizer)
+    pad = pad_token_id(tokenizer)
+    per_call = max(1, generator.max_batch_size // num_samples)
+    if num_samples > generator.max_batch_size:
+        raise ValueError(
+            f"num_samples ({num_samples}) must be <= the generator's max_batch_size ({generator.max_batch_size})"
+        )
+    device = generator.device
+    out: list[list[str]] = []
+    for chunk_index, start in enumerate(range(0, len(prompts), per_call)):
+        chunk = prompts[start:start + per_call]
+        ids, mask = left_pad([encode_prompt(tokenizer, p, max_prompt_length) for p in chunk], pad)
+        result = generator.generate(
+            ids.to(device), attention_mask=mask.to(device), num_samples=num_samples,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_token_ids=[eos], pad_token_id=pad, seed=step_seed(seed, chunk_index),
+        )
+        responses = result.responses.cpu()
+        keep = result.response_mask.cpu()
+        texts = [tokenizer.decode(responses[i][keep[i]].tolist(), skip_special_tokens=True)
+                 for i in range(responses.shape[0])]
+        out += [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
+    return out
+
+
+# ----------------------------------------------------------------------------- stage states
+
+
+def stage_state(method: str, sub: TrainState, *, offset: int = 0, **extra: Any) -> TrainState:
+    """A view of a sub-trainer's ``TrainState`` under the outer method's name, for
+    ``checkpoint_fn``: same optimizer, scheduler and modules; ``extra["stage"]`` records which
+    sub-trainer (and ``extra["stage_offset"]`` the steps of earlier stages)."""
+    return TrainState(
+        method, step=offset + sub.step, data_position=sub.data_position, model=sub.model,
+        optimizer=sub.optimizer, scheduler=sub.scheduler, modules=sub.modules,
+        extra={**sub.extra, **extra, "stage": sub.method, "stage_offset": offset},
+    )
+
+
+def unwrap_stage_state(
+    method: str, state: TrainState | Mapping[str, Any] | None
+) -> tuple[dict[str, Any] | None, int]:
+    """``(sub-trainer state_dict, stage offset)`` from a ``stage_state`` checkpoint of
+    ``method``; ``(None, 0)`` for no state."""
+    if state is None:
+        return None, 0
+    sd = state.state_dict() if isinstance(state, TrainState) else dict(state)
+    if sd.get("method") != method:
+        raise ValueError(f"checkpoint state is from method {sd.get('method')!r}, but this run is {method!r}")
+    extra = dict(sd.get("extra") or {})
+    stage = extra.pop("stage", None)
+    offset = int(extra.pop("stage_offset", 0))
+    if stage is None:
+        raise ValueError(f"checkpoint state of method {method!r} does not record its stage")
+    return {**sd, "method": stage, "step": int(sd["step"]) - offset, "extra": extra}, offset
+
+
+# ----------------------------------------------------------------------------- online DPO
+
+
+def rlaif_dpo_round(
+    policy: nn.Module,
+    tokenizer,
+    judge: Judge,
+    prompts: Sequence[PromptLike],
+    config: RLAIFConfig,
+    *,
+    generator,
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    reference: Reference | None,
+    seed: int = 0,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """One online round: sample ``num_samples`` responses per prompt, judge them into pairs,
+    take ``updates_per_round`` DPO steps on those pairs.
+
+    Returns ``(metrics, pairs)``. Metrics: ``judge/score`` (mean candidate strength: expected
+    rating, or mean win probability; also ``reward/mean`` when pointwise), ``judge/margin`` (mean chosen-rejected margin),
+    ``pairs`` (pairs formed), ``response_length`` (mean characters), and the DPO step's metrics
+    (``loss``, ``rewards/accuracies``, ``rewards/margins``, ...) when a pair was formed.
+    """
+    cfg = config
+    policy.eval()
+    candidates = sample_responses(
+        generator, tokenizer, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
+        max_prompt_length=cfg.max_prompt_length, temperature=cfg.temperature, top_k=cfg.top_k,
+        top_p=cfg.top_p, seed=seed,
+    )
+    scores = judge.candidate_scores(prompts, candidates, mode=cfg.judge_mode)
+    pairs = pairs_from_scores(prompts, candidates, scores, min_margin=cfg.min_margin)
+    flat = [x for row in scores for x in row]
+    metrics: dict[str, float] = {
+        "judge/score": sum(flat) / len(flat),
+        "judge/margin": sum(p["margin"] for p in pairs) / len(pairs) if pairs else 0.0,
+        "pairs": float(len(pairs)),
+        "response_length": sum(len(r) for g in candidates for r in g) / len(flat),
+    }
+    if cfg.judge_mode == "pointwise":
+        metrics["reward/mean"] = metrics["judge/score"]     # the name PPO-mode RLAIF logs it under
+    if not pairs:
+        return metrics, pairs
+    dpo_cfg = cfg.dpo_config
+    pad = pad_token_id(tokenizer)
+    device = next(policy.parameters()).device
+    examples = encode_preferences(tokenizer, pairs, max_prompt_length=dpo_cfg.max_prompt_length,
+                                  max_response_length=dpo_cfg.max_response_length)
+    batch = collate_preferences(examples, pad).to(device)
+    ref_logps = None
+    if dpo_cfg.uses_reference:
+        if reference is None:
+            raise ValueError(f"loss_type={dpo_cfg.loss_type!r} needs a reference model")
+        ref_logps = precompute_reference_logps(reference, examples, pad, batch_size=dpo_cfg.ref_batch_size,
+                                               chunk_size=dpo_cfg.logprob_chunk_size)
+    for _ in range(cfg.updates_per_round):
+        step_metrics = dpo_step(policy, optimizer, batch, dpo_cfg, ref_logps=ref_logps, scheduler=scheduler)
+    policy.eval()
+    metrics.update(step_metrics)
+    return metrics, pairs
+
+
+def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, callback, state,
+                      checkpoint_fn, progress) -> RLAIFResult:
+    from rftengine.generation import Generator
+
+    cfg = config
+    disable_dropout(policy)
+    num_steps = total_steps(cfg, len(prompts), cfg.batch_size)
+    dpo_cfg = cfg.dpo_config
+    optimizer = make_optimizer(policy.parameters(), dpo_cfg)
+    scheduler = make_scheduler(optimizer, dpo_cfg, num_steps * cfg.updates_per_round)
+    train_state = TrainState("rlaif", model=policy, optimizer=optimizer, scheduler=scheduler,
+                             extra={"stage": "dpo"})
+    if state is not None:
+        sd = state.state_dict() if isinstance(state, TrainState) else state
+        if (sd.get("extra") or {}).get("stage") != "dpo":
+            raise ValueError(
+                f"checkpoint state is an RLAIF run with stage {(sd.get('extra') or {}).get('stage')!r}, "
+                "but this run is RLAIF with algorithm 'dpo'"
+            )
+    train_state = resume_state(train_state, state)
+    reference = Reference(policy, ref_model) if dpo_cfg.uses_reference else None
+    generator = Generator(policy, max_batch_size=cfg.batch_size * cfg.num_samples,
+                          max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens)
+    history: list[dict[str, float]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, initial=train_state.step, desc="rlaif-dpo", unit="step", dynamic_ncols=True)
+    while train_state.step < num_steps:
+        idx = batch_indices(len(prompts), cfg.batch_size, train_state.data_position, cfg.seed, cfg.shuffle)
+        metrics, _ = rlaif_dpo_round(
+            policy, tokenizer, judge, [prompts[i] for i in idx], cfg, generator=generator,
+            optimizer=optimizer, scheduler=scheduler, reference=reference,
+            seed=step_seed(cfg.seed, train_state.step),
+        )
+        train_state.step += 1
+        train_state.data_position += len(idx)
+        history.append(metrics)
+        if callback is not None:
+            callback(train_state.step, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(judge=f"{metrics['judge/score']:.3f}", pairs=int(metrics["pairs"]))
+        if checkpoint_fn is not None and should_checkpoint(cfg, train_state.step, num_steps):
+            checkpoint_fn(train_state)
+    if bar is not None:
+        bar.close()
+    generator.free()
+    policy.eval()
+    return RLAIFResult(policy=policy, state=train_state, history=history)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def judge_reward_fn(judge: Judge, config: RLAIFConfig):
+    """The reward function RLAIF hands to PPO/GRPO/RLOO: ``judge`` itself (pointwise) or its
+    within-group pairwise strengths (pairwise)."""
+    if config.judge_mode == "pointwise":
+        return judge
+    return judge.group_reward(config.num_samples, mode="pairwise")
+
+
+def train_rlaif(
+    policy: nn.Module,
+    tokenizer,
+    prompts: Sequence[Any],
+    judge: Judge,
+    config: RLAIFConfig | None = None,
+    *,
+    ref_model: nn.Module | None = None,
+    value_model: nn.Module | None = None,
+    callback: Callback | None = None,
+    state: TrainState | Mapping[str, Any] | None = None,
+    checkpoint_fn: CheckpointFn | None = None,
+    progress: bool = False,
+) -> RLAIFResult:
+    """Train ``policy`` in place from the feedback of ``judge`` on its own samples.
+
+    Args:
+        policy: causal LM.
+        tokenizer: its tokenizer (needs an EOS token). The judge may use another one.
+        prompts: strings, chat-message lists or dicts with "prompt" (references are ignored).
+        judge: a ``Judge`` (its model is only read, never trained).
+        config: ``RLAIFConfig`` (defaults if None).
+        ref_model: the reference policy (default: a frozen copy of ``policy`` as given; pass the
+            original model when resuming).
+        value_model: PPO's separate critic (see ``make_ppo_context``).
+        callback: ``callback(step, metrics)`` after each step.
+        state: a TrainState (method "rlaif") or its ``state_dict()`` to resume from.
+        checkpoint_fn: ``checkpoint_fn(state)`` every ``config.save_every`` steps and at the end;
+            the state is named "rlaif" (the sub-trainer's state plus ``extra["stage"]``).
+        progress: show a tqdm bar.
+    """
+    config = config or RLAIFConfig()
+    if not isinstance(config, RLAIFConfig):
+        raise ValueError(f"config must be an RLAIFConfig, got {type(config).__name__}")
+    if not isinstance(judge, Judge):
+        raise ValueError(f"judge must be a rftengine.methods.Judge, got {type(judge).__name__}")
+    require_eos(tokenizer)
+    texts, _ = split_prompt_data(prompts)
+    if not texts:
+        raise ValueError("prompts must hold at least one prompt, got 0")
+    if config.algorithm == "dpo":
+        if value_model is not None:
+            raise ValueError("value_model is only used by algorithm 'ppo'")
+        return _train_online_dpo(policy, tokenizer, texts, judge, config, ref_model=ref_model,
+                                 callback=callback, state=state, checkpoint_fn=checkpoint_fn,
+                                 progress=progress)
+    sub_state, _ = unwrap_stage_state("rlaif", state)
+    if sub_state is not None:
+        if sub_state["method"] != config.algorithm:
+            raise ValueError(
+                f"checkpoint state is an RLAIF run with stage {sub_state['method']!r}, but this run "
+                f"is RLAIF with algorithm {config.algorithm!r}"
+            )
+    def wrapped_ckpt(sub: TrainState) -> None:
+        checkpoint_fn(stage_state("rlaif", sub))
+
+    result = train_ppo(
+        policy, tokenizer, texts, config.ppo_config, reward_fn=judge_reward_fn(judge, config),
+        ref_model=ref_model, value_model=value_model, callback=callback, state=sub_state,
+        checkpoint_fn=wrapped_ckpt if checkpoint_fn is not None else None, progress=progress,
+    )
+    result.context.generator.free()
+    return RLAIFResult(policy=result.policy, state=stage_state("rlaif", result.state), history=result.history)

@@ -1,0 +1,144 @@
+"""RLAIF: online sampling, judging and training with PPO/GRPO/RLOO or DPO."""
+
+import pytest
+import torch
+
+from rftengine.generation import Generator
+from rftengine.methods.common import config_to_dict
+from rftengine.methods.dpo import DPOConfig
+from rftengine.methods.judge import Judge
+from rftengine.methods.ppo import PPOConfig
+from rftengine.methods.rlaif import RLAIFConfig, RLAIFResult, sample_responses, train_rlaif
+
+PROMPTS = ["ab> ", "cd> ", "efg> ", "h> ", "ijk> ", "lm> "]
+
+
+@pytest.fixture
+def judge(make_lm, tokenizer):
+    return Judge(make_lm(seed=7), tokenizer, "rate {response} =", pairwise_template="1: {response_a} 2: {response_b} =",
+                 choices=("1", "2"), batch_size=16)
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _changed(before, model):
+    return any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_sample_responses_groups_by_prompt(make_lm, tokenizer):
+    policy = make_lm()
+    gen = Generator(policy, max_batch_size=5, max_seq_len=16)   # 5 // 2 = 2 prompts per call
+    out = sample_responses(gen, tokenizer, PROMPTS[:3], num_samples=2, max_new_tokens=6, seed=3)
+    assert len(out) == 3 and all(len(g) == 2 and all(isinstance(r, str) for r in g) for g in out)
+    again = sample_responses(gen, tokenizer, PROMPTS[:3], num_samples=2, max_new_tokens=6, seed=3)
+    assert out == again
+    with pytest.raises(ValueError, match="max_batch_size"):
+        sample_responses(gen, tokenizer, PROMPTS[:1], num_samples=6, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("algorithm, judge_mode", [("grpo", "pointwise"), ("rloo", "pairwise")])
+def test_rlaif_online_rl_end_to_end(make_lm, tokenizer, judge, algorithm, judge_mode):
+    policy = make_lm(seed=1)
+    before = _params(policy)
+    steps, states = [], []
+    config = RLAIFConfig(algorithm=algorithm, judge_mode=judge_mode, num_samples=3, batch_size=2, max_steps=2,
+                         max_new_tokens=6, save_every=1, ppo={"learning_rate": 1e-3, "ppo_epochs": 1})
+    result = train_rlaif(policy, tokenizer, PROMPTS, judge, config,
+                         callback=lambda step, m: steps.append((step, m)),
+                         checkpoint_fn=lambda s: states.append(s.state_dict()))
+    assert isinstance(result, RLAIFResult)
+    assert [s for s, _ in steps] == [1, 2]
+    metrics = steps[-1][1]
+    for key in ("loss", "reward/mean", "kl", "clipfrac", "entropy", "response_length"):
+        assert key in metrics and metrics[key] == metrics[key]          # present, not NaN
+    if judge_mode == "pairwise":
+        assert metrics["reward/mean"] == pytest.approx(0.5, abs=1e-5)  # group strengths average 1/2
+    else:
+        assert 1.0 <= metrics["reward/mean"] <= 5.0
+    assert _changed(before, policy)
+    assert result.state.method == "rlaif" and result.state.step == 2
+    assert [s["method"] for s in states] == ["rlaif", "rlaif"]
+    assert states[-1]["extra"]["stage"] == algorithm
+
+
+def test_rlaif_online_dpo_end_to_end(make_lm, tokenizer, judge):
+    policy = make_lm(seed=2)
+    before = _params(policy)
+    history = []
+    config = RLAIFConfig(algorithm="dpo", judge_mode="pairwise", num_samples=2, batch_size=3, max_steps=2,
+                         max_new_tokens=6, dpo={"beta": 0.1, "learning_rate": 1e-3})
+    result = train_rlaif(policy, tokenizer, PROMPTS, judge, config, callback=lambda s, m: history.append(m))
+    assert len(history) == 2 and result.state.step == 2 and result.state.data_position == 6
+    m = history[0]
+    assert 1 <= m["pairs"] <= 3
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "judge/score", "judge/margin"):
+        assert key in m
+    assert m["judge/score"] == pytest.approx(0.5, abs=1e-5)
+    assert _changed(before, policy)
+    assert result.state.method == "rlaif" and result.state.extra["stage"] == "dpo"
+
+
+def test_rlaif_dpo_resume_continues_the_data_order(make_lm, tokenizer, judge):
+    config = RLAIFConfig(algorithm="dpo", num_samples=2, batch_size=2, max_steps=3, max_new_tokens=5,
+                         dpo={"learning_rate": 1e-3})
+    full_policy = make_lm(seed=4)
+    ref = make_lm(seed=4)
+    full = train_rlaif(full_policy, tokenizer, PROMPTS, judge, config, ref_model=ref)
+    part_config = RLAIFConfig(algorithm="dpo", num_samples=2, batch_size=2, max_steps=1, max_new_tokens=5,
+                              dpo={"learning_rate": 1e-3})
+    policy = make_lm(seed=4)
+    first = train_rlaif(policy, tokenizer, PROMPTS, judge, part_config, ref_model=ref)
+    rest = train_rlaif(policy, tokenizer, PROMPTS, judge, config, ref_model=ref, state=first.state.state_dict())
+    assert len(rest.history) == 2 and rest.state.data_position == full.state.data_position
+    assert rest.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], rel=1e-4, abs=1e-5)
+    with pytest.raises(ValueError, match="stage 'dpo'"):
+        train_rlaif(make_lm(), tokenizer, PROMPTS, judge, RLAIFConfig(max_steps=1, max_new_tokens=4),
+                    state=first.state.state_dict())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_samples": 1}, "num_samples must be an integer >= 2"),
+    ({"algorithm": "a2c"}, "algorithm must be one of"),
+    ({"judge_mode": "listwise"}, "judge_mode must be one of"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"algorithm": "dpo", "ppo": {"kl_coef": 0.1}}, "ppo is only used"),
+    ({"algorithm": "grpo", "dpo": {"beta": 0.1}}, "dpo is only used"),
+    ({"num_samples": 4, "ppo": {"group_size": 3}}, "ppo.group_size=3 conflicts with RLAIFConfig.num_samples=4"),
+    ({"ppo": {"kl_coef": -1.0}}, "PPOConfig.kl_coef must be >= 0"),
+    ({"ppo": {"kl_cof": 0.1}}, "did you mean 'kl_coef'"),
+    ({"algorithm": "dpo", "dpo": {"beta": -0.1}}, "DPOConfig.beta must be"),
+    ({"ppo": 3}, "must be a PPOConfig"),
+])
+def test_bad_rlaif_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RLAIFConfig(**kwargs)
+
+
+def test_rlaif_config_from_dict_and_nested_objects():
+    with pytest.raises(ValueError, match="did you mean 'num_samples'"):
+        RLAIFConfig.from_dict({"num_sample": 2})
+    cfg = RLAIFConfig.from_dict({"algorithm": "rloo", "num_samples": 4, "ppo": {"learning_rate": 1e-5}})
+    ppo = cfg.ppo_config
+    assert isinstance(ppo, PPOConfig)
+    assert (ppo.algorithm, ppo.group_size, ppo.learning_rate) == ("rloo", 4, 1e-5)
+    assert ppo.kl_estimator == "k3" and ppo.kl_in_loss
+    assert RLAIFConfig.from_dict(config_to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match="trains with ppo_config"):
+        cfg.dpo_config
+    # A PPOConfig object left at algorithm defaults follows the RLAIF algorithm, KL defaults included.
+    ppo = RLAIFConfig(algorithm="grpo", num_samples=2, ppo=PPOConfig(learning_rate=2e-5)).ppo_config
+    assert (ppo.algorithm, ppo.kl_in_loss, ppo.learning_rate) == ("grpo", True, 2e-5)
+    cfg = RLAIFConfig(algorithm="dpo", dpo=DPOConfig(beta=0.3))
+    assert cfg.dpo_config.beta == 0.3 and cfg.dpo_config.max_response_length == cfg.max_new_tokens + 1
+
+
+def test_train_rlaif_checks_arguments(make_lm, tokenizer, judge):
+    with pytest.raises(ValueError, match="judge must be"):
+        train_rlaif(make_lm(), tokenizer, PROMPTS, lambda p, r: [0.0] * len(p), RLAIFConfig())
+    with pytest.raises(ValueError, match="at least one prompt"):
+        train_rlaif(make_lm(), tokenizer, [], judge, RLAIFConfig())
+    with pytest.raises(ValueError, match="config must be an RLAIFConfig"):
+        train_rlaif(make_lm(), tokenizer, PROMPTS, judge, {"algorithm": "dpo"})
