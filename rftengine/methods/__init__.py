@@ -124,7 +124,8 @@ from rftengine.methods.sft import (
 
 __all__ = [
     # common
-    "Callback", "CheckpointFn", "RewardFn", "TrainState", "batch_indices", "config_from_dict", "config_to_dict", "make_optimizer",
+    "Callback", "CheckpointFn", "RewardFn", "TrainState", "batch_indices", "config_from_dict", "config_to_dict",
+    "make_optimizer",
     "make_scheduler",
     # data
     "PreferenceExample", "SequenceBatch", "collate_preferences", "decode_responses",

@@ -18,6 +18,7 @@ Three lines::
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,16 +34,19 @@ from rftengine.methods.common import (
     CheckpointFn,
     TrainState,
     config_from_dict,
+    require_bool,
     require_choice,
-    require_float,
     require_int,
+    stage_state,
+    unwrap_stage_state,
+    validate_sampling_fields,
 )
 from rftengine.methods.data import PromptLike, has_chat_template, render_prompt, require_eos, split_prompt_data
 from rftengine.methods.dpo import DPOConfig, train_dpo
 from rftengine.methods.judge import JUDGE_MODES, Judge, _template_fields
-from rftengine.methods.modeling import disable_dropout, freeze
+from rftengine.methods.modeling import disable_dropout, freeze, is_peft_model
 from rftengine.methods.ppo import PPOConfig, train_ppo
-from rftengine.methods.rlaif import sample_responses, stage_state, unwrap_stage_state
+from rftengine.methods.rlaif import sample_responses
 from rftengine.methods.sft import SFTConfig, train_sft
 
 CAI_MODES = ("sft_dpo", "sft", "dpo", "rl")
@@ -245,19 +249,14 @@ class CAIConfig:
     def __post_init__(self):
         owner = type(self).__name__
         require_choice(owner, "mode", self.mode, CAI_MODES)
-        require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1)
-        require_int(owner, "max_new_tokens", self.max_new_tokens, minimum=1)
+        validate_sampling_fields(self)
         require_int(owner, "critique_max_new_tokens", self.critique_max_new_tokens, minimum=1)
         require_int(owner, "revision_max_new_tokens", self.revision_max_new_tokens, minimum=1, allow_none=True)
         require_int(owner, "max_context_length", self.max_context_length, minimum=1)
-        require_float(owner, "temperature", self.temperature, minimum=0.0, strict_min=True)
-        require_int(owner, "top_k", self.top_k, minimum=0)
-        require_float(owner, "top_p", self.top_p, minimum=0.0, maximum=1.0, strict_min=True)
         require_int(owner, "generation_batch_size", self.generation_batch_size, minimum=1)
         require_choice(owner, "judge_mode", self.judge_mode, JUDGE_MODES)
         require_int(owner, "seed", self.seed, minimum=0)
-        if not isinstance(self.sft_before_rl, bool):
-            raise ValueError(f"{owner}.sft_before_rl must be true or false, got {self.sft_before_rl!r}")
+        require_bool(owner, "sft_before_rl", self.sft_before_rl)
         for name, template, required in (("critique_template", self.critique_template, _CRITIQUE_FIELDS),
                                          ("revision_template", self.revision_template, _REVISION_FIELDS)):
             fields = _template_fields(f"{owner}.{name}", template)
@@ -353,11 +352,13 @@ def generate_revisions(
     *,
     generator=None,
     seed: int | None = None,
+    progress: bool = False,
 ) -> list[CAIExample]:
     """Response -> critique under a sampled principle -> revision, for every prompt.
 
     Each stage is one batched pass through the Generator (``generator``, or one built on
     ``policy`` for the call). Principles are drawn with ``seed`` (default ``config.seed``).
+    ``progress`` shows a bar per stage (removed when the stage is done).
     """
     from rftengine.generation import Generator
 
@@ -382,7 +383,8 @@ def generate_revisions(
 
     def run(stage_prompts, max_prompt_length, new_tokens, salt):
         out = sample_responses(generator, tokenizer, stage_prompts, num_samples=1, max_new_tokens=new_tokens,
-                               max_prompt_length=max_prompt_length, seed=seed * 3 + salt, **sampling)
+                               max_prompt_length=max_prompt_length, seed=seed * 3 + salt, progress=progress,
+                               desc=f"cai {('responses', 'critiques', 'revisions')[salt]}", **sampling)
         return [group[0] for group in out]
 
     try:
@@ -442,6 +444,38 @@ class CAIResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def stage_reference(
+    policy: nn.Module, config: CAIConfig, stage: str, saved: Mapping[str, torch.Tensor] | None = None,
+    *, resuming: bool = False,
+) -> nn.Module | None:
+    """The default reference of a CAI training stage, or None when the stage needs no model.
+
+    DPO with ``precompute_ref=False`` and RL with a KL term run the reference during training;
+    it is the policy at the start of that stage (after SFT): a frozen copy taken when the stage
+    starts. Its ``state_dict()`` rides in the stage's checkpoints (``extra["stage_reference"]``)
+    and a resumed stage (``resuming``) rebuilds the same reference from those ``saved`` weights.
+    PEFT policies need none (their reference is the policy with adapters off), nor does DPO
+    with the reference log-probs precomputed (the cache is in the DPO state).
+    """
+    if stage == "dpo":
+        live = config.dpo_config.uses_reference and not config.dpo_config.precompute_ref
+    elif stage == "rl":
+        live = config.rl_config.kl_coef > 0 or config.rl_config.adaptive_kl
+    else:
+        live = False
+    if not live or is_peft_model(policy):
+        return None
+    if resuming and saved is None:
+        raise ValueError(
+            f"checkpoint state of the CAI {stage!r} stage holds no reference weights "
+            "(extra['stage_reference']); pass the policy at the start of that stage as ref_model"
+        )
+    reference = freeze(disable_dropout(copy.deepcopy(policy)))
+    if saved is not None:
+        reference.load_state_dict(saved)
+    return reference
+
+
 def train_cai(
     policy: nn.Module,
     tokenizer,
@@ -467,18 +501,19 @@ def train_cai(
         config: ``CAIConfig`` (defaults if None).
         constitution: a ``Constitution``, a YAML path, or None for the default set.
         judge: mode "rl": the reward Judge (default: ``principle_judge`` over ``judge_model`` /
-            ``judge_tokenizer``, or over a frozen copy of the policy as given: self-feedback).
-        ref_model: the reference of the DPO/RL stage (default: a frozen copy of the policy at
-            the start of that stage).
+            ``judge_tokenizer``, or over a frozen copy of the policy as given: self-feedback;
+            resuming then needs ``judge`` or ``judge_model``, since the policy given holds the
+            resumed weights).
+        ref_model: the reference of the DPO/RL stage (default: ``stage_reference``, the policy
+            at the start of that stage, saved in the stage's checkpoints so resuming is exact).
         callback: ``callback(step, metrics)`` with steps counted across stages.
         state: a TrainState (method "cai") or its ``state_dict()`` to resume from; the generated
             examples are restored from it, finished stages are skipped.
         checkpoint_fn: ``checkpoint_fn(state)`` during each stage (method "cai"; the generated
-            examples ride in ``extra["cai_examples"]``).
-        progress: tqdm bars for the stages.
+            examples ride in ``extra["cai_examples"]``, the default stage reference's weights in
+            ``extra["stage_reference"]``).
+        progress: tqdm bars for the stages, and (removed when done) for generation and judging.
     """
-    import copy
-
     config = config or CAIConfig()
     if not isinstance(config, CAIConfig):
         raise ValueError(f"config must be a CAIConfig, got {type(config).__name__}")
@@ -489,8 +524,14 @@ def train_cai(
     if not texts:
         raise ValueError("prompts must hold at least one prompt, got 0")
     stages = config.stages
+    sub_state, offset = unwrap_stage_state("cai", state)
     if "rl" in stages and judge is None:
         if judge_model is None:
+            if sub_state is not None:
+                raise ValueError(
+                    "resuming mode='rl' needs judge or judge_model: the default judge is a copy of the "
+                    "policy as first given, and the policy given now holds the resumed weights"
+                )
             judge_model = freeze(disable_dropout(copy.deepcopy(policy)))
         judge = principle_judge(judge_model, judge_tokenizer or tokenizer, constitution)
     elif "rl" not in stages and any(x is not None for x in (judge, judge_model, judge_tokenizer)):
@@ -498,9 +539,10 @@ def train_cai(
             f"judge, judge_model and judge_tokenizer are only used with mode='rl', got mode={config.mode!r}"
         )
 
-    sub_state, offset = unwrap_stage_state("cai", state)
+    saved_reference = None
     if sub_state is not None:
         records = sub_state["extra"].pop("cai_examples", None)
+        saved_reference = sub_state["extra"].pop("stage_reference", None)
         if records is None:
             raise ValueError("checkpoint state of method 'cai' holds no generated examples")
         examples = [CAIExample(**r) for r in records]
@@ -510,7 +552,7 @@ def train_cai(
                              f"which mode={config.mode!r} does not have")
         first = stages.index(stage_name)
     else:
-        examples = generate_revisions(policy, tokenizer, texts, constitution, config)
+        examples = generate_revisions(policy, tokenizer, texts, constitution, config, progress=progress)
         first = 0
     records = [e.as_dict() for e in examples]
     pairs = revision_pairs(examples)
@@ -525,6 +567,12 @@ def train_cai(
         resume = sub_state if index == first else None
         start_offset = offset if index == first and sub_state is not None else (
             last_state.step if last_state is not None else 0)
+        stage_ref, saved = ref_model, {"cai_examples": records}
+        if ref_model is None:
+            stage_ref = stage_reference(policy, config, stage, saved_reference if resume is not None else None,
+                                        resuming=resume is not None)
+            if stage_ref is not None:
+                saved["stage_reference"] = stage_ref.state_dict()
 
         def stage_callback(step, metrics, _offset=start_offset, _index=index):
             metrics = {**metrics, "stage_index": float(_index)}
@@ -532,8 +580,8 @@ def train_cai(
             if callback is not None:
                 callback(_offset + step, metrics)
 
-        def stage_ckpt(sub, _offset=start_offset):
-            checkpoint_fn(stage_state("cai", sub, offset=_offset, cai_examples=records))
+        def stage_ckpt(sub, _offset=start_offset, _saved=saved):
+            checkpoint_fn(stage_state("cai", sub, offset=_offset, **_saved))
 
         common = {"callback": stage_callback, "state": resume,
                   "checkpoint_fn": stage_ckpt if checkpoint_fn is not None else None, "progress": progress}
@@ -544,15 +592,16 @@ def train_cai(
         elif stage == "dpo":
             if not pairs:
                 raise ValueError("CAI produced no (revision, original) pair that differs; nothing to train on")
-            result = train_dpo(policy, tokenizer, pairs, config.dpo_config, ref_model=ref_model, **common)
+            result = train_dpo(policy, tokenizer, pairs, config.dpo_config, ref_model=stage_ref, **common)
         else:
             rl_config = config.rl_config
-            reward_fn = judge if config.judge_mode == "pointwise" else judge.group_reward(rl_config.group_size)
-            result = train_ppo(policy, tokenizer, texts, rl_config, reward_fn=reward_fn, ref_model=ref_model,
+            reward_fn = judge.as_reward_fn(config.judge_mode, group_size=rl_config.group_size,
+                                           progress=progress or None)
+            result = train_ppo(policy, tokenizer, texts, rl_config, reward_fn=reward_fn, ref_model=stage_ref,
                                **common)
             result.context.generator.free()
         results[stage] = result
-        last_state = stage_state("cai", result.state, offset=start_offset, cai_examples=records)
+        last_state = stage_state("cai", result.state, offset=start_offset, **saved)
     policy.eval()
     return CAIResult(policy=policy, examples=examples, pairs=pairs, state=last_state,
                      stage_results=results, history=history)

@@ -1,11 +1,19 @@
-"""Pieces every method shares: config parsing/validation, the resumable TrainState, the
-deterministic data order, optimizer/scheduler construction and the metrics callback type.
+"""Pieces every method shares: config parsing/validation, the resumable TrainState (and its
+stage view for multi-stage methods), the deterministic data order, optimizer/scheduler
+construction, the optimizer step, the training loop, progress bars and the callback types.
 
 Resumability contract (used by the CLI's checkpoints): a train_* function derives every random
 choice from ``config.seed`` and the step or epoch number (data order, rollout seeds, minibatch
 shuffles), and keeps everything else that changes during training in a ``TrainState``. Saving
 the policy with ``save_pretrained`` plus ``TrainState.state_dict()`` and passing that dict back
 as ``state=`` continues the run exactly: the same next batch and the same loss.
+
+Models fixed before the run starts are the caller's to pass again: the reference of PPO, RLAIF
+and on-the-fly DPO is the policy at the start of training, so a resumed run needs ``ref_model``
+(``Reference(..., resumed=True)`` raises rather than copy the resumed policy; PEFT policies are
+exempt, their reference is the base with adapters off). Models made during the run are kept in
+the state: DPO's precomputed reference log-probs, and the stage-start reference weights of
+Constitutional AI's DPO/RL stage (taken after its SFT stage).
 """
 
 from __future__ import annotations
@@ -96,9 +104,28 @@ def require_choice(owner: str, name: str, value, choices, *, allow_none: bool = 
         )
 
 
-def validate_optim_fields(config) -> None:
-    """Checks for the optimizer/schedule/loop fields every method config carries."""
+def require_bool(owner: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be true or false, got {value!r}")
+
+
+def validate_loop_fields(config) -> None:
+    """Checks for the loop fields of every ``train_*`` config: batch_size, num_epochs,
+    max_steps, shuffle, seed and save_every."""
     owner = type(config).__name__
+    require_int(owner, "batch_size", config.batch_size, minimum=1)
+    require_int(owner, "num_epochs", config.num_epochs, minimum=1)
+    require_int(owner, "max_steps", config.max_steps, minimum=1, allow_none=True)
+    require_bool(owner, "shuffle", config.shuffle)
+    require_int(owner, "seed", config.seed, minimum=0)
+    require_int(owner, "save_every", config.save_every, minimum=0)
+
+
+def validate_optim_fields(config) -> None:
+    """Checks for the optimizer/schedule fields of every config that owns an optimizer, plus
+    ``validate_loop_fields``; ``adam_betas`` becomes a tuple (YAML gives lists)."""
+    owner = type(config).__name__
+    config.adam_betas = tuple(config.adam_betas)
     require_float(owner, "learning_rate", config.learning_rate, minimum=0.0, strict_min=True)
     require_float(owner, "weight_decay", config.weight_decay, minimum=0.0)
     if len(config.adam_betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in config.adam_betas):
@@ -106,10 +133,18 @@ def validate_optim_fields(config) -> None:
     require_float(owner, "max_grad_norm", config.max_grad_norm, minimum=0.0, strict_min=True, allow_none=True)
     require_int(owner, "warmup_steps", config.warmup_steps, minimum=0)
     require_choice(owner, "lr_scheduler", config.lr_scheduler, ("constant", "linear", "cosine"))
-    require_int(owner, "max_steps", config.max_steps, minimum=1, allow_none=True)
-    require_int(owner, "num_epochs", config.num_epochs, minimum=1)
-    require_int(owner, "save_every", config.save_every, minimum=0)
-    require_int(owner, "seed", config.seed, minimum=0)
+    validate_loop_fields(config)
+
+
+def validate_sampling_fields(config) -> None:
+    """Checks for the generation fields of the configs that sample (PPO, RLAIF, CAI):
+    max_prompt_length, max_new_tokens, temperature, top_k and top_p."""
+    owner = type(config).__name__
+    require_int(owner, "max_prompt_length", config.max_prompt_length, minimum=1)
+    require_int(owner, "max_new_tokens", config.max_new_tokens, minimum=1)
+    require_float(owner, "temperature", config.temperature, minimum=0.0, strict_min=True)
+    require_int(owner, "top_k", config.top_k, minimum=0)
+    require_float(owner, "top_p", config.top_p, minimum=0.0, maximum=1.0, strict_min=True)
 
 
 # ----------------------------------------------------------------------------- state
@@ -208,6 +243,36 @@ def resume_state(state: TrainState, resume: TrainState | Mapping[str, Any] | Non
     return state
 
 
+def stage_state(method: str, sub: TrainState, *, offset: int = 0, **extra: Any) -> TrainState:
+    """A view of a sub-trainer's ``TrainState`` under the outer method's name (RLAIF, CAI), for
+    ``checkpoint_fn``: same optimizer, scheduler and modules; ``extra["stage"]`` records which
+    sub-trainer (and ``extra["stage_offset"]`` the steps of earlier stages)."""
+    return TrainState(
+        method, step=offset + sub.step, data_position=sub.data_position, model=sub.model,
+        optimizer=sub.optimizer, scheduler=sub.scheduler, modules=sub.modules,
+        extra={**sub.extra, **extra, "stage": sub.method, "stage_offset": offset},
+    )
+
+
+def unwrap_stage_state(
+    method: str, state: TrainState | Mapping[str, Any] | None
+) -> tuple[dict[str, Any] | None, int]:
+    """``(sub-trainer state_dict, stage offset)`` from a ``stage_state`` checkpoint of
+    ``method``; ``(None, 0)`` for no state. The outer method's own ``extra`` entries stay in
+    the returned ``["extra"]`` for the caller to pop."""
+    if state is None:
+        return None, 0
+    sd = state.state_dict() if isinstance(state, TrainState) else dict(state)
+    if sd.get("method") != method:
+        raise ValueError(f"checkpoint state is from method {sd.get('method')!r}, but this run is {method!r}")
+    extra = dict(sd.get("extra") or {})
+    stage = extra.pop("stage", None)
+    offset = int(extra.pop("stage_offset", 0))
+    if stage is None:
+        raise ValueError(f"checkpoint state of method {method!r} does not record its stage")
+    return {**sd, "method": stage, "step": int(sd["step"]) - offset, "extra": extra}, offset
+
+
 # ----------------------------------------------------------------------------- data order
 
 
@@ -294,6 +359,27 @@ def clip_and_step(params, optimizer, scheduler, max_grad_norm: float | None) -> 
     return grad_norm
 
 
+def make_train_state(
+    method: str,
+    model: torch.nn.Module,
+    config,
+    schedule_steps: int,
+    resume: TrainState | Mapping[str, Any] | None = None,
+    *,
+    params=None,
+    modules: dict[str, torch.nn.Module] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> TrainState:
+    """The TrainState a ``train_*`` function runs with: AdamW over the trainable ``params``
+    (default ``model.parameters()``) and the LR schedule over ``schedule_steps`` optimizer
+    steps, both from ``config``, then updated from ``resume`` (``resume_state``)."""
+    optimizer = make_optimizer(model.parameters() if params is None else params, config)
+    scheduler = make_scheduler(optimizer, config, schedule_steps)
+    state = TrainState(method, model=model, optimizer=optimizer, scheduler=scheduler,
+                       modules=dict(modules or {}), extra=dict(extra or {}))
+    return resume_state(state, resume)
+
+
 def to_floats(stats: Mapping[str, Any]) -> dict[str, float]:
     """Detached tensors/numbers -> plain floats (one host sync per metric, once per step)."""
     out = {}
@@ -312,3 +398,89 @@ def should_checkpoint(config, step_done: int, last_step: int) -> bool:
     if step_done == last_step:
         return True
     return config.save_every > 0 and step_done % config.save_every == 0
+
+
+def optimizer_step(loss: torch.Tensor, stats: Mapping[str, Any], optimizer, scheduler,
+                   max_grad_norm: float | None) -> dict[str, float]:
+    """Backpropagate ``loss``, clip, step optimizer and scheduler (``clip_and_step``).
+
+    Returns ``stats`` as plain floats plus ``grad_norm`` (when clipping) and
+    ``learning_rate`` (read after the scheduler step).
+    """
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = clip_and_step(params, optimizer, scheduler, max_grad_norm)
+    stats = dict(stats)
+    if grad_norm is not None:
+        stats["grad_norm"] = grad_norm
+    stats["learning_rate"] = optimizer.param_groups[0]["lr"]
+    return to_floats(stats)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def progress_bar(enabled: bool, *, total: int, desc: str, initial: int = 0, unit: str = "step"):
+    """The tqdm bar of a training loop, or None when ``enabled`` is False (tqdm is only
+    imported then)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+
+
+def track(iterable, enabled: bool, *, desc: str, unit: str = "batch", total: int | None = None):
+    """``iterable`` as is, or wrapped in a tqdm bar that is removed when done (``leave=False``):
+    the bar of an inner loop (reference pass, generation stage, judging)."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, dynamic_ncols=True)
+
+
+def train_loop(
+    state: TrainState,
+    config,
+    num_steps: int,
+    batch_at: Callable[[int], list[int]],
+    run_step: Callable[[list[int]], dict[str, float]],
+    *,
+    callback: Callback | None = None,
+    checkpoint_fn: CheckpointFn | None = None,
+    progress: bool = False,
+    desc: str = "train",
+    postfix: Mapping[str, str] | None = None,
+) -> list[dict[str, float]]:
+    """The loop of every ``train_*`` function; returns the metrics of the steps it ran.
+
+    Until ``state.step == num_steps``: ``indices = batch_at(state.data_position)`` (the method's
+    data order, ``batch_indices`` over its examples), ``metrics = run_step(indices)``, advance
+    ``state.step`` by one (``run_step`` may already have, as ``ppo.step`` does) and
+    ``state.data_position`` by the batch, then call ``callback(state.step, metrics)`` and, when
+    ``should_checkpoint(config, ...)``, ``checkpoint_fn(state)``. ``postfix`` maps progress-bar
+    labels to the metric names they show.
+    """
+    history: list[dict[str, float]] = []
+    bar = progress_bar(progress, total=num_steps, initial=state.step, desc=desc)
+    try:
+        while state.step < num_steps:
+            index = state.step
+            idx = batch_at(state.data_position)
+            metrics = run_step(idx)
+            state.step = index + 1
+            state.data_position += len(idx)
+            history.append(metrics)
+            if callback is not None:
+                callback(state.step, metrics)
+            if bar is not None:
+                bar.update(1)
+                if postfix:
+                    bar.set_postfix({label: f"{metrics[key]:.4g}" for label, key in postfix.items() if key in metrics})
+            if checkpoint_fn is not None and should_checkpoint(config, state.step, num_steps):
+                checkpoint_fn(state)
+    finally:
+        if bar is not None:
+            bar.close()
+    return history

@@ -14,11 +14,13 @@ positions are masked out; a response's EOS is inside the mask.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from rftengine.methods.common import track
 
 Message = Mapping[str, str]
 PromptLike = str | Sequence[Message]
@@ -280,6 +282,29 @@ def collate_preferences(examples: Sequence[PreferenceExample], pad_id: int) -> S
     prompts = [e.prompt_ids for e in examples]
     responses = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
     return make_sequence_batch(prompts + prompts, responses, pad_id)
+
+
+def pair_values(
+    examples: Sequence[PreferenceExample],
+    pad_id: int,
+    row_values: Callable[[SequenceBatch], torch.Tensor],
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    progress: bool = False,
+    desc: str = "pairs",
+) -> torch.Tensor:
+    """``[N, 2]`` fp32 CPU values of preference pairs, columns (chosen, rejected).
+
+    The pairs go in ``collate_preferences`` batches of ``batch_size`` on ``device``;
+    ``row_values(batch)`` returns one value per row (``[2B]``: chosen rows, then rejected).
+    """
+    out = []
+    for start in track(range(0, len(examples), batch_size), progress, desc=desc):
+        chunk = examples[start:start + batch_size]
+        values = row_values(collate_preferences(chunk, pad_id).to(device)).float().cpu()
+        out.append(torch.stack([values[:len(chunk)], values[len(chunk):]], dim=1))
+    return torch.cat(out) if out else torch.zeros(0, 2)
 
 
 def decode_responses(tokenizer, batch: SequenceBatch) -> list[str]:

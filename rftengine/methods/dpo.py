@@ -31,17 +31,15 @@ from rftengine.methods.common import (
     CheckpointFn,
     TrainState,
     batch_indices,
-    clip_and_step,
     config_from_dict,
-    make_optimizer,
-    make_scheduler,
+    make_train_state,
+    optimizer_step,
+    require_bool,
     require_choice,
     require_float,
     require_int,
-    resume_state,
-    should_checkpoint,
-    to_floats,
     total_steps,
+    train_loop,
     validate_optim_fields,
 )
 from rftengine.methods.data import (
@@ -50,9 +48,18 @@ from rftengine.methods.data import (
     collate_preferences,
     encode_preferences,
     pad_token_id,
+    pair_values,
     require_eos,
 )
-from rftengine.methods.modeling import Reference, disable_dropout, output_head, response_hidden, response_logprobs
+from rftengine.methods.modeling import (
+    Reference,
+    device_of,
+    disable_dropout,
+    eval_mode,
+    output_head,
+    response_hidden,
+    response_logprobs,
+)
 from rftengine.ops.preference import DPO_LOSS_TYPES
 
 
@@ -104,7 +111,6 @@ class DPOConfig:
 
     def __post_init__(self):
         owner = type(self).__name__
-        self.adam_betas = tuple(self.adam_betas)
         require_float(owner, "beta", self.beta, minimum=0.0, strict_min=True)
         require_choice(owner, "loss_type", self.loss_type, dpo_loss_types())
         require_float(owner, "label_smoothing", self.label_smoothing, minimum=0.0, maximum=0.5)
@@ -113,25 +119,26 @@ class DPOConfig:
                 f"{owner}.label_smoothing must be 0 for loss_type={self.loss_type!r}, got {self.label_smoothing}"
             )
         if self.loss_type == "robust" and self.label_smoothing >= 0.5:
-            raise ValueError(f"{owner}.label_smoothing must be < 0.5 for loss_type='robust', got {self.label_smoothing}")
+            raise ValueError(
+                f"{owner}.label_smoothing must be < 0.5 for loss_type='robust', got {self.label_smoothing}"
+            )
         require_float(owner, "simpo_gamma", self.simpo_gamma, minimum=0.0)
         validate_optim_fields(self)
-        require_int(owner, "batch_size", self.batch_size, minimum=1)
         require_int(owner, "ref_batch_size", self.ref_batch_size, minimum=1)
         require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1, allow_none=True)
         require_int(owner, "max_response_length", self.max_response_length, minimum=1, allow_none=True)
         require_int(owner, "logprob_chunk_size", self.logprob_chunk_size, minimum=1, allow_none=True)
         if self.length_normalized is not None:
             if not isinstance(self.length_normalized, bool):
-                raise ValueError(f"{owner}.length_normalized must be true, false or null, got {self.length_normalized!r}")
+                raise ValueError(
+                    f"{owner}.length_normalized must be true, false or null, got {self.length_normalized!r}"
+                )
             if self.length_normalized != (self.loss_type == "simpo") and self.loss_type != "ipo":
                 raise ValueError(
                     f"{owner}.length_normalized={self.length_normalized} is not available for "
                     f"loss_type={self.loss_type!r} (only 'ipo' accepts both)"
                 )
-        for name in ("precompute_ref", "shuffle"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{owner}.{name} must be true or false, got {getattr(self, name)!r}")
+        require_bool(owner, "precompute_ref", self.precompute_ref)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DPOConfig:
@@ -152,10 +159,6 @@ class DPOResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def precompute_reference_logps(
     reference: Reference,
@@ -168,19 +171,10 @@ def precompute_reference_logps(
 ) -> torch.Tensor:
     """Reference sequence log-probs of every pair: ``[N, 2]`` fp32 on CPU, columns (chosen,
     rejected), each the sum over response tokens (EOS included)."""
-    device = _device(reference.model)
-    out = []
-    starts = range(0, len(examples), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="reference log-probs", unit="batch", dynamic_ncols=True)
-    for start in starts:
-        chunk = examples[start:start + batch_size]
-        batch = collate_preferences(chunk, pad_id).to(device)
-        seq = reference.logprobs(batch, chunk_size=chunk_size).sum(-1).float().cpu()
-        out.append(torch.stack([seq[:len(chunk)], seq[len(chunk):]], dim=1))
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    return pair_values(
+        examples, pad_id, lambda batch: reference.logprobs(batch, chunk_size=chunk_size).sum(-1),
+        batch_size=batch_size, device=device_of(reference.model), progress=progress, desc="reference log-probs",
+    )
 
 
 def dpo_batch_loss(
@@ -240,13 +234,7 @@ def dpo_step(
     ``dpo_batch_loss``) plus ``grad_norm`` and ``learning_rate``."""
     policy.train()
     loss, stats = dpo_batch_loss(policy, batch, config, ref_logps=ref_logps, reference=reference)
-    loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
-    if grad_norm is not None:
-        stats["grad_norm"] = grad_norm
-    stats["learning_rate"] = optimizer.param_groups[0]["lr"]
-    return to_floats(stats)
+    return optimizer_step(loss, stats, optimizer, scheduler, config.max_grad_norm)
 
 
 def train_dpo(
@@ -270,7 +258,8 @@ def train_dpo(
         config: ``DPOConfig`` (defaults if None).
         ref_model: the reference; default a frozen copy of ``policy`` as given (adapters off
             for PEFT). Not needed when resuming a run with ``precompute_ref`` (the cache is in
-            the state).
+            the state); required when resuming with ``precompute_ref=False`` (a copy of the
+            resumed policy would be the wrong reference: ValueError).
         callback: ``callback(step, metrics)`` after each step.
         state: a ``TrainState`` or its ``state_dict()`` to resume from.
         checkpoint_fn: ``checkpoint_fn(state)`` every ``config.save_every`` steps and at the end.
@@ -282,11 +271,7 @@ def train_dpo(
     examples = encode_preferences(tokenizer, pairs, max_prompt_length=config.max_prompt_length,
                                   max_response_length=config.max_response_length)
     num_steps = total_steps(config, len(examples), config.batch_size)
-    optimizer = make_optimizer(policy.parameters(), config)
-    scheduler = make_scheduler(optimizer, config, num_steps)
-    train_state = resume_state(
-        TrainState("dpo", model=policy, optimizer=optimizer, scheduler=scheduler), state
-    )
+    train_state = make_train_state("dpo", policy, config, num_steps, state)
     pad = pad_token_id(tokenizer)
     ref_logps = train_state.extra.get("ref_logps")
     if ref_logps is not None and tuple(ref_logps.shape) != (len(examples), 2):
@@ -296,7 +281,7 @@ def train_dpo(
         )
     reference = None
     if config.uses_reference and (ref_logps is None or not config.precompute_ref):
-        reference = Reference(policy, ref_model)
+        reference = Reference(policy, ref_model, resumed=train_state.step > 0)
         if config.precompute_ref:
             ref_logps = precompute_reference_logps(
                 reference, examples, pad, batch_size=config.ref_batch_size,
@@ -304,33 +289,21 @@ def train_dpo(
             )
             train_state.extra["ref_logps"] = ref_logps
             reference = None  # the copy is no longer needed; free it
-    device = _device(policy)
-    history: list[dict[str, float]] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    device = device_of(policy)
 
-        bar = tqdm(total=num_steps, initial=train_state.step, desc="dpo", unit="step", dynamic_ncols=True)
-    while train_state.step < num_steps:
-        idx = batch_indices(len(examples), config.batch_size, train_state.data_position,
-                            config.seed, config.shuffle)
+    def batch_at(position: int) -> list[int]:
+        return batch_indices(len(examples), config.batch_size, position, config.seed, config.shuffle)
+
+    def run_step(idx: list[int]) -> dict[str, float]:
         batch = collate_preferences([examples[i] for i in idx], pad).to(device)
-        metrics = dpo_step(
-            policy, optimizer, batch, config, scheduler=scheduler, reference=reference,
+        return dpo_step(
+            policy, train_state.optimizer, batch, config, scheduler=train_state.scheduler, reference=reference,
             ref_logps=ref_logps[idx] if (ref_logps is not None and config.uses_reference) else None,
         )
-        train_state.step += 1
-        train_state.data_position += len(idx)
-        history.append(metrics)
-        if callback is not None:
-            callback(train_state.step, metrics)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracies', 0):.2f}")
-        if checkpoint_fn is not None and should_checkpoint(config, train_state.step, num_steps):
-            checkpoint_fn(train_state)
-    if bar is not None:
-        bar.close()
+
+    history = train_loop(train_state, config, num_steps, batch_at, run_step, callback=callback,
+                         checkpoint_fn=checkpoint_fn, progress=progress, desc="dpo",
+                         postfix={"loss": "loss", "acc": "rewards/accuracies"})
     policy.eval()
     return DPOResult(policy=policy, state=train_state, history=history)
 
@@ -343,17 +316,9 @@ def sequence_logps(
     """``[N, 2]`` fp32 CPU summed log-probs of (chosen, rejected) under ``model``."""
     examples = encode_preferences(tokenizer, pairs, max_prompt_length=max_prompt_length,
                                   max_response_length=max_response_length)
-    device, pad = _device(model), pad_token_id(tokenizer)
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batch = collate_preferences(chunk, pad).to(device)
-        seq = response_logprobs(model, batch).sum(-1).float().cpu()
-        out.append(torch.stack([seq[:len(chunk)], seq[len(chunk):]], dim=1))
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    with eval_mode(model):
+        return pair_values(examples, pad_token_id(tokenizer), lambda batch: response_logprobs(model, batch).sum(-1),
+                           batch_size=batch_size, device=device_of(model))
 
 
 def preference_accuracy(

@@ -23,6 +23,7 @@ vocabulary. A ``Judge`` is a ``reward_fn(prompts, responses) -> Tensor[B]``.
 
 from __future__ import annotations
 
+import functools
 import string
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rftengine.methods.common import track
 from rftengine.methods.data import (
     PromptLike,
     encode_prompt,
@@ -37,7 +39,7 @@ from rftengine.methods.data import (
     pad_token_id,
     render_prompt,
 )
-from rftengine.methods.modeling import disable_dropout, final_hidden, output_head
+from rftengine.methods.modeling import disable_dropout, eval_mode, final_hidden, output_head
 
 DEFAULT_CRITERIA = "helpful, correct and clear"
 JUDGE_MODES = ("pointwise", "pairwise")
@@ -127,6 +129,8 @@ class Judge:
         batch_size: rows per judge forward (a pairwise comparison takes two rows).
         max_length: judge inputs longer than this many tokens keep their last ``max_length``
             tokens (the end holds the question the rating answers).
+        progress: show a tqdm bar (``leave=False``) while scoring; every scoring method also
+            takes ``progress=`` to override this for one call.
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class Judge:
         chat: bool = False,
         batch_size: int = 16,
         max_length: int | None = 1024,
+        progress: bool = False,
     ):
         _check_template("template", template, _POINTWISE_FIELDS)
         _check_template("pairwise_template", pairwise_template, _PAIRWISE_FIELDS)
@@ -184,6 +189,7 @@ class Judge:
         self.chat = chat
         self.batch_size = batch_size
         self.max_length = max_length
+        self.progress = bool(progress)
         self._pad = pad_token_id(tokenizer)
 
     # ------------------------------------------------------------------ text
@@ -216,7 +222,8 @@ class Judge:
 
     @torch.no_grad()
     def token_logprobs(
-        self, texts: Sequence[str], token_ids: Sequence[int], *, batch_size: int | None = None
+        self, texts: Sequence[str], token_ids: Sequence[int], *, batch_size: int | None = None,
+        progress: bool | None = None,
     ) -> torch.Tensor:
         """``[N, K]`` fp32 (CPU) log-probs of ``token_ids`` as the next token after each text,
         normalised over those K tokens only."""
@@ -225,11 +232,10 @@ class Judge:
         rows = torch.as_tensor(list(token_ids), device=weight.device)
         w = weight[rows].float()                                   # [K, H]
         b = bias[rows].float() if bias is not None else None
-        was_training = self.model.training
-        self.model.eval()
+        starts = track(range(0, len(texts), batch_size), self._show(progress), desc="judging")
         out = []
-        try:
-            for start in range(0, len(texts), batch_size):
+        with eval_mode(self.model):
+            for start in starts:
                 ids = [self._encode(t) for t in texts[start:start + batch_size]]
                 input_ids, mask = left_pad(ids, self._pad)
                 hidden = final_hidden(self.model, input_ids.to(weight.device), mask.to(weight.device))
@@ -237,30 +243,38 @@ class Judge:
                 if b is not None:
                     logits = logits + b
                 out.append(torch.log_softmax(logits, dim=-1).cpu())
-        finally:
-            self.model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, len(token_ids))
+
+    def _show(self, progress: bool | None) -> bool:
+        return self.progress if progress is None else bool(progress)
 
     # ------------------------------------------------------------------ pointwise
 
-    def rating_logprobs(self, prompts: Sequence[PromptLike], responses: Sequence[str]) -> torch.Tensor:
+    def rating_logprobs(
+        self, prompts: Sequence[PromptLike], responses: Sequence[str], *, progress: bool | None = None
+    ) -> torch.Tensor:
         """``[B, K]`` fp32 log-probs over the rating tokens for each (prompt, response)."""
         _check_lengths(prompts, responses)
         texts = [self.pointwise_text(p, r) for p, r in zip(prompts, responses)]
-        return self.token_logprobs(texts, self.rating_ids)
+        return self.token_logprobs(texts, self.rating_ids, progress=progress)
 
-    def score(self, prompts: Sequence[PromptLike], responses: Sequence[str]) -> torch.Tensor:
+    def score(
+        self, prompts: Sequence[PromptLike], responses: Sequence[str], *, progress: bool | None = None
+    ) -> torch.Tensor:
         """``[B]`` fp32 expected rating ``Σ_k p_k·v_k`` (between the lowest and highest value)."""
-        return self.rating_logprobs(prompts, responses).exp() @ self.rating_values
+        return self.rating_logprobs(prompts, responses, progress=progress).exp() @ self.rating_values
 
-    def __call__(self, prompts: Sequence[PromptLike], responses: Sequence[str], **_: Any) -> torch.Tensor:
+    def __call__(
+        self, prompts: Sequence[PromptLike], responses: Sequence[str], *, progress: bool | None = None, **_: Any
+    ) -> torch.Tensor:
         """``reward_fn`` form of ``score`` (extra keywords such as ``references=`` are ignored)."""
-        return self.score(prompts, responses)
+        return self.score(prompts, responses, progress=progress)
 
     # ------------------------------------------------------------------ pairwise
 
     def prefer(
-        self, prompts: Sequence[PromptLike], responses_a: Sequence[str], responses_b: Sequence[str]
+        self, prompts: Sequence[PromptLike], responses_a: Sequence[str], responses_b: Sequence[str], *,
+        progress: bool | None = None,
     ) -> torch.Tensor:
         """``[B]`` fp32 probability that ``responses_a[i]`` is better than ``responses_b[i]``,
         judged in both slot orders and averaged (module docstring); ``prefer(p, a, b) = 1 -
@@ -276,7 +290,7 @@ class Judge:
             flips.append(flip)
         # An even batch size keeps both rows of a pair in one forward batch.
         even = max(2, self.batch_size - self.batch_size % 2)
-        logp = self.token_logprobs(texts, self.choice_ids, batch_size=even).double()
+        logp = self.token_logprobs(texts, self.choice_ids, batch_size=even, progress=progress).double()
         d = logp[:, 0] - logp[:, 1]                                 # first slot vs second slot
         half = 0.25 * (torch.tanh(d[0::2] / 2) - torch.tanh(d[1::2] / 2))   # pref(x, y) - ½
         flip = torch.tensor(flips, dtype=torch.bool)
@@ -285,7 +299,8 @@ class Judge:
     # ------------------------------------------------------------------ groups of candidates
 
     def candidate_scores(
-        self, prompts: Sequence[PromptLike], candidates: Sequence[Sequence[str]], *, mode: str = "pointwise"
+        self, prompts: Sequence[PromptLike], candidates: Sequence[Sequence[str]], *, mode: str = "pointwise",
+        progress: bool | None = None,
     ) -> list[list[float]]:
         """A strength for each of ``>= 2`` candidate responses per prompt.
 
@@ -300,7 +315,7 @@ class Judge:
                 raise ValueError(f"candidates[{i}] must hold at least 2 responses to compare, got {group!r:.80}")
         if mode == "pointwise":
             flat = self.score([p for p, g in zip(prompts, candidates) for _ in g],
-                              [r for g in candidates for r in g]).tolist()
+                              [r for g in candidates for r in g], progress=progress).tolist()
             out, pos = [], 0
             for group in candidates:
                 out.append(flat[pos:pos + len(group)])
@@ -312,6 +327,7 @@ class Judge:
             [prompts[g] for g, _, _ in idx],
             [candidates[g][i] for g, i, _ in idx],
             [candidates[g][j] for g, _, j in idx],
+            progress=progress,
         ).tolist()
         wins = [[0.0] * len(group) for group in candidates]
         for (g, i, j), p_ij in zip(idx, probs):
@@ -321,7 +337,7 @@ class Judge:
 
     def group_scores(
         self, prompts: Sequence[PromptLike], responses: Sequence[str], group_size: int, *,
-        mode: str = "pairwise",
+        mode: str = "pairwise", progress: bool | None = None,
     ) -> torch.Tensor:
         """``[N]`` fp32 ``candidate_scores`` of rollouts laid out group-contiguously (rows
         ``[i*G, (i+1)*G)`` answer the same prompt, as the Generator and ``ppo.rollout`` emit)."""
@@ -332,13 +348,24 @@ class Judge:
             )
         starts = range(0, len(responses), group_size)
         scores = self.candidate_scores([prompts[s] for s in starts],
-                                       [list(responses[s:s + group_size]) for s in starts], mode=mode)
+                                       [list(responses[s:s + group_size]) for s in starts], mode=mode,
+                                       progress=progress)
         return torch.tensor([x for row in scores for x in row], dtype=torch.float32)
 
-    def group_reward(self, group_size: int, *, mode: str = "pairwise") -> GroupReward:
+    def group_reward(self, group_size: int, *, mode: str = "pairwise", progress: bool | None = None) -> GroupReward:
         """A ``reward_fn`` that scores each rollout against the others of its group
         (``group_scores``): the pairwise judge as the reward of GRPO/RLOO/PPO."""
-        return GroupReward(self, group_size, mode)
+        return GroupReward(self, group_size, mode, progress=progress)
+
+    def as_reward_fn(self, mode: str = "pointwise", *, group_size: int | None = None,
+                     progress: bool | None = None):
+        """The judge as the ``reward_fn`` of PPO/GRPO/RLOO: pointwise, the judge itself (its
+        expected rating); pairwise, ``group_reward(group_size)`` (each rollout against the
+        others of its group). ``progress`` None follows ``self.progress``."""
+        _check_mode(mode)
+        if mode == "pairwise":
+            return self.group_reward(group_size, mode="pairwise", progress=progress)
+        return self if progress is None else functools.partial(self, progress=progress)
 
     # ------------------------------------------------------------------ pairs for DPO
 
@@ -349,6 +376,7 @@ class Judge:
         *,
         mode: str = "pointwise",
         min_margin: float = 0.0,
+        progress: bool | None = None,
     ) -> list[dict[str, Any]]:
         """Preference pairs from ``>= 2`` candidate responses per prompt: chosen = the strongest
         and rejected = the weakest candidate by ``candidate_scores``, margin = the difference of
@@ -357,8 +385,8 @@ class Judge:
         Prompts whose margin is ``<= min_margin`` (ties, identical candidates) give no pair.
         Returns ``[{"prompt", "chosen", "rejected", "margin"}, ...]`` in prompt order.
         """
-        return pairs_from_scores(prompts, candidates, self.candidate_scores(prompts, candidates, mode=mode),
-                                 min_margin=min_margin)
+        scores = self.candidate_scores(prompts, candidates, mode=mode, progress=progress)
+        return pairs_from_scores(prompts, candidates, scores, min_margin=min_margin)
 
 
 def pairs_from_scores(
@@ -384,16 +412,16 @@ def pairs_from_scores(
 
 class GroupReward:
     """``reward_fn(prompts, responses) -> Tensor[N]``: ``judge.group_scores`` with a fixed
-    group size (made by ``Judge.group_reward``)."""
+    group size (made by ``Judge.group_reward``); ``progress`` None follows ``judge.progress``."""
 
-    def __init__(self, judge: Judge, group_size: int, mode: str = "pairwise"):
+    def __init__(self, judge: Judge, group_size: int, mode: str = "pairwise", *, progress: bool | None = None):
         _check_mode(mode)
         if not isinstance(group_size, int) or group_size < 2:
             raise ValueError(f"group_size must be an integer >= 2 (responses compared per prompt), got {group_size!r}")
-        self.judge, self.group_size, self.mode = judge, group_size, mode
+        self.judge, self.group_size, self.mode, self.progress = judge, group_size, mode, progress
 
     def __call__(self, prompts: Sequence[PromptLike], responses: Sequence[str], **_: Any) -> torch.Tensor:
-        return self.judge.group_scores(prompts, responses, self.group_size, mode=self.mode)
+        return self.judge.group_scores(prompts, responses, self.group_size, mode=self.mode, progress=self.progress)
 
 
 def _check_mode(mode: str) -> None:

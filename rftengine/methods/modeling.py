@@ -150,6 +150,22 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter."""
+    return next(model.parameters()).device
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, its previous train/eval mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: ``cumsum(mask) - 1`` (pads clamped to 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -210,12 +226,21 @@ class Reference:
 
     Either an explicit ``ref_model``, a frozen deep copy of ``policy`` taken at construction
     (before any update), or, for a PEFT model, the policy itself with adapters disabled (no
-    second copy in memory). When resuming a run, pass the original model as ``ref_model``:
-    a copy of the resumed policy would be the wrong reference.
+    second copy in memory).
+
+    ``resumed=True`` says ``policy`` holds resumed weights: a copy of it would not be the
+    policy the run started from, so a non-PEFT policy then needs ``ref_model`` (the original
+    model) and a ValueError says so instead of silently using the wrong reference.
     """
 
-    def __init__(self, policy: nn.Module, ref_model: nn.Module | None = None):
+    def __init__(self, policy: nn.Module, ref_model: nn.Module | None = None, *, resumed: bool = False):
         self.policy = policy
+        if ref_model is None and resumed and not is_peft_model(policy):
+            raise ValueError(
+                "resuming needs ref_model: the reference is the policy at the start of training, "
+                "and the policy given now holds the resumed weights; pass the original (initial) "
+                "model as ref_model"
+            )
         if ref_model is not None:
             self.model = freeze(disable_dropout(ref_model))
             self.shared = False

@@ -45,17 +45,18 @@ from rftengine.methods.common import (
     batch_indices,
     clip_and_step,
     config_from_dict,
-    make_optimizer,
-    make_scheduler,
+    make_train_state,
+    require_bool,
     require_choice,
     require_float,
     require_int,
-    resume_state,
-    should_checkpoint,
     step_seed,
     to_floats,
     total_steps,
+    track,
+    train_loop,
     validate_optim_fields,
+    validate_sampling_fields,
 )
 from rftengine.methods.data import (
     PromptLike,
@@ -71,6 +72,7 @@ from rftengine.methods.modeling import (
     Reference,
     RewardModel,
     ValueHead,
+    device_of,
     disable_dropout,
     hidden_size_of,
     output_head,
@@ -158,21 +160,15 @@ class PPOConfig:
 
     def __post_init__(self):
         owner = type(self).__name__
-        self.adam_betas = tuple(self.adam_betas)
         require_choice(owner, "algorithm", self.algorithm, ALGORITHMS)
         validate_optim_fields(self)
-        require_int(owner, "batch_size", self.batch_size, minimum=1)
         require_int(owner, "group_size", self.group_size, minimum=1)
         if self.algorithm != "ppo" and self.group_size < 2:
             raise ValueError(
                 f"{owner}.group_size must be >= 2 for algorithm={self.algorithm!r} (advantages "
                 f"compare responses within a prompt's group), got {self.group_size}"
             )
-        require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1)
-        require_int(owner, "max_new_tokens", self.max_new_tokens, minimum=1)
-        require_float(owner, "temperature", self.temperature, minimum=0.0, strict_min=True)
-        require_int(owner, "top_k", self.top_k, minimum=0)
-        require_float(owner, "top_p", self.top_p, minimum=0.0, maximum=1.0, strict_min=True)
+        validate_sampling_fields(self)
         require_int(owner, "ppo_epochs", self.ppo_epochs, minimum=1)
         require_int(owner, "minibatch_size", self.minibatch_size, minimum=1, allow_none=True)
         if self.minibatch_size is not None and self.minibatch_size > self.batch_size * self.group_size:
@@ -192,8 +188,7 @@ class PPOConfig:
         require_choice(owner, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         if self.kl_in_loss is None:
             self.kl_in_loss = self.algorithm != "ppo"
-        if not isinstance(self.kl_in_loss, bool):
-            raise ValueError(f"{owner}.kl_in_loss must be true or false, got {self.kl_in_loss!r}")
+        require_bool(owner, "kl_in_loss", self.kl_in_loss)
         if self.adaptive_kl:
             if self.kl_in_loss:
                 raise ValueError(
@@ -213,9 +208,8 @@ class PPOConfig:
             self.group_scale = "group" if self.algorithm == "grpo" else "none"
         require_choice(owner, "group_scale", self.group_scale, GROUP_SCALES)
         require_int(owner, "logprob_chunk_size", self.logprob_chunk_size, minimum=1, allow_none=True)
-        for name in ("shuffle", "whiten_advantages", "recompute_logprobs", "adaptive_kl"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{owner}.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("whiten_advantages", "recompute_logprobs", "adaptive_kl"):
+            require_bool(owner, name, getattr(self, name))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PPOConfig:
@@ -338,7 +332,7 @@ class PPOContext:
 
     @property
     def device(self) -> torch.device:
-        return next(self.policy.parameters()).device
+        return device_of(self.policy)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -373,7 +367,9 @@ def make_ppo_context(
         policy: a causal LM (dropout is switched off in place).
         tokenizer: needs an EOS token.
         ref_model: the reference policy; default a frozen copy of ``policy`` as given (or
-            adapters-off for PEFT). Pass the original model when resuming.
+            adapters-off for PEFT). Resuming a run that has a reference (``kl_coef > 0`` or
+            ``adaptive_kl``) needs the original model here (ValueError otherwise): a copy of
+            the resumed policy would be the wrong reference.
         value_model: for critic "separate": a causal LM, a ``CausalLMWithValueHead`` or a
             value-head ``RewardModel`` (the usual critic init); default a copy of ``policy``
             with a new value head.
@@ -387,9 +383,7 @@ def make_ppo_context(
     eos = require_eos(tokenizer)
     pad = pad_token_id(tokenizer)
     disable_dropout(policy)
-    device = next(policy.parameters()).device
-    needs_ref = config.kl_coef > 0 or config.adaptive_kl
-    reference = Reference(policy, ref_model) if needs_ref else None
+    device = device_of(policy)
 
     modules: dict[str, nn.Module] = {}
     critic = None
@@ -412,13 +406,12 @@ def make_ppo_context(
         raise ValueError(f"value_model is not used by algorithm={config.algorithm!r} (critic-free)")
 
     params = list(policy.parameters()) + (list(critic.parameters()) if critic is not None else [])
-    optimizer = make_optimizer(params, config)
-    scheduler = make_scheduler(optimizer, config, num_training_steps or config.max_steps or 1)
-    train_state = TrainState(
-        config.algorithm, model=policy, optimizer=optimizer, scheduler=scheduler, modules=modules,
-        extra={"kl_coef": float(config.kl_coef)},
+    train_state = make_train_state(
+        config.algorithm, policy, config, num_training_steps or config.max_steps or 1, state,
+        params=params, modules=modules, extra={"kl_coef": float(config.kl_coef)},
     )
-    train_state = resume_state(train_state, state)
+    needs_ref = config.kl_coef > 0 or config.adaptive_kl
+    reference = Reference(policy, ref_model, resumed=train_state.step > 0) if needs_ref else None
     kl = KLController(float(train_state.extra.get("kl_coef", config.kl_coef)), config.adaptive_kl,
                       config.target_kl, config.kl_horizon)
     generator = Generator(
@@ -426,8 +419,8 @@ def make_ppo_context(
         max_batch_size=config.rollouts_per_step,
         max_seq_len=config.max_prompt_length + config.max_new_tokens,
     )
-    return PPOContext(policy, tokenizer, config, reference, critic, generator, optimizer, scheduler,
-                      kl, train_state, eos, pad)
+    return PPOContext(policy, tokenizer, config, reference, critic, generator, train_state.optimizer,
+                      train_state.scheduler, kl, train_state, eos, pad)
 
 
 # ----------------------------------------------------------------------------- the four steps
@@ -708,7 +701,7 @@ def train_ppo(
         ref_model, value_model: see ``make_ppo_context``.
         callback: ``callback(step, metrics)`` after each step.
         state: a ``TrainState`` or its ``state_dict()`` to resume from (``policy`` must hold the
-            checkpoint's weights; pass the original model as ``ref_model``).
+            checkpoint's weights; pass the original model as ``ref_model``, see above).
         checkpoint_fn: ``checkpoint_fn(state)`` every ``config.save_every`` steps and at the end.
         progress: show a tqdm bar.
     """
@@ -717,46 +710,34 @@ def train_ppo(
     num_steps = total_steps(config, len(texts), config.batch_size)
     ctx = make_ppo_context(policy, tokenizer, config, ref_model=ref_model, value_model=value_model,
                            num_training_steps=num_steps, state=state)
-    history: list[dict[str, float]] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_steps, initial=ctx.state.step, desc=config.algorithm, unit="step",
-                   dynamic_ncols=True)
-    while ctx.state.step < num_steps:
-        idx = batch_indices(len(texts), config.batch_size, ctx.state.data_position, config.seed, config.shuffle)
+    def batch_at(position: int) -> list[int]:
+        return batch_indices(len(texts), config.batch_size, position, config.seed, config.shuffle)
+
+    def run_step(idx: list[int]) -> dict[str, float]:
         ro = rollout(ctx, [texts[i] for i in idx],
                      references=[references[i] for i in idx] if references is not None else None)
-        exp = compute_advantages(ctx, ro, score(ctx, ro, reward_fn))
-        metrics = step(ctx, exp)
-        ctx.state.data_position += len(idx)
-        history.append(metrics)
-        if callback is not None:
-            callback(ctx.state.step, metrics)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl']:.3f}")
-        if checkpoint_fn is not None and should_checkpoint(config, ctx.state.step, num_steps):
-            checkpoint_fn(ctx.state)
-    if bar is not None:
-        bar.close()
+        return step(ctx, compute_advantages(ctx, ro, score(ctx, ro, reward_fn)))
+
+    history = train_loop(ctx.state, config, num_steps, batch_at, run_step, callback=callback,
+                         checkpoint_fn=checkpoint_fn, progress=progress, desc=config.algorithm,
+                         postfix={"reward": "reward/mean", "kl": "kl"})
     return PPOResult(policy=policy, state=ctx.state, history=history, context=ctx)
 
 
 def evaluate_reward(
     ctx: PPOContext, prompts: Sequence[PromptLike], reward_fn: RewardFn, *, seed: int = 12345,
-    num_samples: int = 1,
+    num_samples: int = 1, progress: bool = False,
 ) -> float:
     """Mean ``reward_fn`` score of ``num_samples`` sampled responses per prompt, with a fixed
-    seed and no training (before/after comparisons)."""
+    seed and no training (before/after comparisons); ``progress`` shows a bar over rollouts."""
     if not 1 <= num_samples <= ctx.config.rollouts_per_step:
         raise ValueError(
             f"num_samples must be in [1, batch_size * group_size = {ctx.config.rollouts_per_step}], got {num_samples}"
         )
     per_call = ctx.config.rollouts_per_step // num_samples
     total, count = 0.0, 0
-    for start in range(0, len(prompts), per_call):
+    for start in track(range(0, len(prompts), per_call), progress, desc="evaluation rollouts"):
         ro = rollout(ctx, prompts[start:start + per_call], seed=seed + start, num_samples=num_samples)
         raw = torch.as_tensor(reward_fn(ro.prompts, ro.responses), dtype=torch.float32)
         total += float(raw.sum())

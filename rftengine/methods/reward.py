@@ -26,16 +26,14 @@ from rftengine.methods.common import (
     CheckpointFn,
     TrainState,
     batch_indices,
-    clip_and_step,
     config_from_dict,
-    make_optimizer,
-    make_scheduler,
+    make_train_state,
+    optimizer_step,
+    require_bool,
     require_float,
     require_int,
-    resume_state,
-    should_checkpoint,
-    to_floats,
     total_steps,
+    train_loop,
     validate_optim_fields,
 )
 from rftengine.methods.data import (
@@ -47,9 +45,10 @@ from rftengine.methods.data import (
     encode_response,
     make_sequence_batch,
     pad_token_id,
+    pair_values,
     require_eos,
 )
-from rftengine.methods.modeling import RewardModel
+from rftengine.methods.modeling import RewardModel, device_of, eval_mode
 
 
 @dataclass
@@ -80,15 +79,12 @@ class RewardConfig:
     save_every: int = 0
 
     def __post_init__(self):
-        self.adam_betas = tuple(self.adam_betas)
-        validate_optim_fields(self)
         owner = type(self).__name__
-        require_int(owner, "batch_size", self.batch_size, minimum=1)
+        validate_optim_fields(self)
         require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1, allow_none=True)
         require_int(owner, "max_response_length", self.max_response_length, minimum=1, allow_none=True)
         require_float(owner, "center_coef", self.center_coef, minimum=0.0, allow_none=True)
-        if not isinstance(self.use_margin, bool):
-            raise ValueError(f"{owner}.use_margin must be true or false, got {self.use_margin!r}")
+        require_bool(owner, "use_margin", self.use_margin)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RewardConfig:
@@ -109,10 +105,6 @@ class RewardResult:
 def as_reward_model(model: nn.Module) -> RewardModel:
     """A RewardModel as is; a causal LM gets a value head; a classifier (num_labels=1) is wrapped."""
     return model if isinstance(model, RewardModel) else RewardModel(model)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _margins(examples: Sequence[PreferenceExample], device) -> torch.Tensor:
@@ -162,14 +154,7 @@ def reward_step(
     """One optimizer step of Bradley-Terry training; returns float metrics (plus grad_norm)."""
     model.train()
     loss, stats = reward_loss(model, batch, margin=margin, center_coef=config.center_coef)
-    loss.backward()
-    grad_norm = clip_and_step(
-        [p for g in optimizer.param_groups for p in g["params"]], optimizer, scheduler, config.max_grad_norm
-    )
-    if grad_norm is not None:
-        stats["grad_norm"] = grad_norm
-    stats["learning_rate"] = optimizer.param_groups[0]["lr"]
-    return to_floats(stats)
+    return optimizer_step(loss, stats, optimizer, scheduler, config.max_grad_norm)
 
 
 @torch.no_grad()
@@ -179,20 +164,13 @@ def score_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(r_chosen [N], r_rejected [N])`` fp32 on CPU for preference pairs."""
     model = as_reward_model(model)
-    was_training = model.training
-    model.eval()
     examples = encode_preferences(tokenizer, pairs, max_prompt_length=max_prompt_length,
                                   max_response_length=max_response_length)
-    device, pad = _device(model), pad_token_id(tokenizer)
-    chosen, rejected = [], []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batch = collate_preferences(chunk, pad).to(device)
-        scores = model(batch.input_ids, batch.attention_mask).float().cpu()
-        chosen.append(scores[:len(chunk)])
-        rejected.append(scores[len(chunk):])
-    model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected)
+    with eval_mode(model):
+        scores = pair_values(examples, pad_token_id(tokenizer), lambda b: model(b.input_ids, b.attention_mask),
+                             batch_size=batch_size, device=device_of(model))
+    r_chosen, r_rejected = scores.T.contiguous()
+    return r_chosen, r_rejected
 
 
 def pairwise_accuracy(model: RewardModel, tokenizer, pairs: Sequence[Mapping[str, Any]], **kwargs) -> float:
@@ -235,46 +213,26 @@ def train_reward_model(
     examples = encode_preferences(tokenizer, pairs, max_prompt_length=config.max_prompt_length,
                                   max_response_length=config.max_response_length)
     num_steps = total_steps(config, len(examples), config.batch_size)
-    optimizer = make_optimizer(model.parameters(), config)
-    scheduler = make_scheduler(optimizer, config, num_steps)
-    train_state = resume_state(
-        TrainState("reward", model=model, optimizer=optimizer, scheduler=scheduler), state
-    )
-    device, pad = _device(model), pad_token_id(tokenizer)
-    history: list[dict[str, float]] = []
-    bar = _progress(progress, num_steps, train_state.step, "reward model")
-    while train_state.step < num_steps:
-        idx = batch_indices(len(examples), config.batch_size, train_state.data_position,
-                            config.seed, config.shuffle)
+    train_state = make_train_state("reward", model, config, num_steps, state)
+    device, pad = device_of(model), pad_token_id(tokenizer)
+
+    def batch_at(position: int) -> list[int]:
+        return batch_indices(len(examples), config.batch_size, position, config.seed, config.shuffle)
+
+    def run_step(idx: list[int]) -> dict[str, float]:
         chunk = [examples[i] for i in idx]
-        batch = collate_preferences(chunk, pad).to(device)
         margin = _margins(chunk, device) if config.use_margin else None
-        metrics = reward_step(model, optimizer, batch, config, scheduler=scheduler, margin=margin)
-        train_state.step += 1
-        train_state.data_position += len(idx)
-        history.append(metrics)
-        if callback is not None:
-            callback(train_state.step, metrics)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
-        if checkpoint_fn is not None and should_checkpoint(config, train_state.step, num_steps):
-            checkpoint_fn(train_state)
-    if bar is not None:
-        bar.close()
+        return reward_step(model, train_state.optimizer, collate_preferences(chunk, pad).to(device), config,
+                           scheduler=train_state.scheduler, margin=margin)
+
+    history = train_loop(train_state, config, num_steps, batch_at, run_step, callback=callback,
+                         checkpoint_fn=checkpoint_fn, progress=progress, desc="reward model",
+                         postfix={"loss": "loss", "acc": "accuracy"})
     model.eval()
     accuracy = pairwise_accuracy(model, tokenizer, eval_pairs if eval_pairs is not None else pairs,
                                  max_prompt_length=config.max_prompt_length,
                                  max_response_length=config.max_response_length)
     return RewardResult(model=model, state=train_state, history=history, accuracy=accuracy)
-
-
-def _progress(enabled: bool, total: int, initial: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
 
 class RewardScorer:
@@ -301,16 +259,14 @@ class RewardScorer:
     def __call__(self, prompts: Sequence[Any], responses: Sequence[str], **_: Any) -> torch.Tensor:
         if len(prompts) != len(responses):
             raise ValueError(f"responses must have one entry per prompt ({len(prompts)}), got {len(responses)}")
-        was_training = self.model.training
-        self.model.eval()
-        device, pad = _device(self.model), pad_token_id(self.tokenizer)
+        device, pad = device_of(self.model), pad_token_id(self.tokenizer)
         out = []
-        for start in range(0, len(prompts), self.batch_size):
-            p = prompts[start:start + self.batch_size]
-            r = responses[start:start + self.batch_size]
-            prompt_ids = [encode_prompt(self.tokenizer, x, self.max_prompt_length) for x in p]
-            response_ids = [encode_response(self.tokenizer, x, self.max_response_length) for x in r]
-            batch = make_sequence_batch(prompt_ids, response_ids, pad).to(device)
-            out.append(self.model(batch.input_ids, batch.attention_mask).float().cpu())
-        self.model.train(was_training)
+        with eval_mode(self.model):
+            for start in range(0, len(prompts), self.batch_size):
+                p = prompts[start:start + self.batch_size]
+                r = responses[start:start + self.batch_size]
+                prompt_ids = [encode_prompt(self.tokenizer, x, self.max_prompt_length) for x in p]
+                response_ids = [encode_response(self.tokenizer, x, self.max_response_length) for x in r]
+                batch = make_sequence_batch(prompt_ids, response_ids, pad).to(device)
+                out.append(self.model(batch.input_ids, batch.attention_mask).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)

@@ -34,15 +34,18 @@ from rftengine.methods.common import (
     batch_indices,
     config_from_dict,
     config_to_dict,
-    make_optimizer,
-    make_scheduler,
+    make_train_state,
     require_choice,
     require_float,
     require_int,
-    resume_state,
-    should_checkpoint,
+    stage_state,
     step_seed,
     total_steps,
+    track,
+    train_loop,
+    unwrap_stage_state,
+    validate_loop_fields,
+    validate_sampling_fields,
 )
 from rftengine.methods.data import (
     PromptLike,
@@ -56,7 +59,7 @@ from rftengine.methods.data import (
 )
 from rftengine.methods.dpo import DPOConfig, dpo_step, precompute_reference_logps
 from rftengine.methods.judge import JUDGE_MODES, Judge, pairs_from_scores
-from rftengine.methods.modeling import Reference, disable_dropout
+from rftengine.methods.modeling import Reference, device_of, disable_dropout
 from rftengine.methods.ppo import ALGORITHMS as PPO_ALGORITHMS
 from rftengine.methods.ppo import PPOConfig, train_ppo
 
@@ -166,20 +169,10 @@ class RLAIFConfig:
                 f"{owner}.num_samples must be an integer >= 2 (the judge compares responses to the "
                 f"same prompt), got {self.num_samples!r}"
             )
-        require_int(owner, "batch_size", self.batch_size, minimum=1)
-        require_int(owner, "num_epochs", self.num_epochs, minimum=1)
-        require_int(owner, "max_steps", self.max_steps, minimum=1, allow_none=True)
-        require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1)
-        require_int(owner, "max_new_tokens", self.max_new_tokens, minimum=1)
-        require_float(owner, "temperature", self.temperature, minimum=0.0, strict_min=True)
-        require_int(owner, "top_k", self.top_k, minimum=0)
-        require_float(owner, "top_p", self.top_p, minimum=0.0, maximum=1.0, strict_min=True)
+        validate_loop_fields(self)
+        validate_sampling_fields(self)
         require_float(owner, "min_margin", self.min_margin, minimum=0.0)
         require_int(owner, "updates_per_round", self.updates_per_round, minimum=1)
-        require_int(owner, "seed", self.seed, minimum=0)
-        require_int(owner, "save_every", self.save_every, minimum=0)
-        if not isinstance(self.shuffle, bool):
-            raise ValueError(f"{owner}.shuffle must be true or false, got {self.shuffle!r}")
         if self.algorithm == "dpo" and self.ppo is not None:
             raise ValueError(f"{owner}.ppo is only used with algorithm 'ppo', 'grpo' or 'rloo'; "
                              f"algorithm is 'dpo' (use {owner}.dpo)")
@@ -237,9 +230,11 @@ def sample_responses(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    progress: bool = False,
+    desc: str = "sampling",
 ) -> list[list[str]]:
     """``num_samples`` sampled response texts per prompt (no special tokens), in chunks of
-    prompts that fit ``generator.max_batch_size``.
+    prompts that fit ``generator.max_batch_size`` (``progress``: a bar over the chunks).
 
     Prompts are strings or chat-message lists, truncated from the left to
     ``max_prompt_length``. Returns ``[[response, ...] * num_samples] * len(prompts)``.
@@ -253,7 +248,7 @@ def sample_responses(
         )
     device = generator.device
     out: list[list[str]] = []
-    for chunk_index, start in enumerate(range(0, len(prompts), per_call)):
+    for chunk_index, start in enumerate(track(range(0, len(prompts), per_call), progress, desc=desc)):
         chunk = prompts[start:start + per_call]
         ids, mask = left_pad([encode_prompt(tokenizer, p, max_prompt_length) for p in chunk], pad)
         result = generator.generate(
@@ -267,38 +262,6 @@ def sample_responses(
                  for i in range(responses.shape[0])]
         out += [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
     return out
-
-
-# ----------------------------------------------------------------------------- stage states
-
-
-def stage_state(method: str, sub: TrainState, *, offset: int = 0, **extra: Any) -> TrainState:
-    """A view of a sub-trainer's ``TrainState`` under the outer method's name, for
-    ``checkpoint_fn``: same optimizer, scheduler and modules; ``extra["stage"]`` records which
-    sub-trainer (and ``extra["stage_offset"]`` the steps of earlier stages)."""
-    return TrainState(
-        method, step=offset + sub.step, data_position=sub.data_position, model=sub.model,
-        optimizer=sub.optimizer, scheduler=sub.scheduler, modules=sub.modules,
-        extra={**sub.extra, **extra, "stage": sub.method, "stage_offset": offset},
-    )
-
-
-def unwrap_stage_state(
-    method: str, state: TrainState | Mapping[str, Any] | None
-) -> tuple[dict[str, Any] | None, int]:
-    """``(sub-trainer state_dict, stage offset)`` from a ``stage_state`` checkpoint of
-    ``method``; ``(None, 0)`` for no state."""
-    if state is None:
-        return None, 0
-    sd = state.state_dict() if isinstance(state, TrainState) else dict(state)
-    if sd.get("method") != method:
-        raise ValueError(f"checkpoint state is from method {sd.get('method')!r}, but this run is {method!r}")
-    extra = dict(sd.get("extra") or {})
-    stage = extra.pop("stage", None)
-    offset = int(extra.pop("stage_offset", 0))
-    if stage is None:
-        raise ValueError(f"checkpoint state of method {method!r} does not record its stage")
-    return {**sd, "method": stage, "step": int(sd["step"]) - offset, "extra": extra}, offset
 
 
 # ----------------------------------------------------------------------------- online DPO
@@ -316,23 +279,26 @@ def rlaif_dpo_round(
     scheduler=None,
     reference: Reference | None,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """One online round: sample ``num_samples`` responses per prompt, judge them into pairs,
-    take ``updates_per_round`` DPO steps on those pairs.
+    take ``updates_per_round`` DPO steps on those pairs (``progress``: bars for sampling,
+    judging and the reference pass).
 
     Returns ``(metrics, pairs)``. Metrics: ``judge/score`` (mean candidate strength: expected
-    rating, or mean win probability; also ``reward/mean`` when pointwise), ``judge/margin`` (mean chosen-rejected margin),
-    ``pairs`` (pairs formed), ``response_length`` (mean characters), and the DPO step's metrics
-    (``loss``, ``rewards/accuracies``, ``rewards/margins``, ...) when a pair was formed.
+    rating, or mean win probability; also ``reward/mean`` when pointwise), ``judge/margin``
+    (mean chosen-rejected margin), ``pairs`` (pairs formed), ``response_length`` (mean
+    characters), and the DPO step's metrics (``loss``, ``rewards/accuracies``,
+    ``rewards/margins``, ...) when a pair was formed.
     """
     cfg = config
     policy.eval()
     candidates = sample_responses(
         generator, tokenizer, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
         max_prompt_length=cfg.max_prompt_length, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, seed=seed,
+        top_p=cfg.top_p, seed=seed, progress=progress, desc="rlaif sampling",
     )
-    scores = judge.candidate_scores(prompts, candidates, mode=cfg.judge_mode)
+    scores = judge.candidate_scores(prompts, candidates, mode=cfg.judge_mode, progress=progress or None)
     pairs = pairs_from_scores(prompts, candidates, scores, min_margin=cfg.min_margin)
     flat = [x for row in scores for x in row]
     metrics: dict[str, float] = {
@@ -347,7 +313,7 @@ def rlaif_dpo_round(
         return metrics, pairs
     dpo_cfg = cfg.dpo_config
     pad = pad_token_id(tokenizer)
-    device = next(policy.parameters()).device
+    device = device_of(policy)
     examples = encode_preferences(tokenizer, pairs, max_prompt_length=dpo_cfg.max_prompt_length,
                                   max_response_length=dpo_cfg.max_response_length)
     batch = collate_preferences(examples, pad).to(device)
@@ -356,7 +322,7 @@ def rlaif_dpo_round(
         if reference is None:
             raise ValueError(f"loss_type={dpo_cfg.loss_type!r} needs a reference model")
         ref_logps = precompute_reference_logps(reference, examples, pad, batch_size=dpo_cfg.ref_batch_size,
-                                               chunk_size=dpo_cfg.logprob_chunk_size)
+                                               chunk_size=dpo_cfg.logprob_chunk_size, progress=progress)
     for _ in range(cfg.updates_per_round):
         step_metrics = dpo_step(policy, optimizer, batch, dpo_cfg, ref_logps=ref_logps, scheduler=scheduler)
     policy.eval()
@@ -372,10 +338,6 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
     disable_dropout(policy)
     num_steps = total_steps(cfg, len(prompts), cfg.batch_size)
     dpo_cfg = cfg.dpo_config
-    optimizer = make_optimizer(policy.parameters(), dpo_cfg)
-    scheduler = make_scheduler(optimizer, dpo_cfg, num_steps * cfg.updates_per_round)
-    train_state = TrainState("rlaif", model=policy, optimizer=optimizer, scheduler=scheduler,
-                             extra={"stage": "dpo"})
     if state is not None:
         sd = state.state_dict() if isinstance(state, TrainState) else state
         if (sd.get("extra") or {}).get("stage") != "dpo":
@@ -383,35 +345,26 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
                 f"checkpoint state is an RLAIF run with stage {(sd.get('extra') or {}).get('stage')!r}, "
                 "but this run is RLAIF with algorithm 'dpo'"
             )
-    train_state = resume_state(train_state, state)
-    reference = Reference(policy, ref_model) if dpo_cfg.uses_reference else None
+    train_state = make_train_state("rlaif", policy, dpo_cfg, num_steps * cfg.updates_per_round, state,
+                                   extra={"stage": "dpo"})
+    reference = Reference(policy, ref_model, resumed=train_state.step > 0) if dpo_cfg.uses_reference else None
     generator = Generator(policy, max_batch_size=cfg.batch_size * cfg.num_samples,
                           max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens)
-    history: list[dict[str, float]] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_steps, initial=train_state.step, desc="rlaif-dpo", unit="step", dynamic_ncols=True)
-    while train_state.step < num_steps:
-        idx = batch_indices(len(prompts), cfg.batch_size, train_state.data_position, cfg.seed, cfg.shuffle)
+    def batch_at(position: int) -> list[int]:
+        return batch_indices(len(prompts), cfg.batch_size, position, cfg.seed, cfg.shuffle)
+
+    def run_step(idx: list[int]) -> dict[str, float]:
         metrics, _ = rlaif_dpo_round(
             policy, tokenizer, judge, [prompts[i] for i in idx], cfg, generator=generator,
-            optimizer=optimizer, scheduler=scheduler, reference=reference,
-            seed=step_seed(cfg.seed, train_state.step),
+            optimizer=train_state.optimizer, scheduler=train_state.scheduler, reference=reference,
+            seed=step_seed(cfg.seed, train_state.step), progress=progress,
         )
-        train_state.step += 1
-        train_state.data_position += len(idx)
-        history.append(metrics)
-        if callback is not None:
-            callback(train_state.step, metrics)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(judge=f"{metrics['judge/score']:.3f}", pairs=int(metrics["pairs"]))
-        if checkpoint_fn is not None and should_checkpoint(cfg, train_state.step, num_steps):
-            checkpoint_fn(train_state)
-    if bar is not None:
-        bar.close()
+        return metrics
+
+    history = train_loop(train_state, cfg, num_steps, batch_at, run_step, callback=callback,
+                         checkpoint_fn=checkpoint_fn, progress=progress, desc="rlaif-dpo",
+                         postfix={"judge": "judge/score", "pairs": "pairs"})
     generator.free()
     policy.eval()
     return RLAIFResult(policy=policy, state=train_state, history=history)
@@ -420,12 +373,10 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
 # ----------------------------------------------------------------------------- entry point
 
 
-def judge_reward_fn(judge: Judge, config: RLAIFConfig):
+def judge_reward_fn(judge: Judge, config: RLAIFConfig, *, progress: bool | None = None):
     """The reward function RLAIF hands to PPO/GRPO/RLOO: ``judge`` itself (pointwise) or its
-    within-group pairwise strengths (pairwise)."""
-    if config.judge_mode == "pointwise":
-        return judge
-    return judge.group_reward(config.num_samples, mode="pairwise")
+    within-group pairwise strengths (pairwise). ``progress`` None follows ``judge.progress``."""
+    return judge.as_reward_fn(config.judge_mode, group_size=config.num_samples, progress=progress)
 
 
 def train_rlaif(
@@ -450,14 +401,15 @@ def train_rlaif(
         prompts: strings, chat-message lists or dicts with "prompt" (references are ignored).
         judge: a ``Judge`` (its model is only read, never trained).
         config: ``RLAIFConfig`` (defaults if None).
-        ref_model: the reference policy (default: a frozen copy of ``policy`` as given; pass the
-            original model when resuming).
+        ref_model: the reference policy (default: a frozen copy of ``policy`` as given). Resuming
+            needs the original model here (ValueError otherwise, unless the policy is PEFT or
+            the run has no reference): a copy of the resumed policy would be the wrong reference.
         value_model: PPO's separate critic (see ``make_ppo_context``).
         callback: ``callback(step, metrics)`` after each step.
         state: a TrainState (method "rlaif") or its ``state_dict()`` to resume from.
         checkpoint_fn: ``checkpoint_fn(state)`` every ``config.save_every`` steps and at the end;
             the state is named "rlaif" (the sub-trainer's state plus ``extra["stage"]``).
-        progress: show a tqdm bar.
+        progress: tqdm bars for the steps and, removed when done, for sampling and judging.
     """
     config = config or RLAIFConfig()
     if not isinstance(config, RLAIFConfig):
@@ -485,7 +437,8 @@ def train_rlaif(
         checkpoint_fn(stage_state("rlaif", sub))
 
     result = train_ppo(
-        policy, tokenizer, texts, config.ppo_config, reward_fn=judge_reward_fn(judge, config),
+        policy, tokenizer, texts, config.ppo_config,
+        reward_fn=judge_reward_fn(judge, config, progress=progress or None),
         ref_model=ref_model, value_model=value_model, callback=callback, state=sub_state,
         checkpoint_fn=wrapped_ckpt if checkpoint_fn is not None else None, progress=progress,
     )

@@ -26,15 +26,12 @@ from rftengine.methods.common import (
     CheckpointFn,
     TrainState,
     batch_indices,
-    clip_and_step,
     config_from_dict,
-    make_optimizer,
-    make_scheduler,
+    make_train_state,
+    optimizer_step,
     require_int,
-    resume_state,
-    should_checkpoint,
-    to_floats,
     total_steps,
+    train_loop,
     validate_optim_fields,
 )
 from rftengine.methods.data import (
@@ -46,7 +43,7 @@ from rftengine.methods.data import (
     render_response,
     require_eos,
 )
-from rftengine.methods.modeling import disable_dropout, response_logprobs
+from rftengine.methods.modeling import device_of, disable_dropout, response_logprobs
 
 
 @dataclass
@@ -74,14 +71,10 @@ class SFTConfig:
 
     def __post_init__(self):
         owner = type(self).__name__
-        self.adam_betas = tuple(self.adam_betas)
         validate_optim_fields(self)
-        require_int(owner, "batch_size", self.batch_size, minimum=1)
         require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1, allow_none=True)
         require_int(owner, "max_response_length", self.max_response_length, minimum=1, allow_none=True)
         require_int(owner, "logprob_chunk_size", self.logprob_chunk_size, minimum=1, allow_none=True)
-        if not isinstance(self.shuffle, bool):
-            raise ValueError(f"{owner}.shuffle must be true or false, got {self.shuffle!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SFTConfig:
@@ -146,13 +139,7 @@ def sft_step(
     learning_rate)."""
     policy.train()
     loss, stats = sft_loss(policy, batch, chunk_size=config.logprob_chunk_size)
-    loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
-    if grad_norm is not None:
-        stats["grad_norm"] = grad_norm
-    stats["learning_rate"] = optimizer.param_groups[0]["lr"]
-    return to_floats(stats)
+    return optimizer_step(loss, stats, optimizer, scheduler, config.max_grad_norm)
 
 
 def train_sft(
@@ -186,31 +173,17 @@ def train_sft(
     examples = encode_sft_examples(tokenizer, data, max_prompt_length=config.max_prompt_length,
                                    max_response_length=config.max_response_length)
     num_steps = total_steps(config, len(examples), config.batch_size)
-    optimizer = make_optimizer(policy.parameters(), config)
-    scheduler = make_scheduler(optimizer, config, num_steps)
-    train_state = resume_state(TrainState("sft", model=policy, optimizer=optimizer, scheduler=scheduler), state)
-    device, pad = next(policy.parameters()).device, pad_token_id(tokenizer)
-    history: list[dict[str, float]] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    train_state = make_train_state("sft", policy, config, num_steps, state)
+    device, pad = device_of(policy), pad_token_id(tokenizer)
 
-        bar = tqdm(total=num_steps, initial=train_state.step, desc="sft", unit="step", dynamic_ncols=True)
-    while train_state.step < num_steps:
-        idx = batch_indices(len(examples), config.batch_size, train_state.data_position, config.seed, config.shuffle)
-        batch = make_sequence_batch([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad).to(device)
-        metrics = sft_step(policy, optimizer, batch, config, scheduler=scheduler)
-        train_state.step += 1
-        train_state.data_position += len(idx)
-        history.append(metrics)
-        if callback is not None:
-            callback(train_state.step, metrics)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if checkpoint_fn is not None and should_checkpoint(config, train_state.step, num_steps):
-            checkpoint_fn(train_state)
-    if bar is not None:
-        bar.close()
+    def batch_at(position: int) -> list[int]:
+        return batch_indices(len(examples), config.batch_size, position, config.seed, config.shuffle)
+
+    def run_step(idx: list[int]) -> dict[str, float]:
+        batch = make_sequence_batch([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad)
+        return sft_step(policy, train_state.optimizer, batch.to(device), config, scheduler=train_state.scheduler)
+
+    history = train_loop(train_state, config, num_steps, batch_at, run_step, callback=callback,
+                         checkpoint_fn=checkpoint_fn, progress=progress, desc="sft", postfix={"loss": "loss"})
     policy.eval()
     return SFTResult(policy=policy, state=train_state, history=history)

@@ -110,6 +110,15 @@ def test_three_stages_are_wired_in_order(tokenizer):
     assert [e.principle for e in examples] == [p.name for p in TOY.sample(4, 5)]
 
 
+def test_generation_stages_show_progress(tokenizer, capsys):
+    generate_revisions(None, tokenizer, PROMPTS, TOY, small_config(), generator=ScriptedGenerator(tokenizer),
+                       progress=True)
+    err = capsys.readouterr().err
+    assert all(f"cai {stage}" in err for stage in ("responses", "critiques", "revisions"))
+    generate_revisions(None, tokenizer, PROMPTS, TOY, small_config(), generator=ScriptedGenerator(tokenizer))
+    assert capsys.readouterr().err == ""
+
+
 def test_chat_prompts_run_as_a_conversation(tokenizer):
     gen = ScriptedGenerator(tokenizer)
     prompt = [{"role": "user", "content": "hi"}]
@@ -190,6 +199,42 @@ def test_train_cai_resumes_in_the_dpo_stage(make_lm, tokenizer):
     assert [e.as_dict() for e in resumed.examples] == mid["extra"]["cai_examples"]
     assert [s for s, _ in steps] == [4, 5] and set(resumed.stage_results) == {"dpo"}
     assert steps[-1][1]["loss"] == pytest.approx(full.history[-1]["loss"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("mode, stage", [
+    ("rl", {"rl": {"algorithm": "grpo", "group_size": 2, "batch_size": 2, "max_steps": 3, "max_new_tokens": 5,
+                   "learning_rate": 1e-3, "kl_coef": 0.1, "save_every": 1}}),
+    ("sft_dpo", {"dpo": {"precompute_ref": False, "learning_rate": 1e-3, "max_steps": 3, "batch_size": 2,
+                         "save_every": 1}}),
+])
+def test_train_cai_resumes_exactly_against_the_stage_start_reference(make_lm, tokenizer, mode, stage):
+    """Resumed mid-stage, the reference is still the policy at the start of the stage (after SFT),
+    rebuilt from the checkpoint, not a copy of the resumed policy: the same steps follow."""
+    config = small_config(mode=mode, sft={"learning_rate": 1e-3, "max_steps": 1, "batch_size": 2}, **stage)
+    judge = None
+    if mode == "rl":
+        judge = principle_judge(make_lm(seed=9), tokenizer, TOY, choices=("1", "2"), max_length=128)
+    saved = []
+    full = train_cai(make_lm(seed=6), tokenizer, PROMPTS, config, constitution=TOY, judge=judge,
+                     checkpoint_fn=lambda s: saved.append(copy.deepcopy((s.state_dict(), s.model.state_dict()))))
+    assert [s["extra"]["stage"] for s, _ in saved] == ["sft"] + [("grpo" if mode == "rl" else "dpo")] * 3
+    assert "stage_reference" not in saved[0][0]["extra"]
+    state, weights = saved[1]                                   # after the first step of the second stage
+    assert state["extra"]["stage_reference"].keys() == weights.keys()
+    policy = make_lm(seed=6)
+    policy.load_state_dict(weights)
+    resumed = train_cai(policy, tokenizer, PROMPTS, config, constitution=TOY, judge=judge, state=state)
+    assert resumed.history == full.history[2:]
+    moved = "kl" if mode == "rl" else "rewards/margins"        # zero against a copy of the resumed policy
+    assert abs(resumed.history[0][moved]) > 1e-6
+
+
+def test_train_cai_resume_needs_the_initial_judge(make_lm, tokenizer):
+    config = small_config(mode="rl", sft={"learning_rate": 1e-3, "max_steps": 1, "batch_size": 2})
+    state = {"method": "cai", "step": 1, "data_position": 2,
+             "extra": {"stage": "sft", "stage_offset": 0, "cai_examples": []}}
+    with pytest.raises(ValueError, match="resuming mode='rl' needs judge or judge_model"):
+        train_cai(make_lm(), tokenizer, PROMPTS, config, constitution=TOY, state=state)
 
 
 def test_train_cai_rl_with_a_principle_judge(make_lm, tokenizer):

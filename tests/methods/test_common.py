@@ -10,6 +10,11 @@ from rftengine.methods.common import (
     config_to_dict,
     make_optimizer,
     make_scheduler,
+    make_train_state,
+    optimizer_step,
+    stage_state,
+    train_loop,
+    unwrap_stage_state,
 )
 from rftengine.methods.dpo import DPOConfig
 from rftengine.methods.ppo import PPOConfig
@@ -94,3 +99,53 @@ def test_scheduler_warmup_then_linear_decay():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.5, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_train_loop_runs_resumable_steps_with_callback_checkpoints_and_bar(capsys):
+    """Batches are drawn at the data position; the step counts once per run_step (also when
+    run_step advanced it itself); checkpoints every save_every and at the end."""
+    cfg = RewardConfig(batch_size=3, max_steps=4, save_every=3, seed=5)
+    state = TrainState("reward")
+    seen, calls, saved = [], [], []
+
+    def run_step(idx):
+        seen.append(idx)
+        state.step += len(seen) % 2          # like ppo.step on odd calls: must not double count
+        return {"loss": float(len(seen))}
+
+    def batch_at(position):
+        return batch_indices(7, cfg.batch_size, position, cfg.seed, cfg.shuffle)
+
+    history = train_loop(state, cfg, 4, batch_at, run_step, callback=lambda s, m: calls.append((s, m["loss"])),
+                         checkpoint_fn=lambda s: saved.append(s.step), progress=True, desc="toy loop",
+                         postfix={"loss": "loss"})
+    assert seen == [batch_indices(7, 3, 3 * i, 5) for i in range(4)]
+    assert calls == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)] and history == [{"loss": x} for x in (1.0, 2.0, 3.0, 4.0)]
+    assert saved == [3, 4] and (state.step, state.data_position) == (4, 12)
+    assert "toy loop" in capsys.readouterr().err
+    assert train_loop(state, cfg, 4, batch_at, run_step) == []          # nothing left to run
+
+
+def test_optimizer_step_and_train_state_from_config():
+    cfg = RewardConfig(learning_rate=0.5, max_grad_norm=1.0, warmup_steps=1)
+    model = torch.nn.Linear(2, 1, bias=False)
+    state = make_train_state("reward", model, cfg, 4)
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(0.25)       # warmup
+    loss = (model(torch.ones(1, 2)) * 10).sum()
+    metrics = optimizer_step(loss, {"loss": loss.detach()}, state.optimizer, state.scheduler, cfg.max_grad_norm)
+    assert set(metrics) == {"loss", "grad_norm", "learning_rate"} and metrics["learning_rate"] == pytest.approx(0.5)
+    assert metrics["grad_norm"] == pytest.approx(10 * 2 ** 0.5, rel=1e-5)
+    assert all(p.grad is None for p in model.parameters())
+    resumed = make_train_state("reward", torch.nn.Linear(2, 1, bias=False), cfg, 4, state.state_dict())
+    assert resumed.optimizer.state_dict()["state"].keys() == state.optimizer.state_dict()["state"].keys()
+
+
+def test_stage_state_round_trip():
+    sub = TrainState("dpo", step=2, data_position=6, extra={"ref_logps": 1})
+    outer = stage_state("cai", sub, offset=5, cai_examples=[])
+    assert outer.method == "cai" and outer.step == 7 and outer.extra["stage"] == "dpo"
+    inner, offset = unwrap_stage_state("cai", outer.state_dict())
+    assert offset == 5 and inner["method"] == "dpo" and inner["step"] == 2
+    assert inner["extra"] == {"ref_logps": 1, "cai_examples": []}
+    with pytest.raises(ValueError, match="from method 'cai', but this run is 'rlaif'"):
+        unwrap_stage_state("rlaif", outer)

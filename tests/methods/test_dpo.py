@@ -131,6 +131,14 @@ def test_resume_continues_exactly_without_the_reference(tokenizer, make_lm, asse
         train_dpo(make_lm(), tokenizer, pairs[:9], config, state=state_dict)
 
 
+@pytest.mark.parametrize("precompute_ref", [False, True])
+def test_resume_without_reference_or_cache_is_refused(tokenizer, make_lm, precompute_ref):
+    config = DPOConfig(batch_size=4, max_steps=2, precompute_ref=precompute_ref)
+    state = {"method": "dpo", "step": 1, "data_position": 4, "extra": {}}      # no cached ref_logps
+    with pytest.raises(ValueError, match="resuming needs ref_model"):
+        train_dpo(make_lm(), char_tokenizer(), vowel_pairs(8), config, state=state)
+
+
 def test_batch_loss_needs_a_reference(tokenizer, make_lm):
     batch = collate_preferences(encode_preferences(tokenizer, vowel_pairs(2)), tokenizer.pad_token_id)
     with pytest.raises(ValueError, match="needs ref_logps or a reference model"):

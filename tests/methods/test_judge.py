@@ -86,7 +86,7 @@ def test_pairwise_position_bias_cancels(judge, monkeypatch):
     and keeps the content preference."""
     quality = {"good": 1.0, "bad": -1.0, "meh": 0.0}
 
-    def biased(texts, token_ids, *, batch_size=None):
+    def biased(texts, token_ids, *, batch_size=None, progress=None):
         rows = []
         for t in texts:
             first = t.split("1: ")[1].split(" 2: ")[0]
@@ -103,7 +103,7 @@ def test_pairwise_position_bias_cancels(judge, monkeypatch):
 
 def test_preference_pairs_pointwise(judge, monkeypatch):
     table = {"a": 1.0, "b": 3.0, "c": 2.0, "d": 4.0, "e": 4.0}
-    monkeypatch.setattr(judge, "score", lambda prompts, responses: torch.tensor([table[r] for r in responses]))
+    monkeypatch.setattr(judge, "score", lambda prompts, responses, **_: torch.tensor([table[r] for r in responses]))
     pairs = judge.preference_pairs(["p", "q", "r"], [["a", "b", "c"], ["d", "e"], ["c", "a"]], min_margin=0.5)
     assert pairs == [
         {"prompt": "p", "chosen": "b", "rejected": "a", "margin": 2.0},
@@ -136,6 +136,25 @@ def test_group_reward(judge):
     torch.testing.assert_close(pointwise, judge.score(prompts, responses))
     with pytest.raises(ValueError, match="group_size"):
         judge.group_scores(prompts, responses, 3)
+
+
+def test_as_reward_fn_and_progress(judge, capsys):
+    prompts, responses = ["p", "p", "q", "q"], ["aa", "bb", "cc", "dd"]
+    assert judge.as_reward_fn("pointwise") is judge
+    shown = judge.as_reward_fn("pointwise", progress=True)
+    torch.testing.assert_close(shown(prompts, responses, references=None), judge.score(prompts, responses))
+    assert "judging" in capsys.readouterr().err
+    pairwise = judge.as_reward_fn("pairwise", group_size=2, progress=True)
+    torch.testing.assert_close(pairwise(prompts, responses), judge.group_scores(prompts, responses, 2))
+    assert "judging" in capsys.readouterr().err
+    judge.candidate_scores(["p"], [["aa", "bb"]], mode="pairwise")
+    assert capsys.readouterr().err == ""                  # bars are off unless asked for
+    quiet_default = Judge(judge.model, judge.tokenizer, POINTWISE, pairwise_template=PAIRWISE,
+                          choices=("1", "2"), progress=True)
+    quiet_default.score(["p"], ["aa"], progress=False)
+    assert capsys.readouterr().err == ""
+    quiet_default.score(["p"], ["aa"])
+    assert "judging" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kwargs, match", [

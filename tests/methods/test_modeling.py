@@ -87,6 +87,14 @@ def test_reference_is_a_frozen_copy_unaffected_by_policy_updates(tokenizer, make
     assert not torch.allclose(response_logprobs(policy, b).detach(), before)
 
 
+def test_reference_of_a_resumed_policy_needs_the_original_model(make_lm):
+    policy, original = make_lm(seed=1), make_lm(seed=0)
+    with pytest.raises(ValueError, match="resuming needs ref_model"):
+        Reference(policy, resumed=True)
+    assert Reference(policy, original, resumed=True).model is original
+    assert Reference(policy).model is not policy          # a fresh run copies the policy as given
+
+
 def test_last_token_index_left_and_right_padding():
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0]])
     assert last_token_index(mask).tolist() == [3, 2, 0]

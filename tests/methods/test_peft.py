@@ -34,6 +34,7 @@ def test_reference_is_the_base_with_adapters_disabled(make_lm, tokenizer):
     batch = probe_batch(tokenizer)
     ref = Reference(policy)
     assert ref.shared and ref.model is policy  # no deep copy of the weights
+    assert Reference(policy, resumed=True).shared  # adapters off is the base, resumed or not
     with policy.disable_adapter():
         base_logp = response_logprobs(policy, batch)
     policy_logp = response_logprobs(policy, batch)

@@ -195,6 +195,17 @@ def test_resume_continues_exactly(tokenizer, make_lm, assert_same_params):
     assert_same_params(policy, full.policy, rtol=0, atol=0)
 
 
+def test_resume_without_ref_model_is_refused(tokenizer, make_lm):
+    """The reference is the policy at the start of training: never a copy of a resumed policy."""
+    config = PPOConfig(algorithm="grpo", group_size=2, batch_size=2, max_new_tokens=4, max_steps=2)
+    state = {"method": "grpo", "step": 1, "data_position": 2, "modules": {}, "extra": {"kl_coef": 0.05}}
+    with pytest.raises(ValueError, match="resuming needs ref_model"):
+        train_ppo(make_lm(), tokenizer, toy_prompts(4), config, reward_fn=vowel_fraction_reward, state=state)
+    no_kl = PPOConfig(algorithm="grpo", group_size=2, batch_size=2, max_new_tokens=4, max_steps=2, kl_coef=0.0)
+    result = train_ppo(make_lm(), tokenizer, toy_prompts(4), no_kl, reward_fn=vowel_fraction_reward, state=state)
+    assert result.context.reference is None and result.state.step == 2
+
+
 def test_bad_configs_get_clear_errors(tokenizer, make_lm):
     with pytest.raises(ValueError, match=r"PPOConfig.kl_coef must be >= 0.0, got -0.1"):
         PPOConfig(kl_coef=-0.1)

@@ -80,6 +80,15 @@ def test_rlaif_online_dpo_end_to_end(make_lm, tokenizer, judge):
     assert result.state.method == "rlaif" and result.state.extra["stage"] == "dpo"
 
 
+@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
+def test_rlaif_progress_bars_cover_steps_sampling_and_judging(make_lm, tokenizer, judge, capsys, algorithm):
+    config = RLAIFConfig(algorithm=algorithm, num_samples=2, batch_size=2, max_steps=1, max_new_tokens=4)
+    train_rlaif(make_lm(seed=2), tokenizer, PROMPTS, judge, config, progress=True)
+    err = capsys.readouterr().err
+    expected = ("rlaif-dpo", "rlaif sampling", "reference log-probs") if algorithm == "dpo" else ("grpo",)
+    assert all(desc in err for desc in expected + ("judging",)), err
+
+
 def test_rlaif_dpo_resume_continues_the_data_order(make_lm, tokenizer, judge):
     config = RLAIFConfig(algorithm="dpo", num_samples=2, batch_size=2, max_steps=3, max_new_tokens=5,
                          dpo={"learning_rate": 1e-3})
@@ -96,6 +105,8 @@ def test_rlaif_dpo_resume_continues_the_data_order(make_lm, tokenizer, judge):
     with pytest.raises(ValueError, match="stage 'dpo'"):
         train_rlaif(make_lm(), tokenizer, PROMPTS, judge, RLAIFConfig(max_steps=1, max_new_tokens=4),
                     state=first.state.state_dict())
+    with pytest.raises(ValueError, match="resuming needs ref_model"):
+        train_rlaif(make_lm(), tokenizer, PROMPTS, judge, config, state=first.state.state_dict())
 
 
 @pytest.mark.parametrize("kwargs, match", [
