@@ -15,6 +15,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,6 +82,13 @@ def measure(name: str, fn: Callable[[], object], device, warmup: int = 3, repeat
         ms = time_ms(fn, device, warmup, repeat)
     except torch.OutOfMemoryError:
         return {"name": name, "ms": None, "peak_gib": None, "error": "out of memory", **extra}
+    except Exception as err:  # noqa: BLE001
+        # One failing candidate (an anchor library's changed API, a kernel that fails to compile)
+        # must not lose the rest of a GPU session's rows: the traceback goes to the log, the
+        # error into the row.
+        traceback.print_exc()
+        error = f"{type(err).__name__}: {err}"[:500]
+        return {"name": name, "ms": None, "peak_gib": None, "error": error, **extra}
     finally:
         gc.collect()
         if torch.device(device).type == "cuda":

@@ -444,7 +444,7 @@ def train_loop(
     state: TrainState,
     config,
     num_steps: int,
-    batch_at: Callable[[int], list[int]],
+    num_examples: int,
     run_step: Callable[[list[int]], dict[str, float]],
     *,
     callback: Callback | None = None,
@@ -455,8 +455,8 @@ def train_loop(
 ) -> list[dict[str, float]]:
     """The loop of every ``train_*`` function; returns the metrics of the steps it ran.
 
-    Until ``state.step == num_steps``: ``indices = batch_at(state.data_position)`` (the method's
-    data order, ``batch_indices`` over its examples), ``metrics = run_step(indices)``, advance
+    Until ``state.step == num_steps``: ``indices = batch_indices(num_examples, config.batch_size,
+    state.data_position, config.seed, config.shuffle)``, ``metrics = run_step(indices)``, advance
     ``state.step`` by one (``run_step`` may already have, as ``ppo.step`` does) and
     ``state.data_position`` by the batch, then call ``callback(state.step, metrics)`` and, when
     ``should_checkpoint(config, ...)``, ``checkpoint_fn(state)``. ``postfix`` maps progress-bar
@@ -467,7 +467,7 @@ def train_loop(
     try:
         while state.step < num_steps:
             index = state.step
-            idx = batch_at(state.data_position)
+            idx = batch_indices(num_examples, config.batch_size, state.data_position, config.seed, config.shuffle)
             metrics = run_step(idx)
             state.step = index + 1
             state.data_position += len(idx)

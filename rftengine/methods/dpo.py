@@ -30,7 +30,6 @@ from rftengine.methods.common import (
     Callback,
     CheckpointFn,
     TrainState,
-    batch_indices,
     config_from_dict,
     make_train_state,
     optimizer_step,
@@ -291,9 +290,6 @@ def train_dpo(
             reference = None  # the copy is no longer needed; free it
     device = device_of(policy)
 
-    def batch_at(position: int) -> list[int]:
-        return batch_indices(len(examples), config.batch_size, position, config.seed, config.shuffle)
-
     def run_step(idx: list[int]) -> dict[str, float]:
         batch = collate_preferences([examples[i] for i in idx], pad).to(device)
         return dpo_step(
@@ -301,7 +297,7 @@ def train_dpo(
             ref_logps=ref_logps[idx] if (ref_logps is not None and config.uses_reference) else None,
         )
 
-    history = train_loop(train_state, config, num_steps, batch_at, run_step, callback=callback,
+    history = train_loop(train_state, config, num_steps, len(examples), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="dpo",
                          postfix={"loss": "loss", "acc": "rewards/accuracies"})
     policy.eval()

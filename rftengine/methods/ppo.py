@@ -42,7 +42,6 @@ from rftengine.methods.common import (
     CheckpointFn,
     RewardFn,
     TrainState,
-    batch_indices,
     clip_and_step,
     config_from_dict,
     make_train_state,
@@ -711,15 +710,12 @@ def train_ppo(
     ctx = make_ppo_context(policy, tokenizer, config, ref_model=ref_model, value_model=value_model,
                            num_training_steps=num_steps, state=state)
 
-    def batch_at(position: int) -> list[int]:
-        return batch_indices(len(texts), config.batch_size, position, config.seed, config.shuffle)
-
     def run_step(idx: list[int]) -> dict[str, float]:
         ro = rollout(ctx, [texts[i] for i in idx],
                      references=[references[i] for i in idx] if references is not None else None)
         return step(ctx, compute_advantages(ctx, ro, score(ctx, ro, reward_fn)))
 
-    history = train_loop(ctx.state, config, num_steps, batch_at, run_step, callback=callback,
+    history = train_loop(ctx.state, config, num_steps, len(texts), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc=config.algorithm,
                          postfix={"reward": "reward/mean", "kl": "kl"})
     return PPOResult(policy=policy, state=ctx.state, history=history, context=ctx)

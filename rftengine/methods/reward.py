@@ -25,7 +25,6 @@ from rftengine.methods.common import (
     Callback,
     CheckpointFn,
     TrainState,
-    batch_indices,
     config_from_dict,
     make_train_state,
     optimizer_step,
@@ -216,16 +215,13 @@ def train_reward_model(
     train_state = make_train_state("reward", model, config, num_steps, state)
     device, pad = device_of(model), pad_token_id(tokenizer)
 
-    def batch_at(position: int) -> list[int]:
-        return batch_indices(len(examples), config.batch_size, position, config.seed, config.shuffle)
-
     def run_step(idx: list[int]) -> dict[str, float]:
         chunk = [examples[i] for i in idx]
         margin = _margins(chunk, device) if config.use_margin else None
         return reward_step(model, train_state.optimizer, collate_preferences(chunk, pad).to(device), config,
                            scheduler=train_state.scheduler, margin=margin)
 
-    history = train_loop(train_state, config, num_steps, batch_at, run_step, callback=callback,
+    history = train_loop(train_state, config, num_steps, len(examples), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="reward model",
                          postfix={"loss": "loss", "acc": "accuracy"})
     model.eval()

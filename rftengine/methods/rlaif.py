@@ -31,7 +31,6 @@ from rftengine.methods.common import (
     Callback,
     CheckpointFn,
     TrainState,
-    batch_indices,
     config_from_dict,
     config_to_dict,
     make_train_state,
@@ -351,9 +350,6 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
     generator = Generator(policy, max_batch_size=cfg.batch_size * cfg.num_samples,
                           max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens)
 
-    def batch_at(position: int) -> list[int]:
-        return batch_indices(len(prompts), cfg.batch_size, position, cfg.seed, cfg.shuffle)
-
     def run_step(idx: list[int]) -> dict[str, float]:
         metrics, _ = rlaif_dpo_round(
             policy, tokenizer, judge, [prompts[i] for i in idx], cfg, generator=generator,
@@ -362,7 +358,7 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
         )
         return metrics
 
-    history = train_loop(train_state, cfg, num_steps, batch_at, run_step, callback=callback,
+    history = train_loop(train_state, cfg, num_steps, len(prompts), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="rlaif-dpo",
                          postfix={"judge": "judge/score", "pairs": "pairs"})
     generator.free()

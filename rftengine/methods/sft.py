@@ -25,7 +25,6 @@ from rftengine.methods.common import (
     Callback,
     CheckpointFn,
     TrainState,
-    batch_indices,
     config_from_dict,
     make_train_state,
     optimizer_step,
@@ -176,14 +175,11 @@ def train_sft(
     train_state = make_train_state("sft", policy, config, num_steps, state)
     device, pad = device_of(policy), pad_token_id(tokenizer)
 
-    def batch_at(position: int) -> list[int]:
-        return batch_indices(len(examples), config.batch_size, position, config.seed, config.shuffle)
-
     def run_step(idx: list[int]) -> dict[str, float]:
         batch = make_sequence_batch([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad)
         return sft_step(policy, train_state.optimizer, batch.to(device), config, scheduler=train_state.scheduler)
 
-    history = train_loop(train_state, config, num_steps, batch_at, run_step, callback=callback,
+    history = train_loop(train_state, config, num_steps, len(examples), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="sft", postfix={"loss": "loss"})
     policy.eval()
     return SFTResult(policy=policy, state=train_state, history=history)

@@ -281,7 +281,8 @@ def whiten(
     _check_finite_where("x", x, keep)
     triton_path = use_triton(x) and accumulation_dtype(x) == torch.float32
     y = _Whiten.apply(
-        x.reshape(-1), keep.reshape(-1) if keep is not None else None,
+        # reshape(-1) of a strided 1-D view is that view: the kernels need unit stride
+        x.reshape(-1).contiguous(), keep.reshape(-1).contiguous() if keep is not None else None,
         bool(shift_mean), float(eps), triton_path,
     )
     return y.view(x.shape)

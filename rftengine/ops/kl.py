@@ -141,8 +141,9 @@ def kl_penalty(
 
     triton_path = use_triton(logp, ref_logp) and accumulation_dtype(logp, ref_logp) == torch.float32
     kl = _KLPenalty.apply(
-        logp.reshape(-1), ref_logp.reshape(-1),
-        keep.reshape(-1) if keep is not None else None,
+        # reshape(-1) of a strided 1-D view is that view: the kernel needs unit stride
+        logp.reshape(-1).contiguous(), ref_logp.reshape(-1).contiguous(),
+        keep.reshape(-1).contiguous() if keep is not None else None,
         estimator, float(clamp), triton_path,
     )
     return kl.view(logp.shape)

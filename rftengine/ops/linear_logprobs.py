@@ -357,7 +357,7 @@ def prepare_head_inputs(
     keep = as_mask("mask", mask, lead, device)
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_t = targets.reshape(-1)
-    flat_keep = keep.reshape(-1) if keep is not None else None
+    flat_keep = keep.reshape(-1).contiguous() if keep is not None else None  # kernels read it flat
     n_total = flat_t.shape[0]
     n_kept = _kept_count(flat_t, vocab, flat_keep)
 

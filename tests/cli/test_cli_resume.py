@@ -57,8 +57,7 @@ def run(method, model_dir, out, *, crash_at=None, resume=False):
     if resume:
         argv.append("--resume")
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("reward", "dpo", "ppo", "rlaif", "sft"):  # every trainer that draws batches
-            mp.setattr(f"rftengine.methods.{name}.batch_indices", spy)
+        mp.setattr(common, "batch_indices", spy)  # the one place every trainer draws batches
         mp.setattr(rftengine.cli.Run, "callback", callback)
         if crash_at is not None:
             with pytest.raises(Crash):

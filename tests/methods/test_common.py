@@ -113,17 +113,14 @@ def test_train_loop_runs_resumable_steps_with_callback_checkpoints_and_bar(capsy
         state.step += len(seen) % 2          # like ppo.step on odd calls: must not double count
         return {"loss": float(len(seen))}
 
-    def batch_at(position):
-        return batch_indices(7, cfg.batch_size, position, cfg.seed, cfg.shuffle)
-
-    history = train_loop(state, cfg, 4, batch_at, run_step, callback=lambda s, m: calls.append((s, m["loss"])),
+    history = train_loop(state, cfg, 4, 7, run_step, callback=lambda s, m: calls.append((s, m["loss"])),
                          checkpoint_fn=lambda s: saved.append(s.step), progress=True, desc="toy loop",
                          postfix={"loss": "loss"})
     assert seen == [batch_indices(7, 3, 3 * i, 5) for i in range(4)]
     assert calls == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)] and history == [{"loss": x} for x in (1.0, 2.0, 3.0, 4.0)]
     assert saved == [3, 4] and (state.step, state.data_position) == (4, 12)
     assert "toy loop" in capsys.readouterr().err
-    assert train_loop(state, cfg, 4, batch_at, run_step) == []          # nothing left to run
+    assert train_loop(state, cfg, 4, 7, run_step) == []          # nothing left to run
 
 
 def test_optimizer_step_and_train_state_from_config():
