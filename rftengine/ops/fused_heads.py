@@ -12,11 +12,16 @@ changes how the lm_head part is swept.
   `linear_token_logprobs` forward + backward. The gradients are computed in forward and
   scaled by the upstream scalar in backward; the loss value and stats come from the
   standalone ops on the [B, T] log-probs, so they are the composition's by construction.
-- `fused_dpo_loss`: a pair's gradient depends on its whole-sequence log-probs, which a bounded
-  chunk cannot hold in general (one pair may span many chunks). So forward sweeps the
-  log-probs (2NHV) and takes dloss/dlogp from the standalone `sequence_logprobs` + `dpo_loss`
-  under autograd on the small [2B, T] tensor; backward recomputes each chunk's logits and
-  writes dh/dW/db (6NHV): the cost of `linear_token_logprobs` forward + backward, no more.
+- `fused_dpo_loss`: a pair's gradient depends on its whole-sequence log-probs. The kept
+  rows are ordered pair by pair (chosen_i's, then rejected_i's) and chunks are cut only at
+  pair boundaries, as many whole pairs as fit the plan's chunk budget; each chunk then holds
+  the sequence sums of its pairs, so ONE sweep computes the per-pair loss derivative (the
+  standalone pair loss under autograd, scaled by pairs-in-chunk / B), dlogits and the
+  dh/dW/db matmuls: 6NHV. When one pair has more kept tokens than the chunk budget (or rows
+  cannot be compacted, under CUDA-graph capture with a mask) it falls back to two sweeps:
+  forward sweeps the log-probs (2NHV) and takes dloss/dlogp from `sequence_logprobs` +
+  `dpo_loss` under autograd on the small [2B, T] tensor; backward recomputes each chunk's
+  logits and writes dh/dW/db (6NHV): 8NHV, the cost of `linear_token_logprobs`.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from rftengine.ops.linear_logprobs import (
 )
 from rftengine.ops._precision import accumulation_dtype
 from rftengine.ops.ppo import AGGREGATIONS, LOG_RATIO_CLAMP, aggregation_weights, ppo_policy_loss, ppo_token_reference
-from rftengine.ops.preference import dpo_loss
+from rftengine.ops._dispatch import use_triton
+from rftengine.ops.preference import _DPOPairs, dpo_loss
 from rftengine.ops.sequence import sequence_logprobs
 
 PPO_STAT_NAMES = (
@@ -114,13 +120,15 @@ def ppo_composite_loss(
     return loss, stats
 
 
-class _FusedPPO(torch.autograd.Function):
+class _FusedSingleSweep(torch.autograd.Function):
+    """Loss and gradients from one `fused_sweep`; backward scales the stored gradients."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, inp, temperature, with_entropy, token_grad,
-                fp32_weight_grad, finish):
+                fp32_weight_grad, finish, bounds):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grads = GradBuffers(inp, need_h, need_w, need_b and bias is not None, fp32_weight_grad)
-        logp, entropy = fused_sweep(inp, temperature, with_entropy, token_grad, grads)
+        logp, entropy = fused_sweep(inp, temperature, with_entropy, token_grad, grads, bounds)
         loss, stat_values = finish(logp, entropy)
         dh, dw, db = grads.results(weight.dtype, bias.dtype if bias is not None else None)
         ctx.save_for_backward(dh, dw, db)
@@ -130,7 +138,7 @@ class _FusedPPO(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         dh, dw, db = ctx.saved_tensors
-        return (_scaled(dh, grad_loss), _scaled(dw, grad_loss), _scaled(db, grad_loss)) + (None,) * 6
+        return (_scaled(dh, grad_loss), _scaled(dw, grad_loss), _scaled(db, grad_loss)) + (None,) * 7
 
 
 def fused_ppo_loss(
@@ -253,9 +261,9 @@ def fused_ppo_loss(
         return loss, torch.stack([stats[k].to(loss.dtype) for k in names])
 
     names = [k for k in PPO_STAT_NAMES if k != "kl" or ref_logp is not None]
-    loss, stat_values = _FusedPPO.apply(
+    loss, stat_values = _FusedSingleSweep.apply(
         inp.hidden, weight, bias, inp, float(temperature), True, token_grad,
-        bool(fp32_weight_grad), finish,
+        bool(fp32_weight_grad), finish, None,
     )
     return loss, dict(zip(names, stat_values.unbind()))
 
@@ -310,6 +318,35 @@ def dpo_composite_loss(
     )
 
 
+def _pair_chunks(sizes: tuple[int, ...] | None, budget: int):
+    """Chunks of whole pairs, ``(start, stop, first_pair, end_pair)`` in pair-ordered rows,
+    greedily as many pairs as fit `budget` rows; None when one pair alone does not fit."""
+    if sizes is None or (sizes and max(sizes) > budget):
+        return None
+    chunks, start, first, size = [], 0, 0, 0
+    for p, s in enumerate(sizes):
+        if size + s > budget:
+            chunks.append((start, start + size, first, p))
+            start, first, size = start + size, p, 0
+        size += s
+    chunks.append((start, start + size, first, len(sizes)))
+    return [c for c in chunks if c[1] > c[0]]  # pairs without kept tokens get no gradient
+
+
+def _pair_ordered(inp: HeadInputs, targets, keep, pairs: int, seq_len: int):
+    """`inp` with its kept rows reordered pair by pair (chosen_i's, then rejected_i's, each in
+    position order), and the [n] segment id ``2 * pair + side`` of every processed row."""
+    device = targets.device
+    flat = torch.arange(inp.n_total, device=device)
+    order = flat.view(2, pairs, seq_len).transpose(0, 1).reshape(-1)
+    if keep is not None:
+        dropped = (~keep.reshape(-1).index_select(0, order)).to(torch.uint8)
+        order = order.index_select(0, torch.argsort(dropped, stable=True)[: inp.targets.shape[0]])
+    segment = (flat // seq_len % pairs) * 2 + flat // (pairs * seq_len)
+    ordered = inp._replace(rows=order, targets=targets.reshape(-1).index_select(0, order).contiguous())
+    return ordered, segment.index_select(0, order)
+
+
 def fused_dpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -354,19 +391,26 @@ def fused_dpo_loss(
     Returns:
         ``(loss, stats)`` as `dpo_loss`: 0-d loss differentiable w.r.t. hidden, weight and
         bias; stats ``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
-        ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``. Cost 8NHV FLOPs over
-        the kept tokens (forward 2NHV, backward 6NHV), extra memory one chunk of logits.
+        ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``. Cost 6NHV FLOPs over
+        the kept tokens when every pair's kept tokens (chosen + rejected) fit in one chunk
+        (``chunk_size``, or the default budget): one sweep, gradients computed during forward
+        and only scaled by backward. Otherwise (a pair longer than a chunk, or CUDA-graph
+        capture with a mask) 8NHV: forward 2NHV, backward 6NHV. Extra memory one chunk of
+        logits.
     """
     check_ndim("hidden", hidden, (3,), "[2B, T, H] (B chosen rows, then B rejected rows)")
     if hidden.shape[0] % 2:
         raise ValueError(
             f"hidden must hold 2B sequences (B chosen, then B rejected), got {hidden.shape[0]} rows"
         )
+    pairs, seq_len = hidden.shape[0] // 2, hidden.shape[1]
+    keep = as_mask("mask", mask, hidden.shape[:-1], hidden.device)
     inp, lead = prepare_head_inputs(
         hidden, weight, targets, bias=bias, mask=mask, temperature=temperature, chunk_size=chunk_size,
+        # kept tokens per pair, read on the host with the compaction count (no extra sync)
+        host_counts=None if keep is None else keep.reshape(2, pairs, seq_len).sum((0, 2)),
     )
     check_choice("loss_type", loss_type, ("sigmoid", "ipo", "hinge", "robust", "simpo"))
-    keep = as_mask("mask", mask, lead, hidden.device)
     if length_normalized is None:
         length_normalized = loss_type == "simpo"
     use_ref = loss_type != "simpo"
@@ -392,6 +436,20 @@ def fused_dpo_loss(
         ref_logps = None
     acc = accumulation_dtype(hidden)
 
+    # one sweep when rows are compacted (or need none) and every pair fits in a chunk
+    sizes = inp.counts if keep is not None else (2 * seq_len,) * pairs
+    chunks = None if inp.keep is not None else _pair_chunks(sizes, inp.plan.chunk)
+    if chunks is not None:
+        lengths = None
+        if length_normalized:
+            lengths = keep.sum(-1) if keep is not None else torch.full(lead[:1], lead[1], device=hidden.device)
+        return _single_sweep_dpo(
+            inp, targets, keep, lead, chunks, ref_logps, lengths,
+            beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
+            length_normalized=length_normalized, temperature=float(temperature),
+            fp32_weight_grad=bool(fp32_weight_grad), weight=weight, bias=bias,
+        )
+
     def finish(logp):
         token_logp = from_rows(inp, logp).view(lead).detach().requires_grad_()
         with torch.enable_grad():
@@ -406,5 +464,52 @@ def fused_dpo_loss(
 
     loss, stat_values = _FusedDPO.apply(
         inp.hidden, weight, bias, inp, float(temperature), bool(fp32_weight_grad), finish,
+    )
+    return loss, dict(zip(DPO_STAT_NAMES, stat_values.unbind()))
+
+
+def _single_sweep_dpo(inp, targets, keep, lead, chunks, ref_logps, lengths, *, beta, loss_type,
+                      label_smoothing, gamma, length_normalized, temperature, fp32_weight_grad,
+                      weight, bias):
+    """`fused_dpo_loss` in one sweep over chunks of whole pairs (see the module docstring)."""
+    pairs = lead[0] // 2
+    inp, segment = _pair_ordered(inp, targets, keep, pairs, lead[1])
+    acc = accumulation_dtype(inp.hidden)
+    first_pair = {start: (p0, p1) for start, _, p0, p1 in chunks}
+    triton_pairs = use_triton(inp.hidden) and acc == torch.float32
+    if lengths is not None:
+        lengths = lengths.to(torch.float32)
+    smoothing = float(label_smoothing)
+    no_ref = ref_logps is None
+
+    def token_grad(start, stop, logp_c, _entropy_c):
+        p0, p1 = first_pair[start]
+        k = p1 - p0
+        x = logp_c.detach().to(acc).requires_grad_()
+        with torch.enable_grad():
+            sums = x.new_zeros(2 * k).index_add(0, segment[start:stop] - 2 * p0, x).view(k, 2)
+            side = (slice(p0, p1), slice(pairs + p0, pairs + p1))
+            refs = (None, None) if no_ref else tuple(ref_logps[s].contiguous() for s in side)
+            lens = (None, None) if lengths is None else tuple(lengths[s].contiguous() for s in side)
+            # the pair loss `dpo_loss` applies, without its per-call validation (syncs): the
+            # same inputs are validated once, by `dpo_loss` in `finish`
+            losses = _DPOPairs.apply(
+                sums[:, 0].contiguous(), sums[:, 1].contiguous(), *refs, *lens, loss_type,
+                float(beta), float(gamma), smoothing, triton_pairs,
+            )
+            (g,) = torch.autograd.grad(losses.sum() / pairs, x)
+        return g, None
+
+    def finish(logp, _entropy):
+        with torch.no_grad():
+            loss, stats = dpo_composite_loss(
+                from_rows(inp, logp).view(lead), keep, ref_logps, beta=beta, loss_type=loss_type,
+                label_smoothing=label_smoothing, gamma=gamma, length_normalized=length_normalized,
+            )
+        return loss, torch.stack([stats[k].to(loss.dtype) for k in DPO_STAT_NAMES])
+
+    loss, stat_values = _FusedSingleSweep.apply(
+        inp.hidden, weight, bias, inp, temperature, False, token_grad, fp32_weight_grad, finish,
+        [(start, stop) for start, stop, _, _ in chunks],
     )
     return loss, dict(zip(DPO_STAT_NAMES, stat_values.unbind()))

@@ -134,6 +134,7 @@ class HeadInputs(NamedTuple):
     rows: torch.Tensor | None         # [n] int64 kept row ids, None = rows 0..n-1 in order
     n_total: int                      # N
     plan: Plan
+    counts: tuple[int, ...] | None = None  # host copy of the caller's `host_counts`, if read
 
 
 def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
@@ -263,12 +264,14 @@ def gradient_sweep(
 
 
 def fused_sweep(inp: HeadInputs, temperature: float, with_entropy: bool, token_grad,
-                grads: GradBuffers):
-    """Forward and backward in one sweep, for losses whose dloss/dlogp_i is token-local.
+                grads: GradBuffers, bounds: list[tuple[int, int]] | None = None):
+    """Forward and backward in one sweep, for losses whose dloss/dlogp_i is local to a chunk.
 
     Per chunk: logits, the stats pass, ``token_grad(start, stop, logp_c, entropy_c) ->
     (g_logp_c, g_entropy_c or None)`` on the chunk's [C] vectors, the in-place gradient pass,
     and the dh/dW/db matmuls: 6NHV FLOPs, the logits computed once.
+    `bounds`: the chunks as (start, stop) row ranges (default: `chunk_bounds` of the plan);
+    rows outside every range get logp 0 and no gradient.
     Returns (logp, entropy or None) [n] in processed-row order.
     """
     stats, grads_in_place = _passes(inp.plan.triton)
@@ -277,7 +280,7 @@ def fused_sweep(inp: HeadInputs, temperature: float, with_entropy: bool, token_g
     logp = torch.zeros(n, device=inp.hidden.device, dtype=acc)
     entropy = torch.zeros_like(logp) if with_entropy else None
     w_mm = matmul_weight(inp)
-    for start, stop in chunk_bounds(n, inp.plan.chunk):
+    for start, stop in chunk_bounds(n, inp.plan.chunk) if bounds is None else bounds:
         h_c = chunk_hidden(inp, start, stop)
         logits = chunk_logits(h_c, w_mm, inp.plan)
         keep_c = chunk_slice(inp.keep, start, stop)
@@ -298,33 +301,43 @@ def fused_sweep(inp: HeadInputs, temperature: float, with_entropy: bool, token_g
 # validation and compaction
 
 
-def _kept_count(targets: torch.Tensor, vocab: int, keep: torch.Tensor | None) -> int | None:
-    """Validate target ids and return the number of kept rows, in one device->host copy.
+def _kept_count(targets: torch.Tensor, vocab: int, keep: torch.Tensor | None,
+                extra: torch.Tensor | None = None) -> tuple[int | None, tuple[int, ...] | None]:
+    """Validate target ids and return (number of kept rows, host copy of `extra`), in one
+    device->host copy.
 
-    None while a CUDA graph is being captured (no sync allowed; the caller then does not
-    compact).
+    The count is None while a CUDA graph is being captured (no sync allowed; the caller then
+    does not compact). `extra` (integer counts) is read only where that copy happens (a
+    mask, no capture), else None.
     """
     if keep is None:
         check_index_range("targets", targets, vocab)
-        return targets.numel()
+        return targets.numel(), None
     if capturing():
-        return None
+        return None, None
     if targets.numel() == 0:
-        return 0
+        return 0, None
     bad = ((targets < 0) | (targets >= vocab)) & keep
-    n_bad, n_kept = torch.stack([bad.sum(), keep.sum()]).tolist()
+    head = torch.stack([bad.sum(), keep.sum()])
+    if extra is not None:
+        head = torch.cat([head, extra.reshape(-1).to(head.dtype)])
+    n_bad, n_kept, *rest = head.tolist()
     if n_bad:
         check_index_range("targets", targets, vocab, keep)  # raises with the offending values
-    return int(n_kept)
+    return int(n_kept), (tuple(int(v) for v in rest) if extra is not None else None)
 
 
 def prepare_head_inputs(
     hidden, weight, targets, *, bias, mask, temperature, chunk_size,
     names: tuple[str, str, str, str] = ("hidden", "weight", "targets", "bias"),
+    host_counts: torch.Tensor | None = None,
 ) -> tuple[HeadInputs, torch.Size]:
     """Validate the lm_head inputs and build the compaction plan. Returns (inputs, lead shape).
 
     `names` are the argument names the error messages use (hidden, weight, targets, bias).
+    `host_counts`: optional integer tensor the caller needs on the host; it rides on the
+    kept-count copy (no extra sync) and lands in ``inputs.counts`` (None where no copy is
+    made: no mask, or CUDA-graph capture).
     """
     h_name, w_name, t_name, b_name = names
     check_floating(h_name, hidden)
@@ -359,7 +372,7 @@ def prepare_head_inputs(
     flat_t = targets.reshape(-1)
     flat_keep = keep.reshape(-1).contiguous() if keep is not None else None  # kernels read it flat
     n_total = flat_t.shape[0]
-    n_kept = _kept_count(flat_t, vocab, flat_keep)
+    n_kept, counts = _kept_count(flat_t, vocab, flat_keep, host_counts)
 
     rows = None
     if flat_keep is not None and n_kept is not None:
@@ -371,7 +384,7 @@ def prepare_head_inputs(
     n = n_total if n_kept is None else n_kept
     triton_path = use_triton(hidden, weight) and hidden.dtype != torch.float64
     plan = make_plan(hidden.dtype, device, n, vocab, chunk_size, triton_path)
-    inp = HeadInputs(flat_h, weight, bias, flat_t.contiguous(), flat_keep, rows, n_total, plan)
+    inp = HeadInputs(flat_h, weight, bias, flat_t.contiguous(), flat_keep, rows, n_total, plan, counts)
     return inp, lead
 
 

@@ -165,7 +165,8 @@ def test_ppo_all_masked_gives_zero_loss_and_zero_gradients(backend, device):
 
 
 def test_ppo_is_one_sweep_and_dpo_two(monkeypatch, device):
-    """The fused PPO head computes each chunk's logits once (6NHV); DPO twice (8NHV)."""
+    """The fused PPO head computes each chunk's logits once (6NHV); DPO twice (8NHV) when a
+    pair (12 tokens here) does not fit in a chunk."""
     h, w, b, t = head(2, 6, 5, 13, FP32, device)  # 12 tokens, chunks of 4: 3 chunks
     old, _, adv = ppo_inputs(h, w, b, t, None, True, 1.0)
     calls = []
@@ -196,11 +197,12 @@ DPO_CASES = [
 ]
 
 
-def run_dpo(case, dtype, device, chunk, ref_from_hidden=False):
+def run_dpo(case, dtype, device, chunk, ref_from_hidden=False, mask=None, upstream=1.0):
     pairs, seq, hidden, vocab = 3, 6, 8, 29
     h, w, b, t = head(2 * pairs, seq, hidden, vocab, dtype, device)
-    mask = torch.rand(2 * pairs, seq, device=device) > 0.3
-    mask[:, 0] = True  # every sequence has a response token (lengths > 0 for SimPO)
+    if mask is None:
+        mask = torch.rand(2 * pairs, seq, device=device) > 0.3
+        mask[:, 0] = True  # every sequence has a response token (lengths > 0 for SimPO)
     ref_h = torch.randn(2 * pairs, seq, 5, device=device).to(dtype)
     ref_w = torch.randn(vocab, 5, device=device).to(dtype)
     with torch.no_grad():
@@ -215,13 +217,13 @@ def run_dpo(case, dtype, device, chunk, ref_from_hidden=False):
         fused_params[0], fused_params[1], t, mask, bias=fused_params[2], beta=beta,
         length_normalized=case["length_normalized"], chunk_size=chunk, **refs, **opts,
     )
-    loss.backward()
+    (upstream * loss).backward()
     comp_params = leaves(h, w, b)
     logp = linear_token_logprobs(comp_params[0], comp_params[1], t, bias=comp_params[2], mask=mask)
     ref_loss, ref_stats = dpo_composite_loss(
         logp, mask, ref_logps, beta=beta, length_normalized=normalized, **opts,
     )
-    ref_loss.backward()
+    (upstream * ref_loss).backward()
     return (loss, stats, grads_of(fused_params)), (ref_loss, ref_stats, grads_of(comp_params))
 
 
@@ -243,6 +245,95 @@ def test_dpo_matches_composition_in_float64_with_reference_model(device):
 def test_dpo_reference_from_hidden_equals_precomputed(backend, device):
     fused, comp = run_dpo(DPO_CASES[1], FP32, device, chunk=4, ref_from_hidden=True)
     check_against_composition(fused, comp, rtol=1e-4, atol=1e-5)
+
+
+def count_chunk_logits(monkeypatch):
+    calls = []
+    original = op_module.chunk_logits
+    monkeypatch.setattr(op_module, "chunk_logits", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("case", DPO_CASES, ids=dpo_id)
+def test_dpo_single_sweep_matches_composition(backend, device, case, monkeypatch):
+    """chunk 13 >= any pair (at most 12 kept tokens): one pair-aligned sweep, logits once each."""
+    calls = count_chunk_logits(monkeypatch)
+    fused, comp = run_dpo(case, FP32, device, chunk=13, upstream=0.7)
+    check_against_composition(fused, comp, rtol=1e-4, atol=1e-5)
+    # calls: the reference log-probs (one chunk of the n kept tokens), the fused head's chunks,
+    # then the composition's forward and backward (n each): the fused chunks cover n once
+    n_kept, fused_chunks = calls[0], calls[1:-2]
+    assert calls[-2:] == [n_kept, n_kept] and sum(fused_chunks) == n_kept
+    assert max(fused_chunks) <= 13
+
+
+@pytest.mark.parametrize("ref_from_hidden", [False, True])
+def test_dpo_single_sweep_in_float64_default_chunks(device, ref_from_hidden):
+    for case in (DPO_CASES[0], DPO_CASES[3], DPO_CASES[6]):
+        fused, comp = run_dpo(case, FP64, device, chunk=None, ref_from_hidden=ref_from_hidden)
+        check_against_composition(fused, comp, rtol=1e-10, atol=1e-12)
+
+
+def test_dpo_single_sweep_computes_each_chunk_once_and_fallback_twice(monkeypatch, device):
+    h, w, b, t = head(4, 3, 5, 13, FP32, device)  # 2 pairs of 6 tokens (no mask)
+    refs = torch.randn(4, device=device)
+    calls = count_chunk_logits(monkeypatch)
+    for chunk, expected in ((8, [6, 6]), (12, [12]), (13, [12]), (5, [5, 5, 2] * 2)):
+        calls.clear()
+        params = leaves(h, w, b)
+        loss, _ = fused_dpo_loss(params[0], params[1], t, None, bias=params[2], chunk_size=chunk, ref_logps=refs)
+        loss.backward()
+        assert calls == expected, chunk
+    # with a mask: kept tokens per pair 4 (rows 0, 2) and 2 (rows 1, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 0, 1], [0, 1, 0]], dtype=torch.bool, device=device)
+    for chunk, expected in ((6, [6]), (5, [4, 2]), (3, [3, 3] * 2)):
+        calls.clear()
+        params = leaves(h, w, b)
+        loss, _ = fused_dpo_loss(params[0], params[1], t, mask, bias=params[2], chunk_size=chunk, ref_logps=refs)
+        loss.backward()
+        assert calls == expected, chunk
+
+
+@pytest.mark.parametrize("case", [DPO_CASES[1], DPO_CASES[4], DPO_CASES[6]], ids=dpo_id)
+def test_dpo_fallback_equals_single_sweep(device, case):
+    """A chunk smaller than a pair forces the two-sweep path; same loss, stats, gradients."""
+    results = []
+    for chunk in (None, 2):
+        torch.manual_seed(1234)  # the same random inputs for both paths
+        results.append(run_dpo(case, FP64, device, chunk=chunk, upstream=1.3)[0])
+    (loss_s, stats_s, grads_s), (loss_f, stats_f, grads_f) = results
+    assert_same(loss_f, loss_s, 1e-12, 1e-14, "loss")
+    for key in stats_s:
+        assert_same(stats_f[key], stats_s[key], 1e-12, 1e-14, key)
+    for g_f, g_s in zip(grads_f, grads_s):
+        assert_same(g_f, g_s, 1e-10, 1e-12, "grad")
+
+
+@pytest.mark.parametrize("case", [DPO_CASES[0], DPO_CASES[2], DPO_CASES[4], DPO_CASES[5]], ids=dpo_id)
+@pytest.mark.parametrize("chunk", [7, 12, 2])
+def test_dpo_uneven_pairs_and_all_masked_rows(backend, device, case, chunk):
+    """Kept tokens per pair 1+6, 6+1 and 0+4 (an all-masked chosen row): chunk 7 holds one
+    pair each, 12 packs pairs 1 and 2 together, 2 falls back to two sweeps."""
+    mask = torch.zeros(6, 6, dtype=torch.bool, device=device)
+    mask[0, 5] = True          # chosen of pair 0: one token, at the end
+    mask[3, :] = True          # rejected of pair 0: six tokens
+    mask[1, :] = True          # pair 1 reversed
+    mask[4, 2] = True
+    mask[5, 1:5] = True        # pair 2: chosen row 2 all masked, rejected four tokens
+    fused, comp = run_dpo(case, FP32, device, chunk=chunk, mask=mask)
+    check_against_composition(fused, comp, rtol=1e-4, atol=1e-5)
+
+
+def test_dpo_all_masked_pairs(device):
+    """A whole pair without kept tokens, and a batch without any: finite, gradients zero there."""
+    mask = torch.zeros(6, 6, dtype=torch.bool, device=device)
+    mask[0, :3] = mask[3, 2:] = True  # pair 0 only; pairs 1 and 2 fully masked
+    fused, comp = run_dpo(DPO_CASES[0], FP64, device, chunk=6, mask=mask)
+    check_against_composition(fused, comp, rtol=1e-10, atol=1e-12)
+    assert (fused[2][0][[1, 2, 4, 5]] == 0).all()
+    fused, comp = run_dpo(DPO_CASES[0], FP64, device, chunk=4, mask=torch.zeros_like(mask))
+    check_against_composition(fused, comp, rtol=1e-10, atol=1e-12)
+    assert all((g == 0).all() for g in fused[2])
 
 
 # --- bad input ------------------------------------------------------------------------------
