@@ -3,7 +3,9 @@
 A checkpoint is a Hugging Face model directory (safetensors weights, config, tokenizer) plus
 `trainer_state.pt` (optimizer, scheduler, data position, step and whatever else the method's
 train state holds, with the RNG states of python, numpy, torch CPU and CUDA) and
-`rftengine_checkpoint.json` (method, step, format version), written last.
+`rftengine_checkpoint.json` (method, step, format version), written last. The checkpoint of a
+LoRA run holds its adapters (adapter_config.json, adapter_model.safetensors) instead of the
+full weights: the base is the run's `model`, which a resumed run wraps again.
 
 Writing goes into a hidden temporary directory beside the final one; every file is fsynced and
 the directory is then renamed into place, so a crash at any moment leaves either the previous
@@ -31,6 +33,7 @@ PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 MARKER = "rftengine_checkpoint.json"
 STATE_FILE = "trainer_state.pt"
+ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside the adapter weights
 FORMAT_VERSION = 1
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "adapter_model.safetensors")
 
@@ -66,7 +69,7 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
         raise UserError(f"{what} directory not found: {path}")
     if not path.is_dir():
         raise UserError(f"{what} must be a Hugging Face model directory, got a file: {path}")
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
         raise UserError(f"{what} directory {path} has no config.json: not a Hugging Face model directory")
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise UserError(
@@ -282,9 +285,12 @@ def _is_peft(model) -> bool:
 def export_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) -> Path:
     """The final policy as a plain Hugging Face directory, written atomically.
 
-    A PEFT LoRA model is saved as its adapter unless `merge_lora`, which first folds the adapters
-    into the base weights (`merge_and_unload`, which changes the in-memory model). A model without
-    adapters is saved as is. The LoRA path needs peft (optional; not exercised by the CPU tests).
+    A PEFT LoRA model is saved as its adapter directory (adapter_config.json naming the base,
+    adapter_model.safetensors; peft's `AutoPeftModelForCausalLM.from_pretrained(out_dir)` loads
+    it) unless `merge_lora`, which first folds the adapters into the base weights
+    (`merge_and_unload`, which changes the in-memory model) and saves a plain model directory
+    that `AutoModelForCausalLM.from_pretrained` loads without peft. A model without adapters is
+    saved as is.
     """
     if merge_lora and _is_peft(model):
         model = model.merge_and_unload()

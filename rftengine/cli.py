@@ -18,6 +18,7 @@ import json
 import os
 import random
 import sys
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch
 import yaml
 
 from rftengine.checkpoint import (
+    ADAPTER_CONFIG,
     Checkpoint,
     check_model_dir,
     check_tokenizer_dir,
@@ -146,11 +148,52 @@ class Run:
         return str(self.resume.path) if self.resume is not None else self.cfg.model
 
     def load_policy(self):
+        """The policy to train: the configured model (or the resumed checkpoint's weights); with a
+        `lora` section, the configured model wrapped in LoRA adapters."""
         from rftengine.methods.modeling import load_causal_lm
 
+        if self.cfg.lora is not None:
+            return self.load_lora_policy()
+        if self.resume is not None and (self.resume.path / ADAPTER_CONFIG).is_file():
+            raise UserError(
+                f"{self.resume.path} holds LoRA adapters but this run's config has no lora section; "
+                "resume with the config that wrote it"
+            )
         path = check_model_dir(self.policy_path(), "checkpoint" if self.resume is not None else "model")
         with _as_user_error(f"model {path}"):
             return load_causal_lm(path, dtype=self.dtype, device=self.device)
+
+    def load_lora_policy(self):
+        """`model` wrapped by `peft.get_peft_model`: only the adapters train. A LoRA checkpoint holds
+        the adapters alone, so a resumed run rebuilds them on `model` and loads their weights."""
+        from rftengine.methods.modeling import load_causal_lm
+
+        peft = require_peft()
+        path = check_model_dir(self.cfg.model, "model")
+        with _as_user_error(f"model {path}"):
+            base = load_causal_lm(path, dtype=self.dtype, device=self.device)
+        with _as_user_error("lora"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = peft.get_peft_model(base, self.cfg.lora.peft_config())
+        _check_head_not_adapted(model)
+        # Adapter directories (checkpoints, the export) name their base absolutely, so peft's
+        # AutoPeftModelForCausalLM finds it from any working directory.
+        model.peft_config["default"].base_model_name_or_path = str(path.resolve())
+        if self.resume is not None:
+            _load_adapters(model, self.resume.path)
+        return model
+
+    def reference_model(self, needed: bool = True):
+        """The reference to hand the method, or None where the method makes its own: a frozen copy
+        of the initial policy (a fresh full-finetuning run) or, for LoRA, the policy with its
+        adapters disabled (no second copy, resumed or not). A configured `reference` is always
+        loaded; a resumed full-finetuning run loads the initial model, as the policy now holds
+        the resumed weights."""
+        if not needed:
+            return None
+        if self.cfg.reference is not None or (self.resume is not None and self.cfg.lora is None):
+            return self.load_reference()
+        return None
 
     def load_reference(self):
         """The frozen reference: always the configured reference (or the initial model), never the
@@ -160,6 +203,65 @@ class Run:
         path = check_model_dir(self.cfg.reference_path, "reference")
         with _as_user_error(f"reference {path}"):
             return load_causal_lm(path, dtype=self.dtype, device=self.device)
+
+
+def require_peft():
+    """The peft module, or a UserError saying how to install it."""
+    try:
+        import peft
+    except ImportError:
+        raise UserError("the lora section needs peft, which is not installed: pip install rftengine[peft]") from None
+    return peft
+
+
+def _check_head_not_adapted(model) -> None:
+    """The fused log-prob heads read the output head's weight directly: an adapter on it (or on
+    the input embeddings tied to it) would silently be left out of every log-prob."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    modules = {"the output head": model.get_output_embeddings()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        modules["the input embeddings, tied to the output head"] = model.get_input_embeddings()
+    for what, module in modules.items():
+        if isinstance(module, BaseTunerLayer):
+            name = next(n for n, m in model.get_base_model().named_modules() if m is module)
+            raise UserError(
+                f"lora.target_modules adapts {name}, {what}: the fused log-prob heads read the head's "
+                "weight directly and would bypass the adapter; remove it from target_modules"
+            )
+
+
+def _load_adapters(model, checkpoint: Path) -> None:
+    """Resume a LoRA run: the checkpoint's adapter weights into `model`, whose adapters were just
+    built from this run's lora section (they must have the same shape and targets)."""
+    import peft
+
+    config_path = checkpoint / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise UserError(
+            f"{checkpoint} holds a full model, not LoRA adapters, but this run's config has a lora section; "
+            "resume with the config that wrote it"
+        )
+    saved = json.loads(config_path.read_text())
+    built = model.peft_config["default"]
+    for key, name in (("r", "r"), ("lora_alpha", "alpha"), ("use_rslora", "use_rslora"),
+                      ("target_modules", "target_modules")):
+        now, then = getattr(built, key), saved.get(key)
+        if key == "target_modules":
+            now, then = sorted(now), sorted(then) if isinstance(then, list) else then
+        if now != then:
+            raise UserError(
+                f"{checkpoint} was written with lora {name} = {then!r}, but this run's lora section gives {now!r}; "
+                "resume with the config that wrote it"
+            )
+    with _as_user_error(f"checkpoint {checkpoint}"):
+        result = peft.set_peft_model_state_dict(model, peft.utils.load_peft_weights(str(checkpoint), device="cpu"))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise UserError(
+            f"checkpoint {checkpoint}: adapter weights do not fit this run's adapters "
+            f"(missing: {missing[:3]}, unexpected: {result.unexpected_keys[:3]})"
+        )
 
 
 @contextmanager
@@ -208,6 +310,8 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None) -
                 "set only method"
             )
     method_cfg = method_config(spec.config_class(), section, str(config_path))
+    if cfg.lora is not None:
+        require_peft()
     output_dir = Path(cfg.output_dir)
 
     checkpoint = None
@@ -397,8 +501,7 @@ def _run_ppo(run: Run):
     reward_fn = _reward_fn(run)
     policy = run.load_policy()
     cfg = run.method_config
-    needs_ref = cfg.kl_coef > 0 or cfg.adaptive_kl
-    ref_model = run.load_reference() if needs_ref and (run.resume or run.cfg.reference) else None
+    ref_model = run.reference_model(cfg.kl_coef > 0 or cfg.adaptive_kl)
     with _as_user_error(f"method {run.cfg.method}"):
         result = train_ppo(
             policy, run.tokenizer, prompts, cfg, reward_fn=reward_fn, ref_model=ref_model,
@@ -415,8 +518,7 @@ def _run_dpo(run: Run):
     policy = run.load_policy()
     cfg = run.method_config
     # A resumed run with precomputed reference log-probs has them in its state: no reference model.
-    needs_ref = cfg.uses_reference and not (run.resume and cfg.precompute_ref)
-    ref_model = run.load_reference() if needs_ref and (run.resume or run.cfg.reference) else None
+    ref_model = run.reference_model(cfg.uses_reference and not (run.resume and cfg.precompute_ref))
     with _as_user_error("method dpo"):
         result = train_dpo(
             policy, run.tokenizer, pairs, cfg, ref_model=ref_model, callback=run.callback,
@@ -431,7 +533,7 @@ def _run_rlaif(run: Run):
     prompts = _prompt_data(run)
     judge = _make_judge(run, run.cfg.judge)
     policy = run.load_policy()
-    ref_model = run.load_reference() if run.resume or run.cfg.reference else None
+    ref_model = run.reference_model()
     with _as_user_error("method rlaif"):
         result = train_rlaif(
             policy, run.tokenizer, prompts, judge, run.method_config, ref_model=ref_model,

@@ -9,6 +9,9 @@ A run file has run-level keys (what to load, where to write, how often to checkp
     output_dir: runs/dpo
     train:
       beta: 0.1
+    lora:                           # optional: train LoRA adapters only (pip install rftengine[peft])
+      r: 16
+      alpha: 32
 
 Overrides use dotted keys and YAML-typed values: `train.beta=0.2 train.seed=3 reference=null`.
 Unknown keys are errors that suggest the closest valid key; nothing is silently dropped.
@@ -61,6 +64,90 @@ def closest(key: str, valid) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+LORA_ALL_LINEAR = "all-linear"
+# The output head's usual names (Llama/Qwen/Mistral ..., GPT-NeoX); the CLI checks the loaded model too.
+OUTPUT_HEAD_NAMES = ("lm_head", "embed_out")
+
+
+@dataclass
+class LoraSettings:
+    """The run's `lora:` section: train low-rank adapters, the base weights stay frozen.
+
+    r               adapter rank
+    alpha           the update is (alpha / r) * B @ A (alpha / sqrt(r) with use_rslora)
+    dropout         must be 0: every method trains with dropout off, since the log-probs of the
+                    policy must be deterministic (PPO ratios, KL, DPO margins)
+    target_modules  module names to adapt (q_proj, v_proj ...; a name matches a module whose dotted
+                    path ends with it), or `all-linear`: every linear layer but the output head.
+                    The output head (lm_head) is never a target: the fused log-prob heads read
+                    its weight directly and would bypass an adapter on it.
+    use_rslora      rank-stabilised scaling alpha / sqrt(r)
+
+    The reference of a LoRA run is the base with the adapters disabled (no second copy), and
+    checkpoints hold the adapter weights only. TRL's spellings (lora_r, lora_alpha ...) are
+    pointed to these names.
+    """
+
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = LORA_ALL_LINEAR
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise UserError(f"lora.r must be an integer >= 1, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
+            raise UserError(f"lora.alpha must be a number > 0, got {self.alpha!r}")
+        if self.dropout != 0 or isinstance(self.dropout, bool):
+            raise UserError(
+                f"lora.dropout must be 0, got {self.dropout!r}: rftengine trains with dropout off so that "
+                "the policy's log-probs are deterministic (PPO ratios, KL and DPO margins depend on it)"
+            )
+        if not isinstance(self.use_rslora, bool):
+            raise UserError(f"lora.use_rslora must be true or false, got {self.use_rslora!r}")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if targets != LORA_ALL_LINEAR:
+                raise UserError(
+                    f"lora.target_modules must be a list of module names or '{LORA_ALL_LINEAR}', got {targets!r}"
+                )
+            return
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise UserError(
+                f"lora.target_modules must be a non-empty list of module names or '{LORA_ALL_LINEAR}', got {targets!r}"
+            )
+        head = [t for t in targets if t.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES]
+        if head:
+            raise UserError(
+                f"lora.target_modules must not include the output head ({head[0]}): the fused log-prob heads "
+                "read its weight directly, so an adapter on it would be ignored; adapt the decoder's "
+                f"layers (q_proj, k_proj, v_proj, o_proj ...) or use '{LORA_ALL_LINEAR}'"
+            )
+
+    @classmethod
+    def from_dict(cls, raw) -> LoraSettings:
+        if not isinstance(raw, dict):
+            raise UserError(f"lora must be a mapping of LoRA settings (or null for none), got {raw!r}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in raw:
+            if key not in valid:
+                bare = str(key).removeprefix("lora_")
+                hint = f" (did you mean '{bare}'?)" if bare in valid else closest(str(key), valid)
+                raise UserError(f"unknown lora key '{key}'{hint}")
+        return cls(**raw)
+
+    def peft_config(self):
+        """The equivalent `peft.LoraConfig` (needs peft)."""
+        from peft import LoraConfig
+
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=0.0, target_modules=targets,
+            use_rslora=self.use_rslora, bias="none", task_type="CAUSAL_LM",
+        )
+
+
 @dataclass
 class RunConfig:
     """Run-level settings; the method's own hyper-parameters live in `train`.
@@ -79,8 +166,11 @@ class RunConfig:
     dtype        auto (as saved), float32, bfloat16 or float16
     keep_last    number of checkpoints kept (how often they are written is the method's
                  `train.save_every`; one is always written after the last step)
+    lora         train LoRA adapters instead of the full policy (LoraSettings; null: full finetuning)
     export       write the final policy to output_dir/final as a plain Hugging Face directory
-    merge_lora   fold LoRA adapters into the base weights on export (PEFT models only)
+    merge_lora   LoRA runs: export the base with the adapters folded in (a plain model directory that
+                 loads without peft) instead of the adapter directory (adapter_config.json and
+                 adapter_model.safetensors, loaded with peft's AutoPeftModelForCausalLM)
     tensorboard, plot, progress   TensorBoard events (when installed), the PNG, tqdm bars
     train        the method's config (RewardConfig, PPOConfig, DPOConfig, RLAIFConfig, CAIConfig);
                  seed, max_steps and save_every live there
@@ -98,6 +188,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     keep_last: int = 2
+    lora: LoraSettings | None = None
     export: bool = True
     merge_lora: bool = False
     tensorboard: bool = True
@@ -129,6 +220,12 @@ class RunConfig:
             raise UserError(f"train must be a mapping of the method's settings, got {self.train!r}")
         if not isinstance(self.judge_options, dict):
             raise UserError(f"judge_options must be a mapping of Judge settings, got {self.judge_options!r}")
+        if self.lora is not None and not isinstance(self.lora, LoraSettings):
+            self.lora = LoraSettings.from_dict(self.lora)
+        if self.lora is not None and self.method == "reward":
+            raise UserError("lora is not supported for method reward (its value head is trained with the full model)")
+        if self.merge_lora and self.lora is None:
+            raise UserError("merge_lora is true but there is no lora section: only LoRA runs have adapters to merge")
         if self.data is None:
             raise UserError(f"data is required for method {self.method} (a JSONL file)")
         if self.method in ("ppo", "grpo", "rloo") and self.reward is None:
