@@ -18,8 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from rftengine.bench.bench_linear_logprobs import ANCHOR_SHAPES, QUICK_SHAPES
-from rftengine.bench.harness import GIB, base_parser, ceilings, measure, report
+from rftengine.bench.bench_linear_logprobs import (
+    ANCHOR_SHAPES,
+    QUICK_SHAPES,
+    gradient_gib,
+    lm_head_case,
+    matmul_floor_ms,
+)
+from rftengine.bench.harness import base_parser, ceilings, measure, report
 from rftengine.ops.fused_heads import (
     dpo_composite_loss,
     fused_dpo_loss,
@@ -114,20 +120,15 @@ def main(argv=None):
     ceiling = ceilings(device, quick=args.quick)
     rows = []
     for n, hidden, vocab in shapes:
-        torch.manual_seed(0)
         batch = n // seq_len
-        h = torch.randn(batch, seq_len, hidden, device=device, dtype=dtype, requires_grad=True)
-        w = (torch.randn(vocab, hidden, device=device, dtype=dtype) / hidden**0.5).requires_grad_()
-        t = torch.randint(0, vocab, (batch, seq_len), device=device)
-        g = torch.randn(batch, seq_len, device=device)
+        h, w, t, g = lm_head_case((batch, seq_len), hidden, vocab, device, dtype)
         with torch.no_grad():
             current = linear_token_logprobs(h, w, t)
         old = current + 0.1 * torch.randn_like(current)
         ref = current + 0.1 * torch.randn_like(current)
         adv = torch.randn(batch, device=device)
         ref_seq = ref.sum(-1)
-        floor_ms = 6 * n * hidden * vocab / (ceiling["matmul_tflops"] * 1e12) * 1e3
-        grad_gib = (h.numel() + w.numel()) * h.element_size() / GIB
+        floor_ms, grad_gib = matmul_floor_ms(n, hidden, vocab, ceiling), gradient_gib(h, w)
         shape = f"{batch}x{seq_len}x{hidden}x{vocab}"
         baseline = None
         for name, step in make_steps(h, w, t, g, old, ref, adv, ref_seq):

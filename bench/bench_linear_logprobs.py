@@ -90,6 +90,26 @@ def candidates(quick: bool, device: torch.device):
     return found
 
 
+def lm_head_case(lead: tuple[int, ...], hidden: int, vocab: int, device, dtype):
+    """Random (hidden [*lead, H], weight [V, H], targets [*lead], upstream grad [*lead]), seeded."""
+    torch.manual_seed(0)
+    h = torch.randn(*lead, hidden, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device=device, dtype=dtype) / hidden**0.5).requires_grad_()
+    t = torch.randint(0, vocab, lead, device=device)
+    g = torch.randn(lead, device=device)
+    return h, w, t, g
+
+
+def matmul_floor_ms(n: int, hidden: int, vocab: int, ceiling: dict) -> float:
+    """6NHV FLOPs (logits, dh, dW) at the measured matmul rate."""
+    return 6 * n * hidden * vocab / (ceiling["matmul_tflops"] * 1e12) * 1e3
+
+
+def gradient_gib(h: torch.Tensor, w: torch.Tensor) -> float:
+    """Memory of the gradients every candidate must return; extra_gib is peak minus this."""
+    return (h.numel() + w.numel()) * h.element_size() / GIB
+
+
 def main(argv=None):
     parser = base_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
@@ -100,13 +120,8 @@ def main(argv=None):
     ceiling = ceilings(device, quick=args.quick)
     rows = []
     for n, hidden, vocab in shapes:
-        torch.manual_seed(0)
-        h = torch.randn(n, hidden, device=device, dtype=dtype, requires_grad=True)
-        w = (torch.randn(vocab, hidden, device=device, dtype=dtype) / hidden**0.5).requires_grad_()
-        t = torch.randint(0, vocab, (n,), device=device)
-        g = torch.randn(n, device=device)
-        floor_ms = 6 * n * hidden * vocab / (ceiling["matmul_tflops"] * 1e12) * 1e3
-        grad_gib = (h.numel() + w.numel()) * h.element_size() / GIB
+        h, w, t, g = lm_head_case((n,), hidden, vocab, device, dtype)
+        floor_ms, grad_gib = matmul_floor_ms(n, hidden, vocab, ceiling), gradient_gib(h, w)
         shape = f"{n}x{hidden}x{vocab}"
         for name, fn, any_upstream in candidates(args.quick, device):
             upstream = g if any_upstream else torch.ones_like(g)

@@ -90,6 +90,23 @@ def _row_block(pid_b, pid_t, T, keep_ptr, keep_stride, HAS_MASK: tl.constexpr, B
 
 
 @triton.jit
+def _ppo_row_block(
+    logp_ptr, logp_stride, old_ptr, old_stride, adv_ptr, adv_stride, keep_ptr, keep_stride, T,
+    ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """This program's block of one row: (row, cols, keep, logp, old_logp, advantages), fp32."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    cols, keep = _row_block(pid_b, tl.program_id(1), T, keep_ptr, keep_stride, HAS_MASK, BLOCK_T)
+    logp = tl.load(logp_ptr + pid_b * logp_stride + cols, mask=keep, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + pid_b * old_stride + cols, mask=keep, other=0.0).to(tl.float32)
+    if ADV_PER_SEQ:
+        adv = tl.load(adv_ptr + pid_b).to(tl.float32) + tl.zeros([BLOCK_T], tl.float32)
+    else:
+        adv = tl.load(adv_ptr + pid_b * adv_stride + cols, mask=keep, other=0.0).to(tl.float32)
+    return pid_b, cols, keep, logp, old, adv
+
+
+@triton.jit
 def _ppo_fwd_kernel(
     logp_ptr, logp_stride, old_ptr, old_stride, adv_ptr, adv_stride, keep_ptr, keep_stride,
     isw_ptr, isw_stride, partials_ptr, T, n_prog,
@@ -97,22 +114,17 @@ def _ppo_fwd_kernel(
     ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_IS: tl.constexpr,
     HAS_DUAL: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1)
-    cols, keep = _row_block(pid_b, pid_t, T, keep_ptr, keep_stride, HAS_MASK, BLOCK_T)
-    logp = tl.load(logp_ptr + pid_b * logp_stride + cols, mask=keep, other=0.0).to(tl.float32)
-    old = tl.load(old_ptr + pid_b * old_stride + cols, mask=keep, other=0.0).to(tl.float32)
-    if ADV_PER_SEQ:
-        adv = tl.load(adv_ptr + pid_b).to(tl.float32) + tl.zeros([BLOCK_T], tl.float32)
-    else:
-        adv = tl.load(adv_ptr + pid_b * adv_stride + cols, mask=keep, other=0.0).to(tl.float32)
+    pid_b, cols, keep, logp, old, adv = _ppo_row_block(
+        logp_ptr, logp_stride, old_ptr, old_stride, adv_ptr, adv_stride, keep_ptr, keep_stride, T,
+        ADV_PER_SEQ, HAS_MASK, BLOCK_T,
+    )
     loss, _, clipped, dual, ratio, approx_kl = ppo_token(
         logp - old, adv, clip_low, clip_high, dual_clip, log_ratio_clamp, HAS_DUAL
     )
     if HAS_IS:
         loss = loss * tl.load(isw_ptr + pid_b * isw_stride + cols, mask=keep, other=0.0).to(tl.float32)
     k = keep.to(tl.float32)
-    out = partials_ptr + pid_b * tl.num_programs(1) + pid_t
+    out = partials_ptr + pid_b * tl.num_programs(1) + tl.program_id(1)
     tl.store(out, tl.sum(tl.where(keep, loss, 0.0), 0))
     tl.store(out + n_prog, tl.sum(k, 0))
     tl.store(out + 2 * n_prog, tl.sum(clipped * k, 0))
@@ -130,15 +142,10 @@ def _ppo_bwd_kernel(
     ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_IS: tl.constexpr,
     HAS_DUAL: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1)
-    cols, keep = _row_block(pid_b, pid_t, T, keep_ptr, keep_stride, HAS_MASK, BLOCK_T)
-    logp = tl.load(logp_ptr + pid_b * logp_stride + cols, mask=keep, other=0.0).to(tl.float32)
-    old = tl.load(old_ptr + pid_b * old_stride + cols, mask=keep, other=0.0).to(tl.float32)
-    if ADV_PER_SEQ:
-        adv = tl.load(adv_ptr + pid_b).to(tl.float32) + tl.zeros([BLOCK_T], tl.float32)
-    else:
-        adv = tl.load(adv_ptr + pid_b * adv_stride + cols, mask=keep, other=0.0).to(tl.float32)
+    pid_b, cols, keep, logp, old, adv = _ppo_row_block(
+        logp_ptr, logp_stride, old_ptr, old_stride, adv_ptr, adv_stride, keep_ptr, keep_stride, T,
+        ADV_PER_SEQ, HAS_MASK, BLOCK_T,
+    )
     _, d_logp, _, _, _, _ = ppo_token(
         logp - old, adv, clip_low, clip_high, dual_clip, log_ratio_clamp, HAS_DUAL
     )
@@ -165,7 +172,7 @@ def _value_fwd_kernel(
         old = tl.load(old_ptr + pid_b * old_stride + cols, mask=keep, other=0.0).to(tl.float32)
     loss, _, clipped = value_token(v, old, ret, clip, HAS_CLIP)
     k = keep.to(tl.float32)
-    out = partials_ptr + pid_b * tl.num_programs(1) + pid_t
+    out = partials_ptr + pid_b * tl.num_programs(1) + tl.program_id(1)
     tl.store(out, tl.sum(loss * k, 0))
     tl.store(out + n_prog, tl.sum(k, 0))
     tl.store(out + 2 * n_prog, tl.sum(clipped * k, 0))
