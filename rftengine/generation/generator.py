@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from rftengine.generation.attention import ATTENTION_CHOICES, select_attention
 from rftengine.generation.cuda_graphs import DecodeGraphs, bucket_for, row_buckets
 from rftengine.generation.hf_runner import HFRunner
 from rftengine.generation.kv_cache import StaticKVCache
@@ -26,7 +27,7 @@ from rftengine.generation.prompts import left_pad
 from rftengine.generation.sampling import SamplingParams
 from rftengine.generation.state import RolloutState, advance, record_token
 from rftengine.generation.weights import gather_weights, refresh, shadow, signature, unsupported_reason
-from rftengine.ops._checks import FLOAT_DTYPES
+from rftengine.ops._checks import FLOAT_DTYPES, check_choice
 
 # Prompts per prefill chunk are chosen so one chunk holds about this many tokens.
 _PREFILL_TOKENS = 16384
@@ -72,6 +73,11 @@ class Generator:
         compile: fuse the decode step's elementwise work with ``torch.compile`` (dynamic shapes;
             the first call compiles).
         done_check_interval: steps between host checks for "every row finished".
+        attention: decode attention of the static runner. ``"auto"``: flash-attn's kv-cache kernel
+            (reads each row's live keys only) when flash-attn >= 2.6 is installed and the rollout
+            is on an Ampere-or-newer GPU in fp16/bf16 with head_dim a multiple of 8, else SDPA.
+            ``"flash"`` insists (ValueError saying why it cannot), ``"sdpa"`` never uses flash-attn.
+            The resolved choice is the ``attention`` attribute (None on the eager fallback).
 
     Rollouts run the model as in eval mode (no dropout). The parameters are read by reference:
     update them in place (optimizer steps, ``load_state_dict``) and the next call, graphs
@@ -82,7 +88,7 @@ class Generator:
     def __init__(
         self, model: nn.Module, *, max_batch_size: int, max_seq_len: int,
         dtype: torch.dtype | None = None, cuda_graphs: bool = True, compile: bool = False,
-        done_check_interval: int = 16,
+        done_check_interval: int = 16, attention: str = "auto",
     ):
         self.max_batch_size = _check_count("max_batch_size", max_batch_size)
         self.max_seq_len = _check_count("max_seq_len", max_seq_len)
@@ -97,7 +103,13 @@ class Generator:
         self.dtype = dtype or first.dtype
         reason = unsupported_reason(model)
         self.backend = "static" if reason is None else "eager-hf"
-        if reason is not None:
+        if reason is None:
+            self.attention = select_attention(attention, self.device, self.dtype, gather_weights(model).head_dim)
+        else:
+            check_choice("attention", attention, ATTENTION_CHOICES)
+            if attention == "flash":
+                raise ValueError(f"attention='flash' needs the static runner, which cannot run this model ({reason})")
+            self.attention = None
             if self.dtype != first.dtype:
                 raise ValueError(
                     f"dtype must be the model's own ({first.dtype}) on the eager fallback, got {self.dtype}"
@@ -263,7 +275,8 @@ class Generator:
     def _decode_step(self, rows: int, live: int, params: SamplingParams) -> None:
         state = self._state
         logits = self._decode(
-            self._weights, self._cache, state.tokens[:rows], state.slot, state.positions[:rows], live
+            self._weights, self._cache, state.tokens[:rows], state.slot, state.positions[:rows], live,
+            self.attention,
         )
         record_token(state, logits, params, self._rng)
         advance(state)

@@ -2,9 +2,9 @@
 
 The arithmetic mirrors the Hugging Face modules op for op (RMSNorm normalises in fp32, casts back,
 then scales; RoPE tables in fp32 cast to the model dtype; softmax scale head_dim ** -0.5) so that
-rollout logits match the trainer's forward as closely as different kernels allow. Grouped-query
-attention never repeats the cache: at decode the G query heads that share a kv head are handed to
-SDPA as G query positions of that head.
+rollout logits match the trainer's forward as closely as different kernels allow. Prefill attends
+with SDPA; decode attention (SDPA or flash-attn, neither repeating the cache for grouped-query
+attention) lives in `attention.DecodeAttention`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rftengine.generation.attention import DecodeAttention
 from rftengine.generation.kv_cache import StaticKVCache
 from rftengine.generation.weights import DecoderWeights, Layer, Linear
 
@@ -105,7 +106,7 @@ def prefill(
 
 def decode_forward(
     w: DecoderWeights, cache: StaticKVCache, tokens: torch.Tensor, slot: torch.Tensor,
-    positions: torch.Tensor, live: int,
+    positions: torch.Tensor, live: int, attention: str = "sdpa",
 ) -> torch.Tensor:
     """One token per row: write its keys/values at column ``slot`` and return next-token logits.
 
@@ -114,6 +115,7 @@ def decode_forward(
         slot: ``[1]`` int64 cache column of this step (the same for every row).
         positions: ``[n]`` int64 RoPE position of each row's token.
         live: columns of the cache attention reads (``cache.live_length(slot)``, static per graph).
+        attention: decode attention backend, ``"sdpa"`` or ``"flash"`` (`attention.select_attention`).
 
     Returns:
         ``[n, V]`` logits in the model dtype.
@@ -123,24 +125,11 @@ def decode_forward(
     cos, sin = rotary_tables(positions, w, h.dtype)
     cos, sin = cos[:, None], sin[:, None]
     cache.valid[:n].index_fill_(1, slot, True)
-    valid = cache.valid[:n, :live]
-    masks = {}
-    groups = w.heads // w.kv_heads
+    attend = DecodeAttention(attention, cache, n, slot, live)
     for i, layer in enumerate(w.layers):
-        if layer.window not in masks:
-            mask = valid
-            if layer.window is not None:
-                cols = torch.arange(live, device=valid.device)
-                mask = mask & (cols > slot - layer.window)
-            masks[layer.window] = mask[:, None, None, :]
         x = rms_norm(h, layer.input_norm, w.eps)
         q, k, v = qkv(x, layer, w, cos, sin)
         cache.write_token(i, n, slot, k, v)
-        keys, values = cache.view(i, n, live)
-        a = F.scaled_dot_product_attention(
-            q.view(n, w.kv_heads, groups, w.head_dim), keys, values,
-            attn_mask=masks[layer.window], scale=w.scaling,
-        )
-        h = h + linear(a.reshape(n, -1), layer.o)
+        h = h + linear(attend(i, q, layer.window, w.scaling), layer.o)
         h = h + mlp(rms_norm(h, layer.post_norm, w.eps), layer, w)
     return linear(rms_norm(h, w.norm, w.eps), w.lm_head)
