@@ -39,8 +39,10 @@ from typing import Any
 
 import torch
 
+from rftengine.toy import VOWELS, vowel_fraction
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-VOWELS = "aeiou"
+VOWEL_LETTERS = "".join(sorted(VOWELS))  # "aeiou": a fixed order keeps the seeded draws reproducible
 CONSONANTS = "".join(c for c in LETTERS if c not in VOWELS)
 
 # The toy constitution and stage templates (the char tokenizer is lowercase-only).
@@ -108,11 +110,6 @@ class DemoResult:
 # ----------------------------------------------------------------------------- the toy world
 
 
-def vowel_fraction(text: str) -> float:
-    letters = [c for c in text if c.isalpha()]
-    return sum(c in VOWELS for c in letters) / len(letters) if letters else 0.0
-
-
 def random_word(rng: random.Random, lo: int = 5, hi: int = 9) -> str:
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
 
@@ -120,7 +117,7 @@ def random_word(rng: random.Random, lo: int = 5, hi: int = 9) -> str:
 def fluent_word(rng: random.Random, lo: int = 5, hi: int = 9) -> str:
     """Consonant-vowel alternation: the 'revised' answer style (vowel fraction about 1/2)."""
     start = rng.randrange(2)
-    return "".join(rng.choice(VOWELS if (i + start) % 2 else CONSONANTS) for i in range(rng.randint(lo, hi)))
+    return "".join(rng.choice(VOWEL_LETTERS if (i + start) % 2 else CONSONANTS) for i in range(rng.randint(lo, hi)))
 
 
 def make_prompt(rng: random.Random) -> str:
@@ -164,7 +161,7 @@ def judge_data(rng: random.Random, n: int) -> list[dict[str, str]]:
     data = []
     for _ in range(n):
         p_vowel = rng.random()
-        word = "".join(rng.choice(VOWELS) if rng.random() < p_vowel else rng.choice(CONSONANTS)
+        word = "".join(rng.choice(VOWEL_LETTERS) if rng.random() < p_vowel else rng.choice(CONSONANTS)
                        for _ in range(rng.randint(4, 10)))
         data.append({"prompt": JUDGE_TEMPLATE.format(response=word), "response": rating_of(word)})
     return data

@@ -77,14 +77,15 @@ def tiny_causal_lm(vocab_size: int, family: str = "qwen2", seed: int = 0, **conf
     return model.eval()
 
 
-def vowel_fraction_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
-    """Verifiable toy reward: the fraction of a response's letters that are vowels, in [0, 1].
+def vowel_fraction(text: str) -> float:
+    """The fraction of a text's letters that are vowels, in [0, 1]; 0 without letters."""
+    letters = [c for c in text if c.isalpha()]
+    return sum(c in VOWELS for c in letters) / len(letters) if letters else 0.0
 
-    Empty or letter-free responses score 0. A random policy scores ~0.19 (5 of 26 letters),
-    so improvement under RL is easy to measure.
+
+def vowel_fraction_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """Verifiable toy reward: `vowel_fraction` of each response.
+
+    A random policy scores ~0.19 (5 of 26 letters), so improvement under RL is easy to measure.
     """
-    scores = []
-    for response in responses:
-        letters = [c for c in response if c.isalpha()]
-        scores.append(sum(c in VOWELS for c in letters) / len(letters) if letters else 0.0)
-    return torch.tensor(scores, dtype=torch.float32)
+    return torch.tensor([vowel_fraction(r) for r in responses], dtype=torch.float32)
