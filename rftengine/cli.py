@@ -612,6 +612,12 @@ def cmd_bench(args) -> int:
     missing = [name for name, module in modules.items() if module is None]
     if missing:
         raise UserError(f"benchmark modules not found in rftengine.bench: {', '.join(missing)} (broken install?)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type != "cuda" and not args.quick:
+        raise UserError(
+            f"the full-size benchmarks (the ANCHORS shapes, up to ~63 GiB of tensors) need a CUDA GPU, "
+            f"got device {device}; run `rftengine bench --quick` for the CPU smoke run"
+        )
     argv_common = ["--quick"] if args.quick else []
     for flag in ("device", "warmup", "repeat"):
         if getattr(args, flag) is not None:
@@ -622,7 +628,6 @@ def cmd_bench(args) -> int:
             argv += ["--out", str(args.out_dir / f"{name}.json")]
         print(f"\n### {name} {' '.join(argv)}".rstrip(), flush=True)
         module.main(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type != "cuda":
         print("\nnote: this ran on CPU: only the smoke figures (that every benchmark runs and agrees) are "
               "meaningful here; speed and memory are measured on a CUDA GPU.")

@@ -28,6 +28,12 @@ def test_bench_unknown_suite_is_a_usage_error(capsys):
     assert exc.value.code == 2 and "invalid choice: 'everything'" in capsys.readouterr().err
 
 
+def test_full_size_bench_on_cpu_is_refused_with_a_hint(capsys):
+    assert main(["bench", "--suite", "losses", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "need a CUDA GPU" in err and "got device cpu" in err and "--quick" in err
+
+
 def test_demo_quick(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--quick", "--output-dir", "out"]) == 0
