@@ -21,6 +21,7 @@ import torch
 from rftengine.bench.bench_linear_logprobs import (
     ANCHOR_SHAPES,
     QUICK_SHAPES,
+    add_floor_ratios,
     gradient_gib,
     lm_head_case,
     matmul_floor_ms,
@@ -137,10 +138,7 @@ def main(argv=None):
                 baseline = row["ms"]
             if row["ms"] is not None:
                 row["x_linear"] = row["ms"] / baseline if baseline else None
-                row["x_floor"] = row["ms"] / floor_ms
-            if row.get("peak_gib") is not None:
-                row["extra_gib"] = row["peak_gib"] - grad_gib
-            rows.append(row)
+            rows.append(add_floor_ratios(row, floor_ms, grad_gib))
     columns = ["shape", "name", "ms", "x_linear", "x_floor", "peak_gib", "extra_gib"]
     return report("fused_heads", rows, columns, device, ceiling, args.out)
 

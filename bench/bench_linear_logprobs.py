@@ -110,6 +110,15 @@ def gradient_gib(h: torch.Tensor, w: torch.Tensor) -> float:
     return (h.numel() + w.numel()) * h.element_size() / GIB
 
 
+def add_floor_ratios(row: dict, floor_ms: float, grad_gib: float) -> dict:
+    """Add ``x_floor`` (ms over the 6NHV matmul floor) and ``extra_gib`` (peak minus gradients)."""
+    if row["ms"] is not None:
+        row["x_floor"] = row["ms"] / floor_ms
+    if row.get("peak_gib") is not None:
+        row["extra_gib"] = row["peak_gib"] - grad_gib
+    return row
+
+
 def main(argv=None):
     parser = base_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
@@ -127,11 +136,7 @@ def main(argv=None):
             upstream = g if any_upstream else torch.ones_like(g)
             row = measure(name, step_fn(fn, h, w, t, upstream), device, warmup, repeat,
                           shape=shape, floor_ms=floor_ms)
-            if row["ms"] is not None:
-                row["x_floor"] = row["ms"] / floor_ms
-            if row.get("peak_gib") is not None:
-                row["extra_gib"] = row["peak_gib"] - grad_gib
-            rows.append(row)
+            rows.append(add_floor_ratios(row, floor_ms, grad_gib))
     columns = ["shape", "name", "ms", "x_floor", "peak_gib", "extra_gib", "floor_ms"]
     return report("linear_logprobs", rows, columns, device, ceiling, args.out)
 
