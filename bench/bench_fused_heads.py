@@ -26,7 +26,7 @@ from rftengine.bench.bench_linear_logprobs import (
     lm_head_case,
     matmul_floor_ms,
 )
-from rftengine.bench.harness import base_parser, ceilings, measure, report
+from rftengine.bench.harness import Results, base_parser, ceilings, error_row, measure
 from rftengine.ops.fused_heads import (
     dpo_composite_loss,
     fused_dpo_loss,
@@ -119,28 +119,33 @@ def main(argv=None):
     seq_len = QUICK_SEQ_LEN if args.quick else SEQ_LEN
     warmup, repeat = (1, 3) if args.quick else (args.warmup, args.repeat)
     ceiling = ceilings(device, quick=args.quick)
-    rows = []
+    columns = ["shape", "name", "ms", "x_linear", "x_floor", "peak_gib", "extra_gib", "error"]
+    results = Results("fused_heads", columns, device, ceiling, args.out)
     for n, hidden, vocab in shapes:
         batch = n // seq_len
-        h, w, t, g = lm_head_case((batch, seq_len), hidden, vocab, device, dtype)
-        with torch.no_grad():
-            current = linear_token_logprobs(h, w, t)
-        old = current + 0.1 * torch.randn_like(current)
-        ref = current + 0.1 * torch.randn_like(current)
-        adv = torch.randn(batch, device=device)
-        ref_seq = ref.sum(-1)
-        floor_ms, grad_gib = matmul_floor_ms(n, hidden, vocab, ceiling), gradient_gib(h, w)
         shape = f"{batch}x{seq_len}x{hidden}x{vocab}"
+        try:
+            h, w, t, g = lm_head_case((batch, seq_len), hidden, vocab, device, dtype)
+            with torch.no_grad():
+                current = linear_token_logprobs(h, w, t)
+            old = current + 0.1 * torch.randn_like(current)
+            ref = current + 0.1 * torch.randn_like(current)
+            adv = torch.randn(batch, device=device)
+            steps = make_steps(h, w, t, g, old, ref, adv, ref.sum(-1))
+        except Exception as err:  # noqa: BLE001  inputs or an anchor's setup: this shape's row says so
+            results.add(error_row("inputs", err, shape=shape))
+            continue
+        floor_ms, grad_gib = matmul_floor_ms(n, hidden, vocab, ceiling), gradient_gib(h, w)
         baseline = None
-        for name, step in make_steps(h, w, t, g, old, ref, adv, ref_seq):
+        for name, step in steps:
             row = measure(name, step, device, warmup, repeat, shape=shape, floor_ms=floor_ms)
             if name == "linear_token_logprobs":
                 baseline = row["ms"]
             if row["ms"] is not None:
                 row["x_linear"] = row["ms"] / baseline if baseline else None
-            rows.append(add_floor_ratios(row, floor_ms, grad_gib))
-    columns = ["shape", "name", "ms", "x_linear", "x_floor", "peak_gib", "extra_gib"]
-    return report("fused_heads", rows, columns, device, ceiling, args.out)
+            results.add(add_floor_ratios(row, floor_ms, grad_gib))
+        del h, w, t, g, current, old, ref, adv, steps
+    return results.report()
 
 
 if __name__ == "__main__":

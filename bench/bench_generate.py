@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from rftengine.bench.harness import base_parser, ceilings, measure, report
+from rftengine.bench.harness import Results, attempt, base_parser, ceilings, error_row, measure
 from rftengine.generation import Generator
 from rftengine.ops import token_logprobs
 
 COLUMNS = [
     "engine", "batch", "ms_per_step", "tokens_per_second", "floor_ms", "x_floor", "speedup_vs_static", "dlogp_mean",
+    "error",
 ]
 
 
@@ -81,15 +82,26 @@ def mean_abs_dlogp(model, out, temperature: float, chunk: int = 8) -> float:
     return total / max(count, 1)
 
 
-def decode_row(engine, batch, full, prefill_only, new, floor):
-    if full["ms"] is None or prefill_only["ms"] is None:
-        return {"engine": engine, "batch": batch, "error": full.get("error") or prefill_only.get("error")}
-    step = (full["ms"] - prefill_only["ms"]) / (new - 1)
-    return {
+def decode_row(engine, batch, rollout, new, floor, args, dlogp=None):
+    """Time ``rollout(n)`` for n = new and n = 1; the row of ms per decode step (and, with
+    ``dlogp``, the mean |rollout - trainer logp| of one more rollout)."""
+    full = measure(engine, lambda: rollout(new), args.device, args.warmup, args.repeat)
+    pre = measure(f"{engine}-prefill", lambda: rollout(1), args.device, args.warmup, args.repeat)
+    if full["ms"] is None or pre["ms"] is None:
+        return {"engine": engine, "batch": batch, "error": full.get("error") or pre.get("error")}
+    step = (full["ms"] - pre["ms"]) / (new - 1)
+    row = {
         "engine": engine, "batch": batch, "ms_per_step": step, "tokens_per_second": batch * new / full["ms"] * 1e3,
-        "floor_ms": floor, "x_floor": step / floor, "rollout_ms": full["ms"], "prefill_ms": prefill_only["ms"],
+        "floor_ms": floor, "x_floor": step / floor, "rollout_ms": full["ms"], "prefill_ms": pre["ms"],
         "peak_gib": full["peak_gib"],
     }
+    if dlogp is not None:
+        # after the timings are in the row: a failure here costs the |dlogp| column only
+        try:
+            row["dlogp_mean"] = dlogp(rollout(new))
+        except Exception as err:  # noqa: BLE001
+            row["error"] = error_row(engine, err)["error"]
+    return row
 
 
 def main(argv=None):
@@ -124,13 +136,33 @@ def main(argv=None):
         )
     sampling = dict(temperature=1.0, top_k=0, top_p=1.0)
 
-    rows = []
+    results = Results("generate", COLUMNS, device, ceiling, args.out)
     for batch in batches:
         prompts = torch.randint(1, vocab, (batch, prompt), device=device)
         ones = torch.ones_like(prompts)
         floor = floor_ms(model, batch, prompt, new, ceiling["copy_gbps"])
-        static_step = None
-        anchor_rows = []
+        batch_rows = []
+
+        def add(engine, rollout, dlogp=None):
+            # each row is in the JSON before the next engine runs: a later failure, OOM or the
+            # step's time limit cannot take it away
+            rows = attempt(engine, lambda: decode_row(engine, batch, rollout, new, floor, args, dlogp))
+            for row in rows:
+                row.setdefault("engine", row.pop("name", engine))
+                row.setdefault("batch", batch)
+            batch_rows.extend(rows)
+            results.add(*rows)
+
+        # rftengine first: the anchors are the ones that may run out of memory or time
+        for name, gen in engines.items():
+            def ours(n, gen=gen):
+                return gen.generate(prompts, max_new_tokens=n, eos_token_ids=None, seed=0, **sampling)
+
+            def dlogp(out):
+                return mean_abs_dlogp(model, out, sampling["temperature"])
+
+            add(name, ours, dlogp if batch == args.logp_batch or (quick and batch == batches[-1]) else None)
+            gen.free()
         for variant in args.anchors:
             extra = {"cache_implementation": "static"} if variant == "static" else {}
 
@@ -140,30 +172,15 @@ def main(argv=None):
                     pad_token_id=0, eos_token_id=None, **sampling, **extra,
                 )
 
-            full = measure(f"hf-{variant}", lambda: hf(new), device, args.warmup, args.repeat)
-            pre = measure(f"hf-{variant}-prefill", lambda: hf(1), device, args.warmup, args.repeat)
-            row = decode_row(f"transformers ({variant} cache)", batch, full, pre, new, floor)
-            if variant == "static":
-                static_step = row.get("ms_per_step")
-            anchor_rows.append(row)
-        for name, gen in engines.items():
-            def ours(n, gen=gen):
-                return gen.generate(prompts, max_new_tokens=n, eos_token_ids=None, seed=0, **sampling)
-
-            full = measure(name, lambda: ours(new), device, args.warmup, args.repeat)
-            pre = measure(f"{name}-prefill", lambda: ours(1), device, args.warmup, args.repeat)
-            row = decode_row(name, batch, full, pre, new, floor)
-            if batch == args.logp_batch or (quick and batch == batches[-1]):
-                row["dlogp_mean"] = mean_abs_dlogp(model, ours(new), sampling["temperature"])
-            anchor_rows.append(row)
-        for row in anchor_rows:
+            add(f"transformers ({variant} cache)", hf)
+        static = [r.get("ms_per_step") for r in batch_rows if r["engine"] == "transformers (static cache)"]
+        static_step = static[0] if static else None
+        for row in batch_rows:
             if static_step and row.get("ms_per_step"):
                 row["speedup_vs_static"] = static_step / row["ms_per_step"]
-        rows += anchor_rows
-        for gen in engines.values():
-            gen.free()
+        results.write()
 
-    return report("generate", rows, COLUMNS, device, ceiling, args.out)
+    return results.report()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from rftengine.bench.harness import GIB, base_parser, ceilings, measure, report
+from rftengine.bench.harness import GIB, Results, base_parser, ceilings, error_row, measure
 from rftengine.ops.linear_logprobs import linear_token_logprobs
 
 ANCHOR_SHAPES = [(8192, 4096, 128256), (16384, 896, 151936), (32768, 4096, 128256)]
@@ -127,18 +127,23 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else ANCHOR_SHAPES
     warmup, repeat = (1, 3) if args.quick else (args.warmup, args.repeat)
     ceiling = ceilings(device, quick=args.quick)
-    rows = []
+    columns = ["shape", "name", "ms", "x_floor", "peak_gib", "extra_gib", "floor_ms", "error"]
+    results = Results("linear_logprobs", columns, device, ceiling, args.out)
     for n, hidden, vocab in shapes:
-        h, w, t, g = lm_head_case((n,), hidden, vocab, device, dtype)
-        floor_ms, grad_gib = matmul_floor_ms(n, hidden, vocab, ceiling), gradient_gib(h, w)
         shape = f"{n}x{hidden}x{vocab}"
+        try:
+            h, w, t, g = lm_head_case((n,), hidden, vocab, device, dtype)
+        except Exception as err:  # noqa: BLE001  out of memory: this shape's row says so, the rest runs
+            results.add(error_row("inputs", err, shape=shape))
+            continue
+        floor_ms, grad_gib = matmul_floor_ms(n, hidden, vocab, ceiling), gradient_gib(h, w)
         for name, fn, any_upstream in candidates(args.quick, device):
             upstream = g if any_upstream else torch.ones_like(g)
             row = measure(name, step_fn(fn, h, w, t, upstream), device, warmup, repeat,
                           shape=shape, floor_ms=floor_ms)
-            rows.append(add_floor_ratios(row, floor_ms, grad_gib))
-    columns = ["shape", "name", "ms", "x_floor", "peak_gib", "extra_gib", "floor_ms"]
-    return report("linear_logprobs", rows, columns, device, ceiling, args.out)
+            results.add(add_floor_ratios(row, floor_ms, grad_gib))
+        del h, w, t, g
+    return results.report()
 
 
 if __name__ == "__main__":

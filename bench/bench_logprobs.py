@@ -88,11 +88,19 @@ def logp_error(fn, logits: torch.Tensor, targets: torch.Tensor) -> float:
     return (fn(x, t).detach().double() - ref).abs().max().item()
 
 
-def bench_shape(n_rows: int, vocab: int, args, copy_gbps: float) -> list[dict]:
+def bench_shape(n_rows: int, vocab: int, args, copy_gbps: float, results: harness.Results) -> None:
     device = torch.device(args.device)
-    logits = (torch.randn(n_rows, vocab, device=device) * 2).to(torch.bfloat16).requires_grad_()
-    targets = torch.randint(0, vocab, (n_rows,), device=device)
-    grad = torch.randn(n_rows, device=device)
+    shape = {"shape": f"{n_rows}x{vocab}", "dtype": "bfloat16"}
+
+    def inputs():
+        logits = (torch.randn(n_rows, vocab, device=device) * 2).to(torch.bfloat16).requires_grad_()
+        return logits, torch.randint(0, vocab, (n_rows,), device=device), torch.randn(n_rows, device=device)
+
+    try:
+        logits, targets, grad = inputs()
+    except Exception as err:  # noqa: BLE001  e.g. out of memory: this shape's row says so, the rest runs
+        results.add(harness.error_row("inputs", err, **shape))
+        return
     floor_ms = 3 * logits.numel() * logits.element_size() / (copy_gbps * 1e9) * 1e3
     candidates = [
         ("rftengine", rftengine_logprobs),
@@ -104,18 +112,20 @@ def bench_shape(n_rows: int, vocab: int, args, copy_gbps: float) -> list[dict]:
     if liger is not None:
         candidates.append(("liger cross_entropy(reduction='none')", liger))
 
-    rows = []
-    for name, fn in candidates:
+    extra = {**shape, "floor_ms": floor_ms}
+
+    def candidate_row(name, fn):
+        # its own logits copy (liger), the accuracy column and the timing: any failure is this row's
         own = logits.detach().clone().requires_grad_() if fn is liger else logits
-        extra = {"shape": f"{n_rows}x{vocab}", "dtype": "bfloat16", "floor_ms": floor_ms}
-        extra["logp_err"] = logp_error(fn, own, targets)
-        step = fwd_bwd(fn, own, targets, grad)
-        row = harness.measure(name, step, device, args.warmup, args.repeat, **extra)
+        err = logp_error(fn, own, targets)
+        row = harness.measure(name, fwd_bwd(fn, own, targets, grad), device, args.warmup, args.repeat,
+                              **extra, logp_err=err)
         row["x_floor"] = row["ms"] / floor_ms if row["ms"] is not None else None
-        rows.append(row)
+        return row
+
+    for name, fn in candidates:
+        results.add(*harness.attempt(name, lambda: candidate_row(name, fn), **extra))
         logits.grad = None
-        del own
-    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,12 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.chunk_rows < 1:
         parser.error(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
     ceiling = harness.ceilings(args.device, quick=args.quick)
-    rows = []
-    for n_rows, vocab in QUICK_SHAPES if args.quick else FULL_SHAPES:
-        rows += bench_shape(n_rows, vocab, args, ceiling["copy_gbps"])
-    columns = ["shape", "name", "ms", "peak_gib", "floor_ms", "x_floor", "logp_err"]
+    columns = ["shape", "name", "ms", "peak_gib", "floor_ms", "x_floor", "logp_err", "error"]
     suite = "token_logprobs fwd+bwd (bf16 logits)"
-    return harness.report(suite, rows, columns, args.device, ceiling, args.out)
+    results = harness.Results(suite, columns, args.device, ceiling, args.out)
+    for n_rows, vocab in QUICK_SHAPES if args.quick else FULL_SHAPES:
+        bench_shape(n_rows, vocab, args, ceiling["copy_gbps"], results)
+    return results.report()
 
 
 if __name__ == "__main__":

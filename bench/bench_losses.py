@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rftengine.bench.harness import base_parser, ceilings, measure, report
+from rftengine.bench.harness import Results, attempt, base_parser, ceilings, error_row, measure
 from rftengine.ops.advantages import gae, group_advantages, whiten
 from rftengine.ops.kl import kl_penalty
 from rftengine.ops.ppo import ppo_policy_loss, value_loss
@@ -196,37 +196,43 @@ def _pair_ops(n: int, device, dtype):
     }
 
 
-def standalone_rows(args, device: torch.device, ceiling: dict) -> list[dict]:
+def standalone_rows(args, device: torch.device, ceiling: dict, results: Results) -> None:
     """Rows for every standalone op: rftengine, eager torch, torch.compile (not on CPU --quick)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     b, t = QUICK_SHAPE if args.quick else SHAPE
     warmup, repeat = (1, 3) if args.quick else (args.warmup, args.repeat)
     use_compile = not (args.quick and device.type != "cuda")
     n_pairs = b * 64
-    rows = []
 
-    def add(label, op, name, step, n_bytes):
-        row = measure(name, step, device, warmup, repeat, op=op, shape=label)
-        if row["ms"] is not None and n_bytes:
-            row["GB/s"] = n_bytes / (row["ms"] * 1e-3) / 1e9
-            row["frac_copy"] = row["GB/s"] / ceiling["copy_gbps"]
-        rows.append(row)
+    def add(label, op, name, make_step, n_bytes):
+        def row():
+            r = measure(name, make_step(), device, warmup, repeat, op=op, shape=label)
+            if r["ms"] is not None and n_bytes:
+                r["GB/s"] = n_bytes / (r["ms"] * 1e-3) / 1e9
+                r["frac_copy"] = r["GB/s"] / ceiling["copy_gbps"]
+            return r
+
+        results.add(*attempt(name, row, op=op, shape=label))
 
     copy_src = torch.empty(b * t * 8, device=device, dtype=torch.bfloat16)
     copy_dst = torch.empty_like(copy_src)
-    add(f"{b}x{t}", "copy 16 B/token", "torch copy_", lambda: copy_dst.copy_(copy_src), b * t * 16)
+    add(f"{b}x{t}", "copy 16 B/token", "torch copy_", lambda: lambda: copy_dst.copy_(copy_src), b * t * 16)
 
     groups = [
-        (f"{b}x{t}", _token_ops(b, t, device, dtype), lambda op: TOKEN_BYTES[op] * b * t),
-        (f"{n_pairs} pairs", _pair_ops(n_pairs, device, dtype), lambda op: 0),
+        (f"{b}x{t}", lambda: _token_ops(b, t, device, dtype), lambda op: TOKEN_BYTES[op] * b * t),
+        (f"{n_pairs} pairs", lambda: _pair_ops(n_pairs, device, dtype), lambda op: 0),
     ]
-    for label, ops, n_bytes in groups:
+    for label, make_ops, n_bytes in groups:
+        try:
+            ops = make_ops()
+        except Exception as err:  # noqa: BLE001  inputs of this group: its row says so, the rest runs
+            results.add(error_row("inputs", err, shape=label))
+            continue
         for op, (ours, theirs, eager_fn) in ops.items():
-            add(label, op, "rftengine", ours(), n_bytes(op))
-            add(label, op, "eager torch", theirs(eager_fn), n_bytes(op))
+            add(label, op, "rftengine", ours, n_bytes(op))
+            add(label, op, "eager torch", lambda: theirs(eager_fn), n_bytes(op))
             if use_compile and not op.startswith("gae"):  # a 4096-step Python loop unrolls: not compiled
-                add(label, op, "torch.compile", theirs(torch.compile(eager_fn, dynamic=False)), n_bytes(op))
-    return rows
+                add(label, op, "torch.compile", lambda: theirs(torch.compile(eager_fn, dynamic=False)), n_bytes(op))
 
 
 def main(argv=None):
@@ -234,9 +240,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     ceiling = ceilings(device, quick=args.quick)
-    rows = standalone_rows(args, device, ceiling)
-    columns = ["shape", "op", "name", "ms", "GB/s", "frac_copy", "peak_gib"]
-    return report("losses", rows, columns, device, ceiling, args.out)
+    columns = ["shape", "op", "name", "ms", "GB/s", "frac_copy", "peak_gib", "error"]
+    results = Results("losses", columns, device, ceiling, args.out)
+    standalone_rows(args, device, ceiling, results)
+    return results.report()
 
 
 if __name__ == "__main__":

@@ -271,8 +271,9 @@ import json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     data = json.loads(path.read_text())
     c = data.get("ceilings", {})
+    partial = "" if data.get("complete", True) else " (INCOMPLETE: the step stopped before its last row)"
     print(f"\n{path.name}: {data.get('suite')} on {data['environment'].get('device')}; "
-          f"matmul {c.get('matmul_tflops', 0):.0f} TFLOP/s, copy {c.get('copy_gbps', 0):.0f} GB/s")
+          f"matmul {c.get('matmul_tflops', 0):.0f} TFLOP/s, copy {c.get('copy_gbps', 0):.0f} GB/s{partial}")
     for row in data.get("results", []):
         name = str(row.get("name") or row.get("engine"))
         keys = ("shape", "op", "batch", "ms", "ms_per_step", "x_floor", "x_linear", "extra_gib", "dlogp_mean", "error")

@@ -1,8 +1,11 @@
 """Shared benchmark harness: timing, peak memory, hardware ceilings, JSON + table output.
 
 Every bench script measures its candidates with `measure`, measures the device ceilings in
-the same run (`ceilings`), and reports through `report`. On CPU the figures are smoke
-numbers only (they prove the code runs); speed claims come from CUDA runs.
+the same run (`ceilings`), and collects its rows in `Results`, which rewrites the JSON after
+every row (a run killed by its time limit keeps what it measured) and prints the table at the
+end. A candidate that fails, or fails in the work around it (its inputs, an accuracy column),
+becomes a row with an ``error`` (`measure`, `attempt`): the suite goes on. On CPU the figures
+are smoke numbers only (they prove the code runs); speed claims come from CUDA runs.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import datetime as _dt
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -75,25 +79,49 @@ def peak_extra_gib(fn: Callable[[], object], device: torch.device | str) -> floa
     return (torch.cuda.max_memory_allocated() - base) / GIB
 
 
+def error_row(name: str, err: BaseException, **extra) -> dict:
+    """The row of a candidate that failed: its traceback goes to the log, the error into the row.
+    Call it from the `except` clause; it frees what the failed work left allocated."""
+    _release_memory()
+    if isinstance(err, torch.OutOfMemoryError):
+        error = "out of memory"
+    else:
+        traceback.print_exc()
+        error = f"{type(err).__name__}: {err}"[:500]
+    return {"name": name, "ms": None, "peak_gib": None, "error": error, **extra}
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def measure(name: str, fn: Callable[[], object], device, warmup: int = 3, repeat: int = 10, **extra) -> dict:
     """One row of results: name, median ms and peak extra GiB, plus any extra fields."""
     try:
         peak = peak_extra_gib(fn, device)
         ms = time_ms(fn, device, warmup, repeat)
-    except torch.OutOfMemoryError:
-        return {"name": name, "ms": None, "peak_gib": None, "error": "out of memory", **extra}
     except Exception as err:  # noqa: BLE001
-        # One failing candidate (an anchor library's changed API, a kernel that fails to compile)
-        # must not lose the rest of a GPU session's rows: the traceback goes to the log, the
-        # error into the row.
-        traceback.print_exc()
-        error = f"{type(err).__name__}: {err}"[:500]
-        return {"name": name, "ms": None, "peak_gib": None, "error": error, **extra}
+        # One failing candidate (an anchor library's changed API, a kernel that fails to compile,
+        # out of memory) must not lose the rest of a GPU session's rows.
+        return error_row(name, err, **extra)
     finally:
-        gc.collect()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+        _release_memory()
     return {"name": name, "ms": ms, "peak_gib": peak, **extra}
+
+
+def attempt(name: str, build: Callable[[], dict | list[dict]], **extra) -> list[dict]:
+    """The rows `build` returns (one dict or a list), or one error row named `name` if it raises.
+
+    For the work around `measure`: a shape's inputs (out of memory), accuracy columns, derived
+    figures. An exception there must cost that candidate's row, not the suite.
+    """
+    try:
+        rows = build()
+    except Exception as err:  # noqa: BLE001
+        return [error_row(name, err, **extra)]
+    return [rows] if isinstance(rows, dict) else list(rows)
 
 
 def ceilings(device, quick: bool = False) -> dict:
@@ -147,19 +175,43 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def report(suite: str, rows: list[dict], columns: list[str], device, ceiling: dict, out: Path | None) -> dict:
-    """Print the table (with a CPU caveat) and write the JSON when `out` is given."""
-    result = {"suite": suite, "environment": environment(device), "ceilings": ceiling, "results": rows}
-    print(f"\n== {suite} on {result['environment']['device']} ==")
-    print(
-        f"ceilings: matmul {ceiling['matmul_tflops']:.3g} TFLOP/s ({ceiling['matmul_dtype']}), "
-        f"copy {ceiling['copy_gbps']:.4g} GB/s"
-    )
-    print(format_table(rows, columns))
-    if torch.device(device).type != "cuda":
-        print("note: CPU run: only smoke figures are meaningful here; speed is measured on CUDA.")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
-    return result
+class Results:
+    """The rows of one suite, written to `out` (JSON) after every row with ``complete: false``;
+    `report` prints the table and writes the final file with ``complete: true``."""
+
+    def __init__(self, suite: str, columns: list[str], device, ceiling: dict, out: Path | None):
+        self.suite, self.columns, self.device, self.out = suite, columns, device, out
+        self.rows: list[dict] = []
+        self.result = {"suite": suite, "environment": environment(device), "ceilings": ceiling,
+                       "results": self.rows, "complete": False}
+
+    def add(self, *rows: dict) -> None:
+        self.rows.extend(rows)
+        self.write()
+
+    def write(self) -> None:
+        """Rewrite the JSON (atomically: a kill mid-write leaves the previous file)."""
+        if self.out is None:
+            return
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        tmp.write_text(json.dumps(self.result, indent=2) + "\n")
+        os.replace(tmp, self.out)
+
+    def report(self) -> dict:
+        """Print the table (with a CPU caveat) and write the final JSON when `out` is given."""
+        result, ceiling = self.result, self.result["ceilings"]
+        result["complete"] = True
+        print(f"\n== {self.suite} on {result['environment']['device']} ==")
+        print(
+            f"ceilings: matmul {ceiling['matmul_tflops']:.3g} TFLOP/s ({ceiling['matmul_dtype']}), "
+            f"copy {ceiling['copy_gbps']:.4g} GB/s"
+        )
+        print(format_table(self.rows, self.columns))
+        if torch.device(self.device).type != "cuda":
+            print("note: CPU run: only smoke figures are meaningful here; speed is measured on CUDA.")
+        if self.out is not None:
+            self.write()
+            print(f"wrote {self.out}")
+        return result
+

@@ -6,8 +6,8 @@ the right) are `tl.associative_scan`s over (a, b) pairs, x_t = a_t * x_{t+1} + b
 running value carried between blocks. Masked positions have a = 1, b = 0, so they pass the
 carry through untouched: left, right or interior padding all work. Backward is the transposed
 recurrence, a forward scan in time.
-Whitening: per-block (count, mean, M2) partials combined by the caller (Chan et al.), then one
-elementwise pass; backward the same with (sum g, sum g*(x - mean)).
+Whitening: per-block (count, mean, M2) partials of x / scale combined by the caller (Chan et
+al.), then one elementwise pass; backward the same with (sum g, sum g * whitened x).
 Group advantages: each program holds [BLOCK_G groups, group size] of scores in registers;
 batch statistics (scale="batch") are recomputed by every program with a loop over all groups,
 which is cheap for [B] scores.
@@ -119,13 +119,16 @@ def _gae_bwd_kernel(
 
 
 @triton.jit
-def _moments_kernel(x_ptr, keep_ptr, part_ptr, N, n_prog, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+def _moments_kernel(
+    x_ptr, keep_ptr, scale_ptr, part_ptr, N, n_prog, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     keep = offs < N
     if HAS_MASK:
         keep = keep & (tl.load(keep_ptr + offs, mask=offs < N, other=0) != 0)
-    x = tl.load(x_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+    # moments of x / scale (a power of two, exact): (x - mean)^2 overflows fp32 from 1e19
+    x = tl.load(x_ptr + offs, mask=keep, other=0.0).to(tl.float32) / tl.load(scale_ptr)
     n = tl.sum(keep.to(tl.float32), 0)
     mean = tl.sum(x, 0) / tl.maximum(n, 1.0)
     xc = tl.where(keep, x - mean, 0.0)
@@ -162,10 +165,12 @@ def _whiten_grad_sums_kernel(
     if HAS_MASK:
         keep = keep & (tl.load(keep_ptr + offs, mask=offs < N, other=0) != 0)
     mean = tl.load(stats_ptr)
+    inv_std = tl.load(stats_ptr + 1)
     x = tl.load(x_ptr + offs, mask=keep, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=keep, other=0.0).to(tl.float32)
     tl.store(part_ptr + pid, tl.sum(g, 0))
-    tl.store(part_ptr + n_prog + pid, tl.sum(tl.where(keep, g * (x - mean), 0.0), 0))
+    # g * whitened x, O(g) whatever the scale of x (g * (x - mean) alone can overflow)
+    tl.store(part_ptr + n_prog + pid, tl.sum(tl.where(keep, g * ((x - mean) * inv_std), 0.0), 0))
 
 
 @triton.jit
@@ -173,7 +178,8 @@ def _whiten_bwd_kernel(
     x_ptr, keep_ptr, stats_ptr, g_ptr, grad_x_ptr, N,
     HAS_MASK: tl.constexpr, SHIFT_MEAN: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # stats: mean, inv_std, mean of g, inv_std^3 * sum(g * (x - mean)) / max(n - 1, 1)
+    # stats: mean, inv_std, mean of g, coef = inv_std * sum(g * y) / max(n - 1, 1) with
+    # y = (x - mean) * inv_std (inv_std^3 alone underflows fp32 for x around 1e13)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     keep = offs < N
     if HAS_MASK:
@@ -184,7 +190,7 @@ def _whiten_bwd_kernel(
     coef = tl.load(stats_ptr + 3)
     x = tl.load(x_ptr + offs, mask=keep, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=keep, other=0.0).to(tl.float32)
-    dx = inv_std * (g - g_mean) - coef * (x - mean)
+    dx = inv_std * (g - g_mean) - coef * ((x - mean) * inv_std)
     if not SHIFT_MEAN:
         dx += g_mean
     tl.store(grad_x_ptr + offs, tl.where(keep, dx, 0.0).to(grad_x_ptr.dtype.element_ty), mask=offs < N)
@@ -192,7 +198,9 @@ def _whiten_bwd_kernel(
 
 @triton.jit
 def _batch_moments(s_ptr, n_groups, G, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Mean and std (Bessel) of all n_groups * G scores, two passes over 2-D tiles."""
+    """Mean and std (Bessel) of all n_groups * G scores, three passes over 2-D tiles: the sum,
+    the largest |s - mean|, and the squares of the deviations scaled by it (unscaled squares
+    overflow fp32 from |s - mean| ~ 1e19)."""
     cols = tl.arange(0, BLOCK_M)[None, :]
     total = 0.0
     for g0 in range(0, n_groups, BLOCK_G):
@@ -201,14 +209,31 @@ def _batch_moments(s_ptr, n_groups, G, BLOCK_G: tl.constexpr, BLOCK_M: tl.conste
         total += tl.sum(tl.sum(tl.load(s_ptr + rows * G + cols, mask=ok, other=0.0).to(tl.float32), 1), 0)
     n = n_groups * G
     mean = total / n
+    dmax = 0.0
+    for g0 in range(0, n_groups, BLOCK_G):
+        rows = g0 + tl.arange(0, BLOCK_G)[:, None]
+        ok = (rows < n_groups) & (cols < G)
+        s = tl.load(s_ptr + rows * G + cols, mask=ok, other=0.0).to(tl.float32)
+        dmax = tl.maximum(dmax, tl.max(tl.max(tl.where(ok, tl.abs(s - mean), 0.0), 1), 0))
+    safe = tl.where(dmax > 0, dmax, 1.0)
     m2 = 0.0
     for g0 in range(0, n_groups, BLOCK_G):
         rows = g0 + tl.arange(0, BLOCK_G)[:, None]
         ok = (rows < n_groups) & (cols < G)
         s = tl.load(s_ptr + rows * G + cols, mask=ok, other=0.0).to(tl.float32)
-        d = tl.where(ok, s - mean, 0.0)
+        d = tl.where(ok, (s - mean) / safe, 0.0)
         m2 += tl.sum(tl.sum(d * d, 1), 0)
-    return mean, tl.sqrt(m2 / (n - 1))
+    return mean, safe * tl.sqrt(m2 / (n - 1))
+
+
+@triton.jit
+def _group_std(u, G):
+    """Bessel std of each row of centred u [BLOCK_G, BLOCK_M] (0 outside the group), scaled by
+    the row's max |u| so that u² cannot overflow; exactly 0 for a constant group."""
+    m = tl.max(tl.abs(u), 1)
+    safe = tl.where(m > 0, m, 1.0)
+    r = u / safe[:, None]
+    return safe * tl.sqrt(tl.sum(r * r, 1) / (G - 1))
 
 
 @triton.jit
@@ -218,8 +243,10 @@ def _group_tile(s_ptr, pid, n_groups, G, BLOCK_G: tl.constexpr, BLOCK_M: tl.cons
     ok = (rows < n_groups) & (cols < G)
     offs = rows * G + cols
     s = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    mean = tl.sum(s, 1) / G
-    u = tl.where(ok, s - mean[:, None], 0.0)
+    # deviations from the group's first score, then centred: a constant group gives exactly 0
+    # (fp32 rounding of its mean would leave a residue that 1 / (std + eps) blows up)
+    d = tl.where(ok, s - tl.sum(tl.where(cols == 0, s, 0.0), 1)[:, None], 0.0)
+    u = tl.where(ok, d - (tl.sum(d, 1) / G)[:, None], 0.0)
     return offs, ok, s, u
 
 
@@ -231,8 +258,7 @@ def _group_adv_fwd_kernel(
     offs, ok, s, u = _group_tile(s_ptr, tl.program_id(0), n_groups, G, BLOCK_G, BLOCK_M)
     y = factor * u
     if SCALE == 1:
-        std = tl.sqrt(tl.sum(u * u, 1) / (G - 1))
-        y = y / (std + eps)[:, None]
+        y = y / (_group_std(u, G) + eps)[:, None]
     elif SCALE == 2:
         _, std_b = _batch_moments(s_ptr, n_groups, G, BLOCK_G, BLOCK_M)
         y = y / (std_b + eps)
@@ -251,12 +277,12 @@ def _group_adv_bwd_kernel(
     if SCALE == 0:
         grad = factor * g_centered
     elif SCALE == 1:
-        std = tl.sqrt(tl.sum(u * u, 1) / (G - 1))[:, None]
+        std = _group_std(u, G)[:, None]
         c = std + eps
         gu = tl.sum(g * u, 1)[:, None]
         # d std / d s_i = u_i / ((G - 1) std), taken as 0 for a constant group (std = 0)
         dstd = tl.where(std > 0, u / ((G - 1) * tl.where(std > 0, std, 1.0)), 0.0)
-        grad = factor * (g_centered / c - gu / (c * c) * dstd)
+        grad = factor * (g_centered / c - gu / c / c * dstd)  # c² overflows fp32 at std ~ 1e20
     else:
         mean_b, std_b = _batch_moments(s_ptr, n_groups, G, BLOCK_G, BLOCK_M)
         c = std_b + eps
@@ -270,7 +296,7 @@ def _group_adv_bwd_kernel(
         n = n_groups * G
         safe = tl.where(std_b > 0, std_b, 1.0)
         dstd = tl.where(std_b > 0, (s - mean_b) / ((n - 1) * safe), 0.0)
-        grad = factor * (g_centered / c - gu / (c * c) * dstd)
+        grad = factor * (g_centered / c - gu / c / c * dstd)
     tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
@@ -315,15 +341,20 @@ def gae_backward(keep, shape, gamma: float, lam: float, grad_adv, grad_ret, r_dt
     return grad_r, grad_v
 
 
-def masked_moments(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """x [N] contiguous -> per-block partials [3, P] fp32: (count, mean, M2)."""
+def masked_moments(x: torch.Tensor, keep: torch.Tensor | None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N] contiguous -> per-block partials [3, P] fp32: (count, mean, M2) of x / scale.
+
+    scale: 0-d/[1] fp32 on x's device (a power of two keeps it exact), None for 1.
+    """
     n = x.numel()
     n_prog = max(triton.cdiv(n, _BLOCK), 1)
     part = torch.zeros((3, n_prog), device=x.device, dtype=torch.float32)
     if n == 0:
         return part
+    if scale is None:
+        scale = torch.ones(1, device=x.device, dtype=torch.float32)
     _moments_kernel[(n_prog,)](
-        x, keep if keep is not None else x, part, n, n_prog,
+        x, keep if keep is not None else x, scale, part, n, n_prog,
         HAS_MASK=keep is not None, BLOCK=_BLOCK, num_warps=_WARPS,
     )
     return part
@@ -342,7 +373,7 @@ def whiten_apply(x, keep, stats, shift_mean: bool) -> torch.Tensor:
 
 
 def whiten_grad_sums(x, keep, stats, grad) -> torch.Tensor:
-    """Per-block partials [2, P] fp32: (sum g, sum g * (x - mean)) over valid entries."""
+    """Per-block partials [2, P] fp32: (sum g, sum g * (x - mean) * inv_std) over valid entries."""
     n = x.numel()
     n_prog = max(triton.cdiv(n, _BLOCK), 1)
     part = torch.zeros((2, n_prog), device=x.device, dtype=torch.float32)
@@ -355,7 +386,8 @@ def whiten_grad_sums(x, keep, stats, grad) -> torch.Tensor:
 
 
 def whiten_backward_apply(x, keep, stats, grad, shift_mean: bool) -> torch.Tensor:
-    """stats [4] = (mean, inv_std, mean g, coef) -> d x [N] in x's dtype, 0 where masked."""
+    """stats [4] = (mean, inv_std, mean g, coef) -> d x [N] in x's dtype, 0 where masked:
+    ``dx = inv_std * (g - mean g) - coef * (x - mean) * inv_std``."""
     n = x.numel()
     grad_x = torch.empty_like(x)
     if n:

@@ -35,10 +35,11 @@ def kl_token(logp, ref_logp, clamp, ESTIMATOR: tl.constexpr):
         kl = 0.5 * r * r
         d_logp = -r
     else:
-        rc = tl.minimum(tl.maximum(r, -clamp), clamp)
+        # NaN-propagating clamp (GPU min/max drop NaN); a NaN r keeps a NaN derivative
+        rc = tl.clamp(r, -clamp, clamp, propagate_nan=tl.PropagateNan.ALL)
         e = tl.exp(rc)
         kl = e - rc - 1.0
-        d_logp = tl.where((r >= -clamp) & (r <= clamp), 1.0 - e, 0.0)
+        d_logp = tl.where(((r >= -clamp) & (r <= clamp)) | (r != r), 1.0 - e, 0.0)
     return kl, d_logp
 
 

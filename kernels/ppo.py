@@ -39,13 +39,16 @@ def ppo_token(
     `clipped`/`dual_clipped` are 0/1 floats: the clip (dual clip) set the loss and cut its
     gradient. approx_kl = ratio - 1 - log(ratio), the k3 estimate of KL(old || new).
     """
-    lr = tl.minimum(tl.maximum(log_ratio, -log_ratio_clamp), log_ratio_clamp)
+    # PropagateNan.ALL: GPU min/max drop a NaN operand, which would turn a NaN log-prob into
+    # a finite loss; torch.clamp/maximum (the reference) propagate it
+    lr = tl.clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp, propagate_nan=tl.PropagateNan.ALL)
     ratio = tl.exp(lr)
     unclipped = -adv * ratio
-    clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-    loss = tl.maximum(unclipped, clipped)
+    clipped = -adv * tl.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high, propagate_nan=tl.PropagateNan.ALL)
+    loss = tl.maximum(unclipped, clipped, propagate_nan=tl.PropagateNan.ALL)
     live = (unclipped >= clipped) & (log_ratio >= -log_ratio_clamp) & (log_ratio <= log_ratio_clamp)
     d_logp = tl.where(live, unclipped, 0.0)  # d(-A*exp(lr))/dlogp = -A*ratio
+    d_logp = tl.where(log_ratio != log_ratio, log_ratio, d_logp)  # a NaN token gets a NaN gradient
     is_clipped = tl.where(clipped > unclipped, 1.0, 0.0)
     is_dual = tl.zeros_like(loss)
     if HAS_DUAL:
@@ -69,15 +72,26 @@ def value_token(values, old_values, returns, clip, HAS_CLIP: tl.constexpr):
     d_values = err
     is_clipped = tl.zeros_like(loss)
     if HAS_CLIP:
-        v_clip = tl.minimum(tl.maximum(values, old_values - clip), old_values + clip)
+        # NaN-propagating (see ppo_token): a NaN old value makes the loss and gradient NaN
+        v_clip = tl.minimum(
+            tl.maximum(values, old_values - clip, propagate_nan=tl.PropagateNan.ALL),
+            old_values + clip, propagate_nan=tl.PropagateNan.ALL,
+        )
         err_clip = v_clip - returns
         loss_clip = 0.5 * err_clip * err_clip
         take_clip = loss_clip > loss
-        loss = tl.where(take_clip, loss_clip, loss)
+        loss = tl.maximum(loss, loss_clip, propagate_nan=tl.PropagateNan.ALL)
         # the clipped branch wins only when V is outside the clip range: zero gradient
         d_values = tl.where(take_clip, 0.0, d_values)
+        d_values = tl.where(loss_clip != loss_clip, loss_clip, d_values)
         is_clipped = tl.where(take_clip, 1.0, 0.0)
     return loss, d_values, is_clipped
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    # tl.max drops NaN like GPU fmaxf; torch.amax (the reference) keeps it
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -131,7 +145,7 @@ def _ppo_fwd_kernel(
     tl.store(out + 3 * n_prog, tl.sum(dual * k, 0))
     tl.store(out + 4 * n_prog, tl.sum(tl.where(keep, approx_kl, 0.0), 0))
     tl.store(out + 5 * n_prog, tl.sum(tl.where(keep, ratio, 0.0), 0))
-    tl.store(out + 6 * n_prog, tl.max(tl.where(keep, ratio, 0.0), 0))
+    tl.store(out + 6 * n_prog, tl.reduce(tl.where(keep, ratio, 0.0), 0, _max_keep_nan))
 
 
 @triton.jit

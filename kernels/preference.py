@@ -24,7 +24,7 @@ _WARPS = 4
 @triton.jit
 def softplus(x):
     """log(1 + exp(x)) without overflow: max(x, 0) + log(1 + exp(-|x|))."""
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
 @triton.jit
@@ -47,8 +47,10 @@ def preference_pair(h, beta, gamma, smoothing, LOSS_TYPE: tl.constexpr):
         d_h = 2.0 * d
     elif LOSS_TYPE == 2:
         z = beta * h
-        loss = tl.maximum(1.0 - z, 0.0)
+        # NaN-propagating, as torch.relu: a NaN margin is never a zero loss
+        loss = tl.maximum(1.0 - z, 0.0, propagate_nan=tl.PropagateNan.ALL)
         d_h = tl.where(z < 1.0, -beta, 0.0)
+        d_h = tl.where(z != z, z, d_h)
     else:
         z = beta * h - gamma
         sig_neg = stable_sigmoid(-z)

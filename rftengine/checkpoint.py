@@ -7,55 +7,55 @@ train state holds, with the RNG states of python, numpy, torch CPU and CUDA) and
 LoRA run holds its adapters (adapter_config.json, adapter_model.safetensors) instead of the
 full weights: the base is the run's `model`, which a resumed run wraps again.
 
+`trainer_state.pt` holds plain data only (tensors, numbers, strings, lists, dicts) and is read
+with `torch.load(weights_only=True)`: resuming from a checkpoint someone else wrote cannot run
+code. Tensors that stay fixed for a stretch of the run (`FixedTensors` in the state's `extra`,
+the weights of CAI's stage reference) go to `<name>.safetensors` beside it instead: written by
+the first checkpoint that holds them and hard-linked (copied where links are not supported)
+into each later checkpoint with the same key. So they are on disk once, yet every checkpoint is
+complete on its own: pruning an older one removes a link, not the data.
+
 Writing goes into a hidden temporary directory beside the final one; every file is fsynced and
-the directory is then renamed into place, so a crash at any moment leaves either the previous
-checkpoints untouched or the new one complete, never a half-written `checkpoint-N`.
+read back (safetensors headers, the state's zip directory), and the directory is then renamed
+into place, so a crash at any moment leaves either the previous checkpoints untouched or the new
+one complete, never a half-written `checkpoint-N`. Pruning renames a checkpoint to a hidden name
+before deleting it, for the same reason. A full disk is a one-line error that keeps the
+previous checkpoints; weights holding NaN or inf are never written.
+
+Resuming from an output directory takes the newest checkpoint that loads, and says which newer
+ones it skipped and why (`load_resume`); a checkpoint named explicitly must load.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import random
+import pickle
+import re
 import shutil
+import sys
 import uuid
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rftengine.config import UserError
+from rftengine.methods.common import FixedTensors, capture_rng_state, restore_rng_state
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 MARKER = "rftengine_checkpoint.json"
 STATE_FILE = "trainer_state.pt"
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside the adapter weights
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: trainer_state.pt is plain data (weights_only), FixedTensors as safetensors
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "adapter_model.safetensors")
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG a training step can draw from: python, numpy, torch CPU and (if present) CUDA."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +76,21 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
             f"{what} directory {path} has no weights (expected model.safetensors, a sharded "
             "model-*.safetensors with its index, or pytorch_model.bin)"
         )
+    for file in sorted(path.glob("*.safetensors")):
+        _check_safetensors(file)
     return path
+
+
+def _check_safetensors(path: Path) -> None:
+    """UserError unless `path` is a whole safetensors file: its header parses and covers the
+    file (reads the header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt"):
+            pass
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: the file is unusable either way
+        raise UserError(f"{path} is truncated or not a safetensors file ({exc})") from None
 
 
 def check_tokenizer_dir(path: str | Path, what: str = "tokenizer") -> Path:
@@ -128,30 +142,54 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _hide(path: Path) -> Path:
+    """Rename `path` to a hidden temporary sibling (one atomic step) and return the new name."""
+    hidden = path.parent / f"{TMP_PREFIX}old-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, hidden)
+    return hidden
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory so that a kill at any moment leaves no half-deleted
+    `checkpoint-N` that still looks complete: hidden first, then removed (a leftover hidden
+    directory is cleared by the next writer)."""
+    hidden = _hide(path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Atomically put `tmp` at `final`; an existing `final` is moved aside first and then removed."""
     parent = final.parent
-    old = None
-    if final.exists():
-        old = parent / f"{TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
+    old = _hide(final) if final.exists() else None
     os.replace(tmp, final)
     _fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def _write_atomically(final: Path, write) -> Path:
-    """Run `write(tmp_dir)` into a hidden sibling of `final`, fsync it, rename it into place."""
+    """Run `write(tmp_dir)` into a hidden sibling of `final`, fsync it, rename it into place.
+
+    A full disk (or quota) is a UserError naming the directory; the temporary directory is
+    removed and whatever was at `final` before is untouched."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         write(tmp)
         _fsync_tree(tmp)
         _replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            raise UserError(
+                f"{os.strerror(exc.errno).lower()} while writing {final.name} in output_dir {final.parent}: "
+                "nothing was replaced and the previous checkpoints are kept; free some space and resume"
+            ) from None
         raise
     return final
 
@@ -178,6 +216,126 @@ def save_model_dir(path: Path, model, tokenizer) -> None:
         tokenizer.save_pretrained(path)
 
 
+def require_finite_weights(model, what: str) -> None:
+    """UserError naming the first parameter or buffer of `model` that holds NaN or inf: such
+    weights are never written (`what` names what was about to be written). One host sync."""
+    tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    if not tensors:
+        return
+    device = tensors[0][1].device
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in tensors]).cpu()
+    if not bool(finite.all()):
+        name = tensors[int((~finite).nonzero()[0])][0]
+        raise UserError(
+            f"refusing to write {what}: weight {name} holds NaN or inf values (the training diverged); "
+            "the previous checkpoints are kept"
+        )
+
+
+_PLAIN_SCALARS = (int, float, str, bool, type(None))
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _require_plain(obj, where: str) -> None:
+    """ValueError naming the first entry of `obj` that `torch.load(weights_only=True)` would
+    refuse, before anything is written (rather than a checkpoint that fails at resume)."""
+    # Exact types: a subclass (numpy's float64, an IntEnum) pickles as its own class, which
+    # weights_only refuses.
+    if type(obj) in _PLAIN_SCALARS or type(obj) in (torch.Tensor, torch.nn.Parameter):
+        return
+    if type(obj) in (dict, OrderedDict):
+        for key, value in obj.items():
+            if not isinstance(key, (int, str)):
+                raise ValueError(f"trainer state {where} has a key of type {type(key).__name__}: {key!r}")
+            _require_plain(value, f"{where}[{key!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            _require_plain(value, f"{where}[{i}]")
+        return
+    raise ValueError(
+        f"trainer state {where} is a {type(obj).__name__}: a checkpoint holds plain data only "
+        "(tensors, numbers, strings, lists, dicts; FixedTensors directly in extra)"
+    )
+
+
+def _split_fixed(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, FixedTensors]]:
+    """`state` with each `FixedTensors` in `state["extra"]` replaced by a reference to the file
+    that holds it (`{"type": "FixedTensors", "file": "<name>.safetensors", "key": key}`), and
+    those FixedTensors by file name."""
+    extra = state.get("extra") if isinstance(state, Mapping) else None
+    if not isinstance(extra, Mapping):
+        return dict(state), {}
+    fixed, plain_extra = {}, {}
+    for name, value in extra.items():
+        if isinstance(value, FixedTensors):
+            if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+                raise ValueError(f"trainer state extra key {name!r} holds FixedTensors but is not a file name")
+            file = f"{name}.safetensors"
+            fixed[file] = value
+            plain_extra[name] = {"type": "FixedTensors", "file": file, "key": value.key}
+        else:
+            plain_extra[name] = value
+    return {**state, "extra": plain_extra}, fixed
+
+
+def _fixed_key(path: Path) -> str | None:
+    """The key a FixedTensors file was written with, or None (no file, or not a readable one)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("key")
+    except Exception:  # noqa: BLE001 - a damaged earlier file is simply written anew
+        return None
+
+
+def _write_fixed(dest: Path, fixed: FixedTensors, previous: Path | None) -> None:
+    """`fixed` as safetensors at `dest`: a hard link to the previous checkpoint's file when that
+    holds the same key (a copy where the filesystem has no hard links), else written anew."""
+    from safetensors.torch import save_file
+
+    source = previous / dest.name if previous is not None else None
+    if source is not None and _fixed_key(source) == fixed.key:
+        try:
+            os.link(source, dest)
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise
+            shutil.copyfile(source, dest)
+        return
+    # safetensors refuses tensors that share memory (tied embeddings): each view is stored once
+    # and the names that alias it are listed in the metadata.
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in fixed.tensors.items():
+        view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and view in seen:
+            aliases[name] = seen[view]
+        else:
+            seen[view] = name
+            tensors[name] = t.detach().contiguous()
+    save_file(tensors, dest, metadata={"key": fixed.key, "aliases": json.dumps(aliases)})
+
+
+def _load_fixed(path: Path, key: str) -> FixedTensors:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise DamagedCheckpoint(f"{path} is missing")
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("key") != key:
+        raise DamagedCheckpoint(f"{path} holds tensors with key {metadata.get('key')!r}, the state names {key!r}")
+    tensors = load_file(path)
+    try:
+        for alias, name in json.loads(metadata.get("aliases", "{}")).items():
+            tensors[alias] = tensors[name]
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise DamagedCheckpoint(f"{path}: unreadable aliases in its metadata ({exc!r})") from None
+    return FixedTensors(key, tensors)
+
+
 def save_checkpoint(
     output_dir: str | Path,
     *,
@@ -187,31 +345,52 @@ def save_checkpoint(
     tokenizer,
     state: dict[str, Any],
     keep_last: int = 2,
+    files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `output_dir/checkpoint-<step>` atomically and keep only the newest `keep_last`.
 
     `state` is everything besides the policy weights that resuming needs (the method's train
-    state: optimizer, scheduler, data position, value head, KL controller ...); the RNG states
-    are added here, at the moment of saving.
+    state: optimizer, scheduler, data position, value head, KL controller ...): plain data, and
+    `FixedTensors` directly in `state["extra"]`, which go to their own safetensors file; the RNG
+    states are added here, at the moment of saving. Refuses (UserError) weights holding NaN or
+    inf; a full disk is a UserError; either way the previous checkpoints stay as they were.
     """
     output_dir = Path(output_dir)
-    _remove_stale_tmp(output_dir)
-    payload = {"state": state, "rng": rng_state(), "step": step, "method": method}
+    require_finite_weights(model, f"{PREFIX}{step}")
+    plain_state, fixed = _split_fixed(state)
+    payload = {"state": plain_state, "rng": capture_rng_state(), "step": step, "method": method}
+    _require_plain(payload, "payload")
     marker = {"method": method, "step": step, "format_version": FORMAT_VERSION}
+    _remove_stale_tmp(output_dir)
+    previous = latest_checkpoint(output_dir)
 
     def write(tmp: Path) -> None:
         save_model_dir(tmp, model, tokenizer)
-        torch.save(payload, tmp / STATE_FILE)
+        for name, text in (files or {}).items():  # text files kept with it (the CLI's run_config.yaml)
+            (tmp / name).write_text(text, encoding="utf-8")
+        for file, tensors in fixed.items():
+            _write_fixed(tmp / file, tensors, previous)
+        # A file object, not a path: torch's own writer reports a full disk as a RuntimeError
+        # without errno; Python's file raises OSError(ENOSPC).
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(payload, f)
+        try:
+            _check_files(tmp)  # read back: a writer that lost bytes silently must not be committed
+        except DamagedCheckpoint as exc:
+            raise UserError(
+                f"{PREFIX}{step} in output_dir {output_dir} did not write correctly ({exc}); is the disk full? "
+                "the previous checkpoints are kept"
+            ) from None
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
     final = _write_atomically(output_dir / f"{PREFIX}{step}", write)
     for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
     return final
 
 
 def _remove_stale_tmp(output_dir: Path) -> None:
-    """Leftovers of a writer that died mid-checkpoint (one writer per output_dir)."""
+    """Leftovers of a writer that died mid-checkpoint or mid-pruning (one writer per output_dir)."""
     if output_dir.is_dir():
         for p in output_dir.iterdir():
             if p.is_dir() and p.name.startswith(TMP_PREFIX):
@@ -233,13 +412,18 @@ class Checkpoint:
     rng: dict[str, Any]
 
     def restore_rng(self) -> None:
-        set_rng_state(self.rng)
+        restore_rng_state(self.rng)
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose files do not load: torn, truncated, missing, or holding more than plain
+    data. Resuming from an output directory skips it for an older one."""
 
 
 def resolve_resume(target: str | Path) -> Path:
     """A checkpoint directory, or an output directory whose newest checkpoint is taken."""
     target = Path(target)
-    if (target / MARKER).is_file():
+    if _is_checkpoint_dir(target):
         return target
     if not target.exists():
         raise UserError(f"resume: directory not found: {target}")
@@ -249,16 +433,68 @@ def resolve_resume(target: str | Path) -> Path:
     return latest
 
 
+def _is_checkpoint_dir(path: Path) -> bool:
+    """A checkpoint (complete or not), as opposed to an output directory that holds checkpoints."""
+    return (path / MARKER).is_file() or (_step_of(path) is not None and path.is_dir() and not list_checkpoints(path))
+
+
+def load_resume(target: str | Path, method: str) -> Checkpoint:
+    """The checkpoint `--resume` continues from.
+
+    `target` is a checkpoint directory: that checkpoint, or a UserError saying why it does not
+    load. `target` is an output directory: its newest checkpoint that loads; each newer one that
+    is damaged (`DamagedCheckpoint`: torn, truncated, missing or unsafe files, as a kill mid-write
+    or mid-pruning may leave) is skipped with a line on stderr saying which and why. Other errors
+    (a checkpoint of another method or format) are raised, not skipped.
+    """
+    target = Path(target)
+    if _is_checkpoint_dir(target):
+        return load_checkpoint(target, method)
+    found = list_checkpoints(resolve_resume(target).parent)
+    for path in reversed(found):
+        try:
+            return load_checkpoint(path, method)
+        except DamagedCheckpoint as exc:
+            print(f"rftengine: warning: skipping checkpoint {path}, it does not load: {exc}",
+                  file=sys.stderr, flush=True)
+    raise UserError(f"resume: no checkpoint in {target} loads ({len(found)} tried, each skipped above)")
+
+
+def _check_files(path: Path) -> None:
+    """The files of checkpoint `path` are whole: weights, adapters and FixedTensors (safetensors
+    headers) and the state (its zip directory, which a truncated file has lost). Cheap: no
+    tensor data is read."""
+    try:
+        check_model_dir(path, "checkpoint")  # every *.safetensors in it, stage references included
+    except UserError as exc:
+        raise DamagedCheckpoint(str(exc)) from None
+    state = path / STATE_FILE
+    if not state.is_file():
+        raise DamagedCheckpoint(f"{state} is missing")
+    try:
+        zipfile.ZipFile(state).close()
+    except (zipfile.BadZipFile, OSError) as exc:
+        size = state.stat().st_size if state.exists() else 0
+        what = "empty" if size == 0 else "truncated or corrupt"
+        raise DamagedCheckpoint(f"{state} is {what} ({exc})") from None
+
+
 def load_checkpoint(path: str | Path, method: str) -> Checkpoint:
-    """Read a checkpoint written by `save_checkpoint`; a checkpoint of another method is an error."""
+    """Read a checkpoint written by `save_checkpoint`; a checkpoint of another method is an error.
+
+    `trainer_state.pt` is read with `weights_only=True`: a file that holds anything but plain
+    data is refused (DamagedCheckpoint), never unpickled. Damaged files raise DamagedCheckpoint
+    naming the file."""
     path = Path(path)
     marker_path = path / MARKER
     if not marker_path.is_file():
         raise UserError(f"{path} is not a complete rftengine checkpoint (no {MARKER})")
     try:
         marker = json.loads(marker_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{marker_path}: unreadable checkpoint marker ({exc.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DamagedCheckpoint(f"{marker_path}: unreadable checkpoint marker ({exc})") from None
+    if not isinstance(marker, dict):
+        raise DamagedCheckpoint(f"{marker_path}: unreadable checkpoint marker (not a JSON object)")
     if marker.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"{path}: checkpoint format version {marker.get('format_version')!r}, this rftengine reads {FORMAT_VERSION}"
@@ -268,10 +504,30 @@ def load_checkpoint(path: str | Path, method: str) -> Checkpoint:
             f"{path} is a checkpoint of method '{marker.get('method')}', but this run's method is '{method}'; "
             "resume with the config that wrote it, or start a new output_dir"
         )
-    check_model_dir(path, "checkpoint")
-    # weights_only=False: the payload holds numpy/python RNG states; the file is our own checkpoint.
-    payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    return Checkpoint(path=path, step=int(payload["step"]), method=method, state=payload["state"], rng=payload["rng"])
+    _check_files(path)
+    state_path = path / STATE_FILE
+    try:
+        payload = torch.load(state_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = ("it holds more than plain data (tensors, numbers, strings, lists, dicts), and unpickling "
+                      "it could run arbitrary code: refused (unsafe)")
+        raise DamagedCheckpoint(f"{state_path}: {reason}") from None
+    except Exception as exc:  # noqa: BLE001 - RuntimeError, EOFError ...: the file is unusable either way
+        raise DamagedCheckpoint(f"{state_path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or not {"step", "state", "rng"} <= set(payload):
+        raise DamagedCheckpoint(f"{state_path} does not hold an rftengine trainer state")
+    state = payload["state"]
+    extra = state.get("extra") if isinstance(state, dict) else None
+    if isinstance(extra, dict):
+        for name, value in extra.items():
+            if isinstance(value, dict) and value.get("type") == "FixedTensors":
+                file = str(value.get("file"))
+                if not _SAFE_NAME.fullmatch(file):
+                    raise DamagedCheckpoint(f"{state_path}: extra[{name!r}] names an invalid file {file!r}")
+                extra[name] = _load_fixed(path / file, str(value.get("key")))
+    return Checkpoint(path=path, step=int(payload["step"]), method=method, state=state, rng=payload["rng"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,4 +550,5 @@ def export_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False
     """
     if merge_lora and _is_peft(model):
         model = model.merge_and_unload()
+    require_finite_weights(model, str(out_dir))
     return _write_atomically(Path(out_dir), lambda tmp: save_model_dir(tmp, model, tokenizer))

@@ -1,11 +1,14 @@
 """The `rftengine` command: train from files, run the benchmarks, run the demo.
 
-    rftengine train CONFIG.yaml [key=value ...] [--resume [DIR]]
+    rftengine train CONFIG.yaml [key=value ...] [--resume [DIR]] [--debug]
     rftengine bench [--suite kernels|losses|generate|all] [--quick]
     rftengine demo [demo options]
 
-A user error (missing file, bad config or data, wrong checkpoint) prints what went wrong and
-where, without a traceback, and exits with status 1.
+A user error (missing or unreadable file, bad config or data, wrong checkpoint) prints what
+went wrong and where, without a traceback, and exits with status 1; `--debug` (or
+RFTENGINE_DEBUG=1) shows the traceback instead. SIGINT (Ctrl-C) or SIGTERM during training
+finishes the step in progress, writes a checkpoint and exits with 130 or 143, printing the
+command that resumes; a second signal aborts at once.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ import inspect
 import json
 import os
 import random
+import shlex
+import shutil
+import signal
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -30,19 +38,36 @@ import yaml
 
 from rftengine.checkpoint import (
     ADAPTER_CONFIG,
+    PREFIX,
     Checkpoint,
     check_model_dir,
     check_tokenizer_dir,
     export_model,
+    latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
+    load_resume,
     quiet_transformers,
-    resolve_resume,
     save_checkpoint,
 )
-from rftengine.config import RunConfig, UserError, closest, is_function_spec, load_run_config, method_config
+from rftengine.config import (
+    RESUME_RUN_KEYS,
+    RESUME_TRAIN_KEYS,
+    RunConfig,
+    UserError,
+    closest,
+    is_function_spec,
+    load_run_config,
+    method_config,
+    read_text,
+    yaml_load,
+)
 from rftengine.datasets import load_preferences, load_prompts
-from rftengine.metrics import MetricsWriter, plot_metrics
+from rftengine.methods.common import STOP, TrainingInterrupted
+from rftengine.metrics import CSV_NAME, JSONL_NAME, MetricsWriter, plot_metrics
+
+RUN_CONFIG = "run_config.yaml"  # the fully resolved config, in output_dir and in every checkpoint
+ABANDONED_DIR = "abandoned"  # output_dir/abandoned/<time>/: checkpoints of a run a resume branched from
+PATH_KEYS = ("model", "data", "tokenizer", "reference", "reward", "judge", "constitution")
 
 BENCH_SUITES = {
     "kernels": ("bench_logprobs", "bench_linear_logprobs", "bench_fused_heads"),
@@ -55,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rftengine", description="Reinforcement finetuning of language models: train, bench, demo."
     )
+    debug_help = "show the traceback of an error instead of the one-line message (also: RFTENGINE_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,demo}")
 
     train = sub.add_parser("train", help="train from a YAML config (method: reward, ppo, grpo, rloo, dpo, rlaif, cai)")
@@ -62,8 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override config values, dotted for sections (train.beta=0.2); values are YAML")
     train.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
-                       help="continue from the newest checkpoint in output_dir, or from DIR "
-                            "(a checkpoint or an output directory)")
+                       help="continue from the newest checkpoint in output_dir, or from DIR (a checkpoint or an "
+                            "output directory). Resuming from a checkpoint older than the newest in output_dir "
+                            "starts a new branch: the newer ones are moved to output_dir/abandoned/<time>/. "
+                            "Only these settings may differ from the checkpoint's run, and apply from the next "
+                            f"step: {', '.join(RESUME_RUN_KEYS)} and, under train, {', '.join(RESUME_TRAIN_KEYS)}; "
+                            "other changes are refused. Ctrl-C or SIGTERM writes a checkpoint of the step in "
+                            "progress and prints the command that resumes")
+    # SUPPRESS: an unset flag here must not overwrite `rftengine --debug train ...`.
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     train.set_defaults(func=cmd_train)
 
     bench = sub.add_parser("bench", help="run the kernel, loss and generation benchmarks and print their tables")
@@ -97,14 +131,96 @@ def main(argv: list[str] | None = None) -> int:
             extra = [a for a in extra if a.startswith("-")]
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = bool(getattr(args, "debug", False))
+    debug_env = debug or _debugging()
     try:
-        return int(args.func(args) or 0)
+        with _debug_mode(debug):
+            return int(args.func(args) or 0)
     except UserError as exc:
+        if debug_env:
+            raise
         print(f"rftengine {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # The environment, not the code: an unwritable output_dir, a file that vanished, a full disk.
+        if debug_env:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"rftengine {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as exc:
+        _report_interruption(exc, args)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"rftengine {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _report_interruption(exc: TrainingInterrupted, args) -> None:
+    """What a stop by SIGINT/SIGTERM left on disk, and the exact command that resumes it."""
+    name = signal.Signals(exc.signum).name
+    latest = latest_checkpoint(exc.output_dir)
+    if exc.checkpointed:
+        what = f"after step {exc.step}; checkpoint written: {exc.output_dir / f'{PREFIX}{exc.step}'}"
+    elif latest is not None:
+        what = f"at step {exc.step} with nothing new to save; the newest checkpoint is {latest}"
+    else:
+        what = "before the first step; nothing was saved"
+    print(f"rftengine train: stopped by {name} {what}", file=sys.stderr)
+    command = shlex.join(["rftengine", "train", args.config, *args.overrides])
+    if latest is not None:
+        print(f"resume with: {command} --resume", file=sys.stderr)
+    else:
+        print(f"start again with: {command}", file=sys.stderr)
+
+
+def _debugging() -> bool:
+    return bool(os.environ.get("RFTENGINE_DEBUG"))
+
+
+@contextmanager
+def _debug_mode(on: bool):
+    """RFTENGINE_DEBUG=1 for the duration of a `--debug` command (what `_as_user_error` reads)."""
+    if not on:
+        yield
+        return
+    before = os.environ.get("RFTENGINE_DEBUG")
+    os.environ["RFTENGINE_DEBUG"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RFTENGINE_DEBUG"]
+        else:
+            os.environ["RFTENGINE_DEBUG"] = before
+
+
+@contextmanager
+def stop_on_signals():
+    """Around training: the first SIGINT or SIGTERM sets `STOP`, so that the training loop
+    finishes the step in progress, writes a checkpoint and raises TrainingInterrupted; a second
+    one raises KeyboardInterrupt at once (the checkpoint being written, if any, is discarded
+    whole). The previous handlers are restored after. Outside the main thread, where handlers
+    cannot be installed, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if STOP.signum is not None:
+            raise KeyboardInterrupt
+        STOP.signum = signum
+        # os.write, not print: the handler may run in the middle of a print to stderr (tqdm).
+        os.write(2, f"\nrftengine train: {signal.Signals(signum).name} received: stopping after the current "
+                    "step and writing a checkpoint (send it again to abort at once)\n".encode())
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        STOP.signum = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +245,7 @@ class Run:
     tokenizer: object
     resume: Checkpoint | None
     writer: MetricsWriter
+    config_text: str = ""  # run_config.yaml: saved into every checkpoint
 
     @property
     def resume_state(self):
@@ -141,6 +258,7 @@ class Run:
         save_checkpoint(
             self.output_dir, step=state.step, method=self.cfg.method, model=state.model,
             tokenizer=self.tokenizer, state=state.state_dict(), keep_last=self.cfg.keep_last,
+            files={RUN_CONFIG: self.config_text},
         )
 
     def policy_path(self) -> str:
@@ -268,11 +386,11 @@ def _load_adapters(model, checkpoint: Path) -> None:
 def _as_user_error(where: str):
     """ValueError/OSError raised while reading the user's inputs -> UserError naming the input.
 
-    Set RFTENGINE_DEBUG=1 to see the original traceback instead."""
+    `--debug` or RFTENGINE_DEBUG=1 shows the original traceback instead."""
     try:
         yield
     except (ValueError, OSError) as exc:
-        if os.environ.get("RFTENGINE_DEBUG"):
+        if _debugging():
             raise
         raise UserError(f"{where}: {exc}") from None
 
@@ -313,6 +431,8 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None) -
     if cfg.lora is not None:
         require_peft()
     output_dir = Path(cfg.output_dir)
+    _check_output_dir(output_dir)
+    resolved = resolved_run_config(cfg, method_cfg)
 
     checkpoint = None
     if resume is None:
@@ -322,7 +442,8 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None) -
                 "continue it, or choose another output_dir (or delete the old one)"
             )
     else:
-        checkpoint = load_checkpoint(resolve_resume(resume or output_dir), cfg.method)
+        checkpoint = load_resume(resume or output_dir, cfg.method)  # skips damaged checkpoints, says which
+        changes = _resume_changes(checkpoint.path, resolved)
 
     # Every input is checked before anything heavy is loaded, so mistakes surface in seconds.
     check_model_dir(cfg.model, "model")
@@ -331,6 +452,8 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None) -
             check_model_dir(getattr(cfg, key), key)
     if cfg.reward is not None and not is_function_spec(cfg.reward):
         check_model_dir(cfg.reward, "reward")
+    if cfg.constitution is not None and Path(cfg.constitution).is_file():
+        read_text(cfg.constitution, "constitution")  # unreadable or not UTF-8: say so before the models load
 
     try:
         device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -338,6 +461,10 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None) -
         raise UserError(f"{config_path}: device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{config_path}: device is {cfg.device!r} but this machine has no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(
+            f"{config_path}: device is {cfg.device!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+        )
     _seed_everything(getattr(method_cfg, "seed", 0))
     tok_dir = check_tokenizer_dir(cfg.tokenizer_path)
     from rftengine.methods.modeling import load_tokenizer
@@ -345,19 +472,28 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None) -
     with _as_user_error(f"tokenizer {tok_dir}"):
         tokenizer = load_tokenizer(tok_dir)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "run_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    if checkpoint is not None:
+        _abandon_newer(output_dir, checkpoint)
+    config_text = yaml.safe_dump(resolved, sort_keys=False)
+    _write_run_config(output_dir, config_text)
     writer = MetricsWriter(
         output_dir, resume_step=checkpoint.step if checkpoint is not None else None, tensorboard=cfg.tensorboard
     )
     run = Run(cfg, config_path, method_cfg, output_dir, device, _torch_dtype(cfg.dtype), tokenizer,
-              checkpoint, writer)
+              checkpoint, writer, config_text)
     start = f"resuming from {checkpoint.path} (step {checkpoint.step})" if checkpoint else "starting"
     print(f"rftengine train: method {cfg.method}, {start}; writing to {output_dir}", flush=True)
     if checkpoint is not None:
+        if changes:
+            print(f"rftengine train: settings changed since {checkpoint.path.name}'s run, applied from step "
+                  f"{checkpoint.step + 1}:", *changes, sep="\n  ", flush=True)
         checkpoint.restore_rng()  # the method's state restores torch and python RNGs again, numpy is ours
     try:
-        model, summary = spec.run(run)
+        with stop_on_signals():
+            model, summary = spec.run(run)
+    except TrainingInterrupted as exc:
+        exc.output_dir = output_dir  # for the message that says what was saved and how to resume
+        raise
     finally:
         writer.close()
 
@@ -375,6 +511,140 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None) -
     return summary
 
 
+def _check_output_dir(output_dir: Path) -> None:
+    """output_dir is a directory, or can be made one, and is writable: checked before anything
+    heavy (an error after an hour of training would lose it)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output_dir {output_dir} is a file, not a directory")
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"output_dir {output_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == output_dir else f" ({existing} is read-only)"
+        raise UserError(f"output_dir {output_dir} is not writable{where}")
+
+
+def _write_run_config(output_dir: Path, text: str) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RUN_CONFIG).write_text(text, encoding="utf-8")
+
+
+def _plain(value):
+    """Config values as YAML-safe plain data: dataclasses as dicts, tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def resolved_run_config(cfg: RunConfig, method_cfg) -> dict:
+    """The run's config with every default filled in, run level and method section alike: a
+    nested stage section (CAI's sft/dpo/rl, RLAIF's ppo/dpo) is the stage config it builds
+    (`<name>_config`); one its mode does not use stays as given."""
+    out = _plain(cfg)
+    train = _plain(method_cfg)
+    for name in train:
+        builder = f"{name}_config"
+        if isinstance(getattr(type(method_cfg), builder, None), property):
+            try:
+                train[name] = _plain(getattr(method_cfg, builder))
+            except ValueError:
+                pass  # a stage this configuration does not train (RLAIF's dpo under algorithm ppo)
+    out["train"] = train
+    return out
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def _same_setting(key: str, then, now) -> bool:
+    if then == now:
+        return True
+    if isinstance(then, float) and isinstance(now, float) and then != then and now != now:
+        return True  # NaN
+    if key in PATH_KEYS and isinstance(then, str) and isinstance(now, str):
+        return Path(then).resolve() == Path(now).resolve()  # the same file, written another way
+    return False
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _resume_changes(checkpoint: Path, resolved: dict) -> list[str]:
+    """The settings this run changes from the run that wrote `checkpoint`, as "key: old -> new"
+    lines; a UserError when one is not among those a resumed run may change (RESUME_RUN_KEYS,
+    RESUME_TRAIN_KEYS at any depth of train): the others change what the checkpoint's training
+    means, or live in its state (the KL controller, cached reference log-probs, generated data),
+    where a new value would be silently ignored."""
+    recorded_path = checkpoint / RUN_CONFIG
+    if not recorded_path.is_file():
+        print(f"rftengine train: note: {checkpoint} records no {RUN_CONFIG} (an older rftengine wrote it): "
+              "settings changed since its run are not checked", flush=True)
+        return []
+    try:
+        recorded = yaml_load(recorded_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, ValueError, OSError) as exc:
+        raise UserError(f"{recorded_path}: unreadable ({exc})") from None
+    then, now = _flatten(recorded), _flatten(resolved)
+    missing = object()
+    # lora is checked against the checkpoint's own adapter_config.json when the policy loads
+    # (`_load_adapters`), which also covers checkpoints that record no run config.
+    changed = [k for k in {**then, **now} if k.split(".")[0] != "lora"
+               and not _same_setting(k, then.get(k, missing), now.get(k, missing))]
+
+    def allowed(key: str) -> bool:
+        parts = key.split(".")
+        return key in RESUME_RUN_KEYS or (parts[0] == "train" and parts[-1] in RESUME_TRAIN_KEYS)
+
+    refused = [k for k in changed if not allowed(k)]
+    if refused:
+        key = refused[0]
+        more = f" (and {', '.join(refused[1:])})" if refused[1:] else ""
+        show = lambda v: "unset" if v is missing else _show(v)  # noqa: E731
+        raise UserError(
+            f"--resume: {checkpoint} was trained with {key} = {show(then.get(key, missing))}, this run sets "
+            f"{show(now.get(key, missing))}{more}. A resumed run may change only {', '.join(RESUME_RUN_KEYS)} "
+            f"and, under train, {', '.join(RESUME_TRAIN_KEYS)}: resume with the checkpoint's settings, or "
+            "start a new run in another output_dir"
+        )
+    return [f"{k}: {_show(then.get(k))} -> {_show(now.get(k))}" for k in changed]
+
+
+def _abandon_newer(output_dir: Path, checkpoint: Checkpoint) -> None:
+    """Resuming from a checkpoint older than the newest in output_dir starts a new branch: the
+    newer checkpoints belong to the run being abandoned, and a later --resume (after a crash of
+    the new branch) must not pick them. They are moved, with a copy of that run's metrics, to
+    output_dir/abandoned/<time>/, where neither --resume nor keep_last pruning looks."""
+    newer = [p for p in list_checkpoints(output_dir) if int(p.name[len(PREFIX):]) > checkpoint.step]
+    if not newer:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = output_dir / ABANDONED_DIR / stamp
+    suffix = 1
+    while dest.exists():
+        suffix += 1
+        dest = output_dir / ABANDONED_DIR / f"{stamp}-{suffix}"
+    dest.mkdir(parents=True)
+    for name in (JSONL_NAME, CSV_NAME):
+        if (output_dir / name).is_file():
+            shutil.copy2(output_dir / name, dest / name)
+    for path in newer:
+        os.replace(path, dest / path.name)
+    names = ", ".join(p.name for p in newer)
+    verb = "are" if len(newer) > 1 else "is"
+    print(f"rftengine train: {names} {verb} newer than {checkpoint.path.name}: resuming from it starts a new "
+          f"branch, so they were moved to {dest} (with that run's metrics)", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # one runner per method: load the method's data and models, call its train_* function
 
@@ -390,10 +660,11 @@ def _is_reward_model_dir(path: Path) -> bool:
 
     if (path / VALUE_HEAD_FILE).is_file():
         return True
+    text = read_text(path / "config.json", "model config")  # not UTF-8: a UserError naming the file
     try:
-        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
-    except (OSError, json.JSONDecodeError):
-        return False
+        architectures = json.loads(text).get("architectures") or []
+    except (ValueError, AttributeError):
+        return False  # not a reward model's config: loading it as a judge gives the error
     return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
@@ -426,6 +697,8 @@ def _import_function(spec: str, config_dir: Path):
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UserError(f"reward {spec}: cannot import module '{module_name}' ({exc})") from None
+    except SyntaxError as exc:
+        raise UserError(f"reward {spec}: {exc.filename}:{exc.lineno}: invalid Python ({exc.msg})") from None
     finally:
         for d in extra:
             sys.path.remove(d)

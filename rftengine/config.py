@@ -30,6 +30,8 @@ import yaml
 
 METHODS = ("reward", "ppo", "grpo", "rloo", "dpo", "rlaif", "cai")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+NEWLINE = ord("\n")
 
 
 class _Loader(yaml.SafeLoader):
@@ -209,7 +211,8 @@ class RunConfig:
                 raise UserError(f"{name} must be a path or null, got {value!r}")
         if not isinstance(self.keep_last, int) or isinstance(self.keep_last, bool) or self.keep_last < 1:
             raise UserError(f"keep_last must be an integer >= 1, got {self.keep_last!r}")
-        if not isinstance(self.device, str):
+        # Anything else (meta, mps, xla ...) would get past torch.device and fail mid-run.
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("export", "merge_lora", "tensorboard", "plot", "progress"):
             if not isinstance(getattr(self, name), bool):
@@ -246,6 +249,14 @@ class RunConfig:
 
 
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+# What `--resume` lets differ from the checkpoint's run (applied from the next step): where and how
+# output is written, the device, how long to train and the optimizer's settings (put into the
+# restored optimizer and schedule). Everything else changes what the checkpoint's training means
+# or is held in its state, so a change is refused rather than half applied.
+RESUME_RUN_KEYS = ("output_dir", "device", "keep_last", "export", "merge_lora", "tensorboard", "plot", "progress")
+RESUME_TRAIN_KEYS = ("max_steps", "num_epochs", "save_every", "learning_rate", "weight_decay", "adam_betas",
+                     "max_grad_norm", "warmup_steps", "lr_scheduler", "max_skipped_steps")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -286,12 +297,35 @@ def _deep_copy(value):
     return value
 
 
+def decode_utf8(data: bytes, where: str, offset: int = 0, with_line: bool = True) -> str:
+    """`data` as UTF-8 text, or a UserError naming `where` and the first bad byte's offset
+    (`offset`: where `data` starts in its file) and, `with_line`, its line in `data`."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = f"offset {offset + exc.start}"
+        if with_line:
+            lineno = data.count(NEWLINE, 0, exc.start) + 1
+            at += f", line {lineno}"
+        raise UserError(f"{where}: not UTF-8 text (byte 0x{data[exc.start]:02x} at {at})") from None
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A user's text file as UTF-8; unreadable or non-UTF-8 files are UserErrors naming it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{what} file {path}: {exc.strerror or exc}") from None
+    return decode_utf8(data, str(path))
+
+
 def read_yaml(path: str | Path, what: str = "config") -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
     try:
-        return yaml_load(path.read_text())
+        return yaml_load(read_text(path, what))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

@@ -7,33 +7,73 @@ Every problem is reported as a UserError that names the file and, for JSONL, the
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from rftengine.config import UserError
+from rftengine.config import UserError, decode_utf8
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line; each record must be a JSON object."""
+    """(line number, record) for every non-blank line; each record must be a JSON object of
+    UTF-8 text (a string holding a lone surrogate, which JSON's \\uXXXX escapes allow but no
+    tokenizer can encode, is rejected here, where the line is known)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append((lineno, record))
+    offset = 0
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                line = decode_utf8(raw, f"{path}:{lineno}", offset, with_line=False)
+                offset += len(raw)
+                if line.strip():
+                    records.append((lineno, _parse_record(line, path, lineno)))
+    except OSError as exc:
+        raise UserError(f"data file {path}: {exc.strerror or exc}") from None
     if not records:
         raise UserError(f"{path}: no records (the file is empty)")
     return records
+
+
+def _parse_record(line: str, path: Path, lineno: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise UserError(f"{path}:{lineno}: JSON nested too deeply (over {sys.getrecursionlimit()} levels)") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    for name, value in record.items():
+        bad = _lone_surrogate([name, value])
+        if bad is not None:
+            raise UserError(  # repr: the name itself may hold the surrogate, which stderr cannot print
+                f"{path}:{lineno}: field {name!r} holds a lone surrogate ({bad}), which is not text: "
+                "fix the \\uXXXX escape"
+            )
+    return record
+
+
+def _lone_surrogate(value) -> str | None:
+    """A lone surrogate (as \\uXXXX) in the strings of `value` (keys included), or None.
+    Iterative: a record may be nested nearly as deep as the recursion limit."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"\\u{ord(item[exc.start]):04x}"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 def _is_messages(value) -> bool:

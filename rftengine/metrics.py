@@ -2,7 +2,10 @@
 
 One row per optimizer step: {"step": N, <metric>: value, ...} with the metric names the methods
 emit (`loss`, `reward/mean`, `kl`, `rewards/accuracies` ...). On resume the rows after the
-checkpoint's step are dropped, so the files read as one uninterrupted run.
+checkpoint's step are dropped, so the files read as one uninterrupted run. metrics.jsonl is the
+record a resume reads back: a torn last line (a kill mid-write) is dropped with a note on
+stderr. metrics.csv is never read back: a resume rewrites it whole from those rows, so a torn
+CSV line goes with it.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
+
+from rftengine.config import UserError
 
 JSONL_NAME = "metrics.jsonl"
 CSV_NAME = "metrics.csv"
@@ -107,8 +113,29 @@ def _tensorboard_writer(log_dir: Path):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics.jsonl. A last line that does not parse is what a kill mid-write
+    leaves: it is dropped, with a note on stderr. A broken line before it is a UserError naming
+    the file and line."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                print(f"rftengine: warning: {path}: dropped a torn last line {number} ({exc.msg}), "
+                      "left by a run killed while writing it", file=sys.stderr, flush=True)
+                break
+            raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
 
 
 def plot_metrics(rows: list[dict], path: str | Path, title: str = "") -> Path | None:

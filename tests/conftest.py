@@ -37,6 +37,16 @@ def backend(request, monkeypatch) -> str:
     return request.param
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on tiny models and tensors, thread hand-off costs more
+    than the work on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -171,7 +171,8 @@ class Generator:
             prompts: a list of B token-id sequences, or a ``[B, L]`` integer tensor with its
                 ``attention_mask`` ``[B, L]`` (bool or 0/1; padding on either side).
             num_samples: responses per prompt; the prompt is prefilled once and shared.
-            max_new_tokens: most tokens per response; longest prompt + this <= max_seq_len.
+            max_new_tokens: most tokens per response; longest prompt + this <= max_seq_len and
+                <= the model's ``config.max_position_embeddings``.
             temperature, top_k, top_p: see `SamplingParams` (temperature > 0; top_k=1 is greedy).
             eos_token_ids: an id or ids that end a response (kept, inside the mask); None or []
                 generates exactly max_new_tokens.
@@ -181,6 +182,9 @@ class Generator:
 
         Returns:
             GenerationOutput (shapes documented there).
+
+        Warns a RuntimeWarning (once per call) when the model produced NaN/inf logits, e.g. from
+        NaN weights; the flag rides on the rollout's existing device-to-host reads (no extra sync).
         """
         params = SamplingParams(temperature, top_k, top_p).validate()
         copies = _check_count("num_samples", num_samples)
@@ -213,6 +217,13 @@ class Generator:
                 f"longest prompt + max_new_tokens must be <= max_seq_len ({self.max_seq_len}), "
                 f"got {plen} + {new_tokens} = {plen + new_tokens}"
             )
+        max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(max_positions, int) and plen + new_tokens > max_positions:
+            # positions past the model's table: RoPE extrapolates silently, learned tables index out of range
+            raise ValueError(
+                f"longest prompt + max_new_tokens must be <= the model's max_position_embeddings "
+                f"({max_positions}), got {plen} + {new_tokens} = {plen + new_tokens}"
+            )
         lengths = prompt_mask.sum(1).repeat_interleave(copies)
         eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
         rollout = self._rollout_static if self.backend == "static" else self._rollout_hf
@@ -222,7 +233,14 @@ class Generator:
                 ids, prompt_mask, copies, new_tokens, params, return_truncated_logprobs,
                 lengths, pad, eos_ids, seed,
             )
-        return _collect(state, ids, prompt_mask, copies, steps)
+        out, nonfinite = _collect(state, ids, prompt_mask, copies, steps)
+        if nonfinite:
+            warnings.warn(
+                "rftengine.generation: the model produced non-finite logits (NaN or inf) in this rollout; "
+                "the affected log-probs are NaN or inf and the tokens arbitrary: check the weights for NaN/inf",
+                RuntimeWarning, stacklevel=3,  # the caller of generate(), past torch.no_grad's wrapper
+            )
+        return out
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -287,9 +305,12 @@ class Generator:
         for live in lives:
             if (rows, live) not in self._graphs:
                 # The warm-up step writes cache column 0 and output column 0: both are reset or
-                # overwritten by the rollout that follows.
+                # overwritten by the rollout that follows. The valid mask of an earlier rollout is
+                # reset too: flash-attn's cache_leftpad = slot + 1 - (valid columns) would come out
+                # negative, an out-of-bounds read.
                 self._state.slot.zero_()
                 self._state.step.zero_()
+                self._cache.valid[:rows].zero_()
                 self._graphs.capture((rows, live), functools.partial(self._decode_step, rows, live, params))
 
     def _rollout_static(
@@ -346,14 +367,17 @@ class Generator:
         return state, steps
 
 
-def _collect(state: RolloutState, ids, prompt_mask, copies: int, steps: int) -> GenerationOutput:
+def _collect(state: RolloutState, ids, prompt_mask, copies: int, steps: int) -> tuple[GenerationOutput, bool]:
+    """The rollout's output, and whether any step produced non-finite logits."""
     rows = ids.shape[0] * copies
     truncated = state.out_truncated
+    # the one host read of the rollout's flags: done rows, then the non-finite flag
+    *done, nonfinite = torch.cat([state.done[:rows], state.nonfinite]).tolist()
     return GenerationOutput(
         sequences=torch.cat([ids.repeat_interleave(copies, dim=0), state.out_tokens[:rows, :steps]], dim=1),
         prompt_mask=prompt_mask.repeat_interleave(copies, dim=0),
         response_mask=state.out_mask[:rows, :steps].clone(),
         logprobs=state.out_logp[:rows, :steps].clone(),
         truncated_logprobs=truncated[:rows, :steps].clone() if truncated is not None else None,
-        finish_reasons=tuple("eos" if d else "length" for d in state.done[:rows].tolist()),
-    )
+        finish_reasons=tuple("eos" if d else "length" for d in done),
+    ), nonfinite

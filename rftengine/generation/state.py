@@ -25,6 +25,8 @@ class RolloutState:
         eos: ``[n_eos]`` int64 ids that end a sequence (may be empty).
         out_tokens ``[rows, columns]`` int64, out_logp / out_truncated ``[rows, columns]`` float32,
         out_mask ``[rows, columns]`` bool: the rollout's outputs, valid up to the current step.
+        nonfinite: ``[1]`` bool, True once a live row's sampled log-prob was NaN or inf, that is
+            its logits held a NaN or +inf (read by the host with ``done``, after the rollout).
     """
 
     def __init__(self, rows: int, columns: int, device: torch.device, with_truncated: bool, n_eos: int):
@@ -42,6 +44,7 @@ class RolloutState:
         self.out_logp = zeros(rows, columns, dtype=torch.float32)
         self.out_truncated = zeros(rows, columns, dtype=torch.float32) if with_truncated else None
         self.out_mask = zeros(rows, columns, dtype=torch.bool)
+        self.nonfinite = zeros(1, dtype=torch.bool)
 
     @property
     def rows(self) -> int:
@@ -67,6 +70,7 @@ class RolloutState:
         self.pad.fill_(pad)
         self.eos.copy_(eos)
         self.out_mask.zero_()
+        self.nonfinite.zero_()
 
 
 def record_token(
@@ -87,6 +91,9 @@ def record_token(
     if truncated is not None:
         state.out_truncated[:n].index_copy_(1, column, torch.where(alive, truncated, 0.0)[:, None])
     state.out_mask[:n].index_copy_(1, column, alive[:, None])
+    # a flag on the device, no sync: the log-prob of the sampled token is NaN/inf exactly when
+    # its row's logits hold a NaN or +inf (a -inf logit alone is a legitimate "never")
+    state.nonfinite.logical_or_((alive & ~torch.isfinite(logp)).any(0, keepdim=True))
     if state.eos.numel():
         state.done[:n].logical_or_((tokens[:, None] == state.eos).any(-1))
     state.tokens[:n].copy_(tokens)

@@ -23,9 +23,11 @@ from rftengine.methods.cai import (
 from rftengine.methods.common import (
     Callback,
     CheckpointFn,
+    NonFiniteStepError,
     RewardFn,
     TrainState,
     batch_indices,
+    call_reward_fn,
     config_from_dict,
     config_to_dict,
     make_optimizer,
@@ -33,6 +35,7 @@ from rftengine.methods.common import (
 )
 from rftengine.methods.data import (
     PreferenceExample,
+    SampledText,
     SequenceBatch,
     collate_preferences,
     decode_responses,
@@ -113,6 +116,7 @@ from rftengine.methods.rlaif import (
     sample_responses,
     train_rlaif,
 )
+from rftengine.methods.rollout import sample_rollout
 from rftengine.methods.sft import (
     SFTConfig,
     SFTResult,
@@ -124,11 +128,11 @@ from rftengine.methods.sft import (
 
 __all__ = [
     # common
-    "Callback", "CheckpointFn", "RewardFn", "TrainState", "batch_indices", "config_from_dict", "config_to_dict",
-    "make_optimizer",
+    "Callback", "CheckpointFn", "NonFiniteStepError", "RewardFn", "TrainState", "batch_indices",
+    "call_reward_fn", "config_from_dict", "config_to_dict", "make_optimizer",
     "make_scheduler",
     # data
-    "PreferenceExample", "SequenceBatch", "collate_preferences", "decode_responses",
+    "PreferenceExample", "SampledText", "SequenceBatch", "collate_preferences", "decode_responses",
     "encode_preferences", "encode_prompt", "encode_response", "has_chat_template",
     "make_sequence_batch", "render_prompt", "render_response", "require_eos", "split_prompt_data",
     # modeling
@@ -139,7 +143,7 @@ __all__ = [
     "RewardConfig", "RewardResult", "RewardScorer", "pairwise_accuracy", "reward_loss",
     "reward_step", "score_pairs", "train_reward_model",
     # ppo / grpo / rloo
-    "KLController", "PPOBatch", "PPOConfig", "PPOContext", "PPOResult", "Rollout",
+    "KLController", "PPOBatch", "PPOConfig", "PPOContext", "PPOResult", "Rollout", "sample_rollout",
     "compute_advantages", "evaluate_reward", "make_ppo_context", "ppo_loss", "rollout", "score", "step", "train_ppo",
     # dpo
     "DPOConfig", "DPOResult", "dpo_batch_loss", "dpo_loss_types", "dpo_step",

@@ -32,6 +32,7 @@ from torch import nn
 from rftengine.methods.common import (
     Callback,
     CheckpointFn,
+    FixedTensors,
     TrainState,
     config_from_dict,
     require_bool,
@@ -41,11 +42,23 @@ from rftengine.methods.common import (
     unwrap_stage_state,
     validate_sampling_fields,
 )
-from rftengine.methods.data import PromptLike, has_chat_template, render_prompt, require_eos, split_prompt_data
+from rftengine.methods.data import (
+    PromptLike,
+    SampledText,
+    has_chat_template,
+    render_prompt,
+    require_eos,
+    split_prompt_data,
+)
 from rftengine.methods.dpo import DPOConfig, train_dpo
 from rftengine.methods.judge import JUDGE_MODES, Judge, _template_fields
-from rftengine.methods.modeling import disable_dropout, freeze, is_peft_model
-from rftengine.methods.ppo import PPOConfig, train_ppo
+from rftengine.methods.modeling import (
+    check_trainable_model,
+    disable_dropout,
+    freeze,
+    is_peft_model,
+)
+from rftengine.methods.ppo import PPOConfig, require_prompt_positions, train_ppo
 from rftengine.methods.rlaif import sample_responses
 from rftengine.methods.sft import SFTConfig, train_sft
 
@@ -321,7 +334,14 @@ class CAIConfig:
 @dataclass
 class CAIExample:
     """One prompt through the three stages: the original response, the sampled principle, the
-    critique and the revision (texts without special tokens)."""
+    critique and the revision (texts without special tokens).
+
+    Generated responses and revisions are ``SampledText``: the ids the policy sampled and
+    whether it ended them, which is what SFT and DPO train on (a revision cut at
+    ``revision_max_new_tokens`` keeps no EOS). The revision's ids were sampled after the
+    revision prompt and are trained as the answer to the original prompt: they are the
+    revision's own sampled ids and finish reason, never a re-tokenisation of its text.
+    """
 
     prompt: PromptLike
     response: str
@@ -330,8 +350,26 @@ class CAIExample:
     revision: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "response": self.response, "principle": self.principle,
-                "critique": self.critique, "revision": self.revision}
+        """Plain data (checkpoints): the texts, plus ``<field>_ids`` / ``<field>_finished`` for
+        the sampled response and revision."""
+        out = {"prompt": self.prompt, "response": str(self.response), "principle": self.principle,
+               "critique": str(self.critique), "revision": str(self.revision)}
+        for name in ("response", "revision"):
+            value = getattr(self, name)
+            if isinstance(value, SampledText):
+                out[f"{name}_ids"] = list(value.token_ids)
+                out[f"{name}_finished"] = value.finished
+        return out
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> CAIExample:
+        """The inverse of ``as_dict``."""
+        record = dict(record)
+        for name in ("response", "revision"):
+            ids, finished = record.pop(f"{name}_ids", None), record.pop(f"{name}_finished", None)
+            if ids is not None:
+                record[name] = SampledText(record[name], ids, bool(finished))
+        return cls(**record)
 
 
 def _stage_prompt(tokenizer, prompt: PromptLike, turns: list[tuple[str, str]], template: str, **fields) -> PromptLike:
@@ -381,21 +419,24 @@ def generate_revisions(
         policy.eval()
     sampling = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p}
 
-    def run(stage_prompts, max_prompt_length, new_tokens, salt):
+    def run(stage_prompts, max_prompt_length, new_tokens, salt, fields):
         out = sample_responses(generator, tokenizer, stage_prompts, num_samples=1, max_new_tokens=new_tokens,
                                max_prompt_length=max_prompt_length, seed=seed * 3 + salt, progress=progress,
-                               desc=f"cai {('responses', 'critiques', 'revisions')[salt]}", **sampling)
+                               desc=f"cai {('responses', 'critiques', 'revisions')[salt]}", length_fields=fields,
+                               **sampling)
         return [group[0] for group in out]
 
     try:
-        responses = run(prompts, config.max_prompt_length, config.max_new_tokens, 0)
+        responses = run(prompts, config.max_prompt_length, config.max_new_tokens, 0,
+                        "max_prompt_length or max_new_tokens")
         principles = constitution.sample(len(prompts), seed)
         critique_prompts = [
             _stage_prompt(tokenizer, p, [("assistant", r), ("user", pr.critique_request)], config.critique_template,
                           response=r, critique_request=pr.critique_request)
             for p, r, pr in zip(prompts, responses, principles)
         ]
-        critiques = run(critique_prompts, config.max_context_length, config.critique_max_new_tokens, 1)
+        critiques = [str(c) for c in run(critique_prompts, config.max_context_length, config.critique_max_new_tokens,
+                                         1, "max_context_length or critique_max_new_tokens")]
         revision_prompts = [
             _stage_prompt(tokenizer, p, [("assistant", r), ("user", pr.critique_request), ("assistant", c),
                                          ("user", pr.revision_request)],
@@ -403,7 +444,8 @@ def generate_revisions(
                           critique=c, revision_request=pr.revision_request)
             for p, r, pr, c in zip(prompts, responses, principles, critiques)
         ]
-        revisions = run(revision_prompts, config.max_context_length, config.revision_new_tokens, 2)
+        revisions = run(revision_prompts, config.max_context_length, config.revision_new_tokens, 2,
+                        "max_context_length or revision_max_new_tokens")
     finally:
         if own_generator:
             generator.free()
@@ -452,8 +494,9 @@ def stage_reference(
 
     DPO with ``precompute_ref=False`` and RL with a KL term run the reference during training;
     it is the policy at the start of that stage (after SFT): a frozen copy taken when the stage
-    starts. Its ``state_dict()`` rides in the stage's checkpoints (``extra["stage_reference"]``)
-    and a resumed stage (``resuming``) rebuilds the same reference from those ``saved`` weights.
+    starts. Its ``state_dict()`` rides in the stage's checkpoints (``extra["stage_reference"]``,
+    a ``FixedTensors``: written to disk once per stage) and a resumed stage (``resuming``)
+    rebuilds the same reference from those ``saved`` weights.
     PEFT policies need none (their reference is the policy with adapters off), nor does DPO
     with the reference log-probs precomputed (the cache is in the DPO state).
     """
@@ -511,18 +554,20 @@ def train_cai(
             examples are restored from it, finished stages are skipped.
         checkpoint_fn: ``checkpoint_fn(state)`` during each stage (method "cai"; the generated
             examples ride in ``extra["cai_examples"]``, the default stage reference's weights in
-            ``extra["stage_reference"]``).
+            ``extra["stage_reference"]``, a ``FixedTensors``).
         progress: tqdm bars for the stages, and (removed when done) for generation and judging.
     """
     config = config or CAIConfig()
     if not isinstance(config, CAIConfig):
         raise ValueError(f"config must be a CAIConfig, got {type(config).__name__}")
     require_eos(tokenizer)
+    check_trainable_model(policy, tokenizer)
     if not isinstance(constitution, Constitution):
         constitution = load_constitution(constitution)
     texts, _ = split_prompt_data(prompts)
     if not texts:
         raise ValueError("prompts must hold at least one prompt, got 0")
+    require_prompt_positions(policy, tokenizer, texts, config)
     stages = config.stages
     sub_state, offset = unwrap_stage_state("cai", state)
     if "rl" in stages and judge is None:
@@ -543,9 +588,12 @@ def train_cai(
     if sub_state is not None:
         records = sub_state["extra"].pop("cai_examples", None)
         saved_reference = sub_state["extra"].pop("stage_reference", None)
+        if saved_reference is not None and not isinstance(saved_reference, FixedTensors):
+            raise ValueError("checkpoint state of method 'cai': extra['stage_reference'] must be a FixedTensors, "
+                             f"got {type(saved_reference).__name__}")
         if records is None:
             raise ValueError("checkpoint state of method 'cai' holds no generated examples")
-        examples = [CAIExample(**r) for r in records]
+        examples = [CAIExample.from_dict(r) for r in records]
         stage_name = "rl" if sub_state["method"] in ("ppo", "grpo", "rloo") else sub_state["method"]
         if stage_name not in stages:
             raise ValueError(f"checkpoint state is a CAI run in stage {sub_state['method']!r}, "
@@ -569,10 +617,13 @@ def train_cai(
             last_state.step if last_state is not None else 0)
         stage_ref, saved = ref_model, {"cai_examples": records}
         if ref_model is None:
-            stage_ref = stage_reference(policy, config, stage, saved_reference if resume is not None else None,
+            restored = saved_reference if resume is not None else None
+            stage_ref = stage_reference(policy, config, stage, restored.tensors if restored is not None else None,
                                         resuming=resume is not None)
             if stage_ref is not None:
-                saved["stage_reference"] = stage_ref.state_dict()
+                # One key per stage reference (kept across a resume): checkpoints write its weights once.
+                key = restored.key if restored is not None else FixedTensors.new_key()
+                saved["stage_reference"] = FixedTensors(key, stage_ref.state_dict())
 
         def stage_callback(step, metrics, _offset=start_offset, _index=index):
             metrics = {**metrics, "stage_index": float(_index)}

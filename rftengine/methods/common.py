@@ -13,7 +13,8 @@ and on-the-fly DPO is the policy at the start of training, so a resumed run need
 (``Reference(..., resumed=True)`` raises rather than copy the resumed policy; PEFT policies are
 exempt, their reference is the base with adapters off). Models made during the run are kept in
 the state: DPO's precomputed reference log-probs, and the stage-start reference weights of
-Constitutional AI's DPO/RL stage (taken after its SFT stage).
+Constitutional AI's DPO/RL stage (taken after its SFT stage; ``FixedTensors``, which a
+checkpoint writes to disk once per stage).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import dataclasses
 import difflib
 import math
 import random
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 Callback = Callable[[int, dict[str, float]], None]
@@ -36,6 +39,66 @@ CheckpointFn = Callable[["TrainState"], None]
 
 RewardFn = Callable[..., Any]
 """``reward_fn(prompts: list[str], responses: list[str], **kw) -> Tensor[B] | list[float]``."""
+
+
+def _callable_name(fn) -> str:
+    """``module:qualname`` of a function, method or callable object (its class)."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    module = getattr(target, "__module__", None)
+    name = getattr(target, "__qualname__", repr(fn))
+    return f"{module}:{name}" if module else name
+
+
+def call_reward_fn(reward_fn: RewardFn, prompts: Sequence[Any], responses: Sequence[str],
+                   **kwargs: Any) -> torch.Tensor:
+    """``reward_fn(prompts, responses, **kwargs)`` as ``[N]`` fp32 scores (on the device the
+    function returned them on), N = ``len(responses)``.
+
+    The one place every method calls reward functions: a function that cannot take these
+    arguments, returns something that is not a tensor or a list of numbers, returns the wrong
+    number of scores, or NaN/inf scores, gets a ValueError naming it (``module:qualname``),
+    what was expected and what it gave.
+    """
+    import inspect
+    import numbers
+
+    name = _callable_name(reward_fn)
+    expected = "(prompts, responses" + "".join(f", {k}=..." for k in kwargs) + ")"
+    try:
+        signature = inspect.signature(reward_fn)
+    except (TypeError, ValueError):          # builtins and some C callables: let the call decide
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(list(prompts), list(responses), **kwargs)
+        except TypeError:
+            raise ValueError(
+                f"reward function {name} must accept {expected}, but its signature is {signature}"
+            ) from None
+    raw = reward_fn(prompts, responses, **kwargs)
+    if isinstance(raw, (list, tuple)):
+        bad = [x for x in raw if not isinstance(x, numbers.Real)
+               and not (isinstance(x, torch.Tensor) and x.numel() == 1)]
+        if bad:
+            raise ValueError(
+                f"reward function {name} must return a tensor or a list of numbers, one per response; "
+                f"got a {type(raw).__name__} holding {type(bad[0]).__name__} ({bad[0]!r:.40})"
+            )
+        raw = [float(x) for x in raw]
+    elif not (isinstance(raw, torch.Tensor) or type(raw).__module__ == "numpy"):
+        raise ValueError(
+            f"reward function {name} must return a tensor or a list of numbers, one per response; "
+            f"got {type(raw).__name__} ({raw!r:.40})"
+        )
+    scores = torch.as_tensor(raw, dtype=torch.float32).detach().reshape(-1)
+    if scores.shape[0] != len(responses):
+        raise ValueError(
+            f"reward function {name} must return one score per response ({len(responses)}), "
+            f"got {scores.shape[0]}"
+        )
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"reward function {name} returned NaN or inf scores")
+    return scores
 
 
 # ----------------------------------------------------------------------------- configs
@@ -122,8 +185,10 @@ def validate_loop_fields(config) -> None:
 
 
 def validate_optim_fields(config) -> None:
-    """Checks for the optimizer/schedule fields of every config that owns an optimizer, plus
-    ``validate_loop_fields``; ``adam_betas`` becomes a tuple (YAML gives lists)."""
+    """Checks for the optimizer/schedule fields of every config that owns an optimizer
+    (learning_rate, weight_decay, adam_betas, max_grad_norm, warmup_steps, lr_scheduler,
+    max_skipped_steps), plus ``validate_loop_fields``; ``adam_betas`` becomes a tuple (YAML
+    gives lists)."""
     owner = type(config).__name__
     config.adam_betas = tuple(config.adam_betas)
     require_float(owner, "learning_rate", config.learning_rate, minimum=0.0, strict_min=True)
@@ -133,6 +198,7 @@ def validate_optim_fields(config) -> None:
     require_float(owner, "max_grad_norm", config.max_grad_norm, minimum=0.0, strict_min=True, allow_none=True)
     require_int(owner, "warmup_steps", config.warmup_steps, minimum=0)
     require_choice(owner, "lr_scheduler", config.lr_scheduler, ("constant", "linear", "cosine"))
+    require_int(owner, "max_skipped_steps", config.max_skipped_steps, minimum=1)
     validate_loop_fields(config)
 
 
@@ -151,17 +217,58 @@ def validate_sampling_fields(config) -> None:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Every global RNG a training step can draw from, as plain data that
+    ``torch.load(weights_only=True)`` reads (no pickled numpy arrays or python objects).
+
+    Returns ``{"python": [version, [625 ints], gauss_next], "numpy": {"key": int64 Tensor[624],
+    "pos", "has_gauss", "gauss"}, "torch": uint8 Tensor, "cuda": [uint8 Tensor per device]}``
+    (``"cuda"`` only where CUDA is available).
+    """
+    version, internal, gauss_next = random.getstate()
+    _, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Set the RNGs to a ``capture_rng_state()`` snapshot (``"numpy"`` and ``"cuda"`` when present)."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "numpy" in state:
+        np_state = state["numpy"]
+        key = np.asarray(np_state["key"], dtype=np.int64).astype(np.uint32)
+        np.random.set_state(("MT19937", key, np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class FixedTensors:
+    """Tensors fixed for a whole stretch of a run (the weights of Constitutional AI's stage
+    reference), kept in ``TrainState.extra``: a checkpoint writes them to disk once, as
+    safetensors, and later checkpoints with the same ``key`` link that file instead of writing
+    them again.
+
+    Fields:
+        key: names the content; tensors taken anew get a new key (``new_key()``), a resumed run
+            keeps the key of the tensors it restored.
+        tensors: name -> Tensor (any shapes, dtypes, devices), e.g. a module's ``state_dict()``.
+    """
+
+    key: str
+    tensors: Mapping[str, torch.Tensor]
+
+    @staticmethod
+    def new_key() -> str:
+        return uuid.uuid4().hex
 
 
 @dataclass
@@ -192,7 +299,9 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
-        """A picklable dict (torch.save-able); RNG states are captured at call time."""
+        """Plain data (tensors, numbers, strings, lists, dicts), which ``torch.load(weights_only=True)``
+        reads back, except the ``FixedTensors`` a method keeps in ``extra`` (the checkpoint stores
+        those as safetensors); RNG states (``capture_rng_state``) are captured at call time."""
         return {
             "method": self.method,
             "step": self.step,
@@ -323,6 +432,7 @@ def make_optimizer(params, config) -> torch.optim.AdamW:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters (every parameter has requires_grad=False)")
+    require_trainable_dtype(params)
     return torch.optim.AdamW(
         params, lr=config.learning_rate, betas=tuple(config.adam_betas),
         weight_decay=config.weight_decay,
@@ -347,16 +457,86 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config, num_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def clip_and_step(params, optimizer, scheduler, max_grad_norm: float | None) -> torch.Tensor | None:
-    """Clip the gradient norm (when set), step optimizer and scheduler, zero the gradients."""
-    grad_norm = None
+class NonFiniteStepError(ValueError):
+    """``max_skipped_steps`` optimizer steps in a row had a non-finite loss or gradient norm.
+
+    Raised before the step's checkpoint, so the last checkpoint written stays the last good one
+    (a skipped step leaves the weights as they were)."""
+
+
+FP16_TRAINING_MESSAGE = (
+    "fp16 training is not supported yet: load the model in float32 or bfloat16 (dtype=float32)"
+)
+
+
+def require_trainable_dtype(params) -> None:
+    """ValueError when a trainable parameter is fp16: AdamW on fp16 weights underflows its
+    epsilon and its updates, and turns the model to NaN/inf (mixed precision is not there yet)."""
+    for p in params:
+        if p.requires_grad and p.dtype == torch.float16:
+            raise ValueError(FP16_TRAINING_MESSAGE)
+
+
+def clip_and_step(
+    params, optimizer, scheduler, max_grad_norm: float | None, *, loss: torch.Tensor | None = None,
+    state: TrainState | None = None, max_skipped_steps: int = 3,
+) -> torch.Tensor:
+    """Measure (and, when ``max_grad_norm`` is set, clip) the gradient norm, step the optimizer
+    when the step is finite, step the scheduler, zero the gradients. Returns the pre-clip norm.
+
+    A non-finite ``loss`` or gradient norm skips the optimizer step (AdamW's moments and step
+    count are untouched) and counts it in ``state.extra["skipped_steps"]`` (cumulative) and
+    ``state.extra["consecutive_skipped_steps"]``; the ``max_skipped_steps``-th skip in a row
+    raises ``NonFiniteStepError``. Without a ``state`` the counts live for this call only. The
+    scheduler steps even on a skipped step: the learning rate stays a function of the loop's
+    step count (the skipped batch is consumed, like any other), so the schedule ends where it
+    was planned and a resumed run sees the same rates. One host sync per call.
+    """
+    params = list(params)
     if max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    finite = torch.isfinite(grad_norm)
+    if loss is not None:
+        finite = finite & torch.isfinite(loss.detach()).all()
+    extra = state.extra if state is not None else {}
+    if bool(finite):
+        optimizer.step()
+        if extra.get("consecutive_skipped_steps"):
+            extra["consecutive_skipped_steps"] = 0
+    else:
+        extra["skipped_steps"] = int(extra.get("skipped_steps", 0)) + 1
+        extra["consecutive_skipped_steps"] = int(extra.get("consecutive_skipped_steps", 0)) + 1
+    step_scheduler(scheduler)
     optimizer.zero_grad(set_to_none=True)
+    if extra.get("consecutive_skipped_steps", 0) >= max_skipped_steps:
+        where = f" at step {state.step + 1}" if state is not None else ""
+        raise NonFiniteStepError(
+            f"training stopped{where}: the loss or gradient norm was non-finite (NaN or inf) in "
+            f"{extra['consecutive_skipped_steps']} optimizer steps in a row (max_skipped_steps="
+            f"{max_skipped_steps}); those steps were skipped and nothing was saved after them. "
+            "Lower learning_rate, set max_grad_norm, check the data, or load the model in float32"
+        )
     return grad_norm
+
+
+def step_scheduler(scheduler) -> None:
+    """``scheduler.step()`` (None: nothing). When the run's first optimizer steps were skipped,
+    torch warns that the scheduler stepped before the optimizer: that order is intended here
+    (see ``clip_and_step``), so the warning is silenced."""
+    if scheduler is None:
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
+
+
+def skipped_steps(state: TrainState) -> float:
+    """The ``train/skipped_steps`` metric: the run's cumulative count of skipped optimizer steps."""
+    return float(state.extra.get("skipped_steps", 0))
 
 
 def make_train_state(
@@ -377,7 +557,28 @@ def make_train_state(
     scheduler = make_scheduler(optimizer, config, schedule_steps)
     state = TrainState(method, model=model, optimizer=optimizer, scheduler=scheduler,
                        modules=dict(modules or {}), extra=dict(extra or {}))
-    return resume_state(state, resume)
+    state = resume_state(state, resume)
+    if resume is not None:
+        apply_optimizer_settings(optimizer, scheduler, config)
+    return state
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler, config) -> None:
+    """Put ``config``'s learning rate, betas and weight decay into a resumed optimizer (and the
+    base rates of its LambdaLR ``scheduler``): ``load_state_dict`` restores the saved ones, which
+    would silently override a learning rate changed on resume. The rate in use is set to the new
+    base rate times the schedule's factor at the restored step, the value the scheduler itself
+    computes, so an unchanged config leaves every value bit for bit as restored."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["betas"] = tuple(config.adam_betas)
+        group["weight_decay"] = config.weight_decay
+        if scheduler is None:
+            group["lr"] = config.learning_rate
+            continue
+        scheduler.base_lrs[i] = group["initial_lr"] = config.learning_rate
+        group["lr"] = config.learning_rate * scheduler.lr_lambdas[i](scheduler.last_epoch)
+    if scheduler is not None:
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def to_floats(stats: Mapping[str, Any]) -> dict[str, float]:
@@ -401,19 +602,23 @@ def should_checkpoint(config, step_done: int, last_step: int) -> bool:
 
 
 def optimizer_step(loss: torch.Tensor, stats: Mapping[str, Any], optimizer, scheduler,
-                   max_grad_norm: float | None) -> dict[str, float]:
-    """Backpropagate ``loss``, clip, step optimizer and scheduler (``clip_and_step``).
+                   max_grad_norm: float | None, *, state: TrainState | None = None,
+                   max_skipped_steps: int = 3) -> dict[str, float]:
+    """Backpropagate ``loss``, clip, step optimizer and scheduler (``clip_and_step``: a
+    non-finite step is skipped and counted in ``state``).
 
-    Returns ``stats`` as plain floats plus ``grad_norm`` (when clipping) and
-    ``learning_rate`` (read after the scheduler step).
+    Returns ``stats`` as plain floats plus ``grad_norm`` (before clipping), ``learning_rate``
+    (read after the scheduler step) and ``train/skipped_steps`` (cumulative).
     """
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = clip_and_step(params, optimizer, scheduler, max_grad_norm)
+    state = state if state is not None else TrainState("step")     # counts for this call only
+    grad_norm = clip_and_step(params, optimizer, scheduler, max_grad_norm, loss=loss, state=state,
+                              max_skipped_steps=max_skipped_steps)
     stats = dict(stats)
-    if grad_norm is not None:
-        stats["grad_norm"] = grad_norm
+    stats["grad_norm"] = grad_norm
     stats["learning_rate"] = optimizer.param_groups[0]["lr"]
+    stats["train/skipped_steps"] = skipped_steps(state)
     return to_floats(stats)
 
 
@@ -440,6 +645,29 @@ def track(iterable, enabled: bool, *, desc: str, unit: str = "batch", total: int
     return tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, dynamic_ncols=True)
 
 
+@dataclass
+class StopRequest:
+    """Set from a signal handler (the CLI's, around training) to stop every ``train_loop`` at the
+    end of the step in progress; ``signum`` is the signal's number, None when no stop is asked."""
+
+    signum: int | None = None
+
+
+STOP = StopRequest()
+"""The one stop request of the process: signal handlers may only set a flag, and the loops of
+multi-stage methods (RLAIF, CAI) are nested in calls the CLI does not see into."""
+
+
+class TrainingInterrupted(Exception):
+    """Raised by ``train_loop`` when ``STOP`` is set: after the step in progress finished and,
+    when there is a ``checkpoint_fn`` and steps ran since the last checkpoint, a checkpoint of
+    that step was written (``checkpointed``). ``step``: steps done, ``signum``: the signal."""
+
+    def __init__(self, step: int, signum: int, checkpointed: bool):
+        super().__init__(f"training stopped by signal {signum} after step {step}")
+        self.step, self.signum, self.checkpointed = step, signum, checkpointed
+
+
 def train_loop(
     state: TrainState,
     config,
@@ -461,11 +689,23 @@ def train_loop(
     ``state.data_position`` by the batch, then call ``callback(state.step, metrics)`` and, when
     ``should_checkpoint(config, ...)``, ``checkpoint_fn(state)``. ``postfix`` maps progress-bar
     labels to the metric names they show.
+
+    When ``STOP`` is set (checked before the first step and after each), the loop writes a
+    checkpoint of the last step done unless it just did (or ran no step), and raises
+    ``TrainingInterrupted``; it propagates out of every stage of a multi-stage method.
     """
     history: list[dict[str, float]] = []
     bar = progress_bar(progress, total=num_steps, initial=state.step, desc=desc)
+    saved = True  # nothing new to save before the first step: it is the resumed/previous stage's checkpoint
     try:
-        while state.step < num_steps:
+        while True:
+            if STOP.signum is not None:
+                if checkpoint_fn is not None and not saved:
+                    checkpoint_fn(state)
+                    saved = True
+                raise TrainingInterrupted(state.step, STOP.signum, checkpointed=checkpoint_fn is not None and bool(history))
+            if state.step >= num_steps:
+                break
             index = state.step
             idx = batch_indices(num_examples, config.batch_size, state.data_position, config.seed, config.shuffle)
             metrics = run_step(idx)
@@ -478,8 +718,10 @@ def train_loop(
                 bar.update(1)
                 if postfix:
                     bar.set_postfix({label: f"{metrics[key]:.4g}" for label, key in postfix.items() if key in metrics})
+            saved = False
             if checkpoint_fn is not None and should_checkpoint(config, state.step, num_steps):
                 checkpoint_fn(state)
+                saved = True
     finally:
         if bar is not None:
             bar.close()

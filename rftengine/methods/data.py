@@ -66,6 +66,26 @@ class SequenceBatch:
         )
 
 
+class SampledText(str):
+    """A sampled response: its decoded text (no special tokens), the token ids the model
+    sampled (EOS included when the model ended the response) and ``finished`` (False: cut at
+    ``max_new_tokens``). It is a ``str`` everywhere text is read (judges, templates, pairs);
+    ``encode_response`` trains on ``token_ids`` as they are.
+    """
+
+    token_ids: tuple[int, ...]
+    finished: bool
+
+    def __new__(cls, text: str, token_ids: Sequence[int], finished: bool):
+        obj = super().__new__(cls, text)
+        obj.token_ids = tuple(int(t) for t in token_ids)
+        obj.finished = bool(finished)
+        return obj
+
+    def __reduce__(self):
+        return SampledText, (str(self), list(self.token_ids), self.finished)
+
+
 @dataclass
 class PreferenceExample:
     """One tokenised preference pair (prompt shared by both responses)."""
@@ -178,11 +198,15 @@ def encode_response(
     tokenizer, text: str, max_length: int | None = None, append_eos: bool = True
 ) -> list[int]:
     """Token ids of a response, EOS appended; a response cut at ``max_length`` gets no EOS
-    (it did not end)."""
+    (it did not end). A ``SampledText`` gives its sampled ids unchanged (its EOS only if the
+    model produced one), cut to ``max_length``."""
     eos = require_eos(tokenizer)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if append_eos and (not ids or ids[-1] != eos):
-        ids.append(eos)
+    if isinstance(text, SampledText):
+        ids = list(text.token_ids)
+    else:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if append_eos and (not ids or ids[-1] != eos):
+            ids.append(eos)
     if max_length is not None and len(ids) > max_length:
         ids = ids[:max_length]
     return ids

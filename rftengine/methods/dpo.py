@@ -52,10 +52,12 @@ from rftengine.methods.data import (
 )
 from rftengine.methods.modeling import (
     Reference,
+    check_trainable_model,
     device_of,
     disable_dropout,
     eval_mode,
     output_head,
+    require_example_positions,
     response_hidden,
     response_logprobs,
 )
@@ -81,6 +83,8 @@ class DPOConfig:
     precompute_ref: cache reference sequence log-probs once before training (True) or run
     the reference every step (False).
     batch_size: pairs per optimizer step.
+    max_skipped_steps: optimizer steps with a non-finite loss or gradient norm are skipped and
+    counted (``train/skipped_steps``); this many in a row stop the run (``NonFiniteStepError``).
     """
 
     beta: float = 0.1
@@ -94,6 +98,7 @@ class DPOConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = 1.0
+    max_skipped_steps: int = 3
     warmup_steps: int = 0
     lr_scheduler: str = "constant"
     # data and loop
@@ -228,12 +233,15 @@ def dpo_step(
     ref_logps: torch.Tensor | None = None,
     reference: Reference | None = None,
     scheduler=None,
+    state: TrainState | None = None,
 ) -> dict[str, float]:
     """One optimizer step of DPO on a pair batch; returns float metrics (see
-    ``dpo_batch_loss``) plus ``grad_norm`` and ``learning_rate``."""
+    ``dpo_batch_loss``) plus ``grad_norm``, ``learning_rate`` and ``train/skipped_steps`` (a
+    non-finite step is skipped and counted in ``state``)."""
     policy.train()
     loss, stats = dpo_batch_loss(policy, batch, config, ref_logps=ref_logps, reference=reference)
-    return optimizer_step(loss, stats, optimizer, scheduler, config.max_grad_norm)
+    return optimizer_step(loss, stats, optimizer, scheduler, config.max_grad_norm, state=state,
+                          max_skipped_steps=config.max_skipped_steps)
 
 
 def train_dpo(
@@ -266,9 +274,11 @@ def train_dpo(
     """
     config = config or DPOConfig()
     require_eos(tokenizer)
+    check_trainable_model(policy, tokenizer)
     disable_dropout(policy)
     examples = encode_preferences(tokenizer, pairs, max_prompt_length=config.max_prompt_length,
                                   max_response_length=config.max_response_length)
+    require_example_positions(policy, examples)
     num_steps = total_steps(config, len(examples), config.batch_size)
     train_state = make_train_state("dpo", policy, config, num_steps, state)
     pad = pad_token_id(tokenizer)
@@ -294,6 +304,7 @@ def train_dpo(
         batch = collate_preferences([examples[i] for i in idx], pad).to(device)
         return dpo_step(
             policy, train_state.optimizer, batch, config, scheduler=train_state.scheduler, reference=reference,
+            state=train_state,
             ref_logps=ref_logps[idx] if (ref_logps is not None and config.uses_reference) else None,
         )
 

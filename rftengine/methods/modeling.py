@@ -150,6 +150,78 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside the wrappers (RewardModel, CausalLMWithValueHead)."""
+    while isinstance(model, (RewardModel, CausalLMWithValueHead)):
+        model = model.model
+    return model
+
+
+def vocab_size_of(model: nn.Module) -> int | None:
+    """Rows of the input embedding (and of the lm head when there is one): the ids the model
+    can read and score. None when the model exposes neither."""
+    model = _hf_model(model)
+    sizes = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            sizes.append(weight.shape[0])
+    return min(sizes) if sizes else None
+
+
+def check_trainable_model(model: nn.Module, tokenizer) -> None:
+    """The checks every ``train_*`` runs before any work: no fp16 trainable weights (see
+    ``require_trainable_dtype``) and a vocabulary that holds every id of ``tokenizer``."""
+    from rftengine.methods.common import require_trainable_dtype
+
+    require_trainable_dtype(model.parameters())
+    vocab = vocab_size_of(model)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the model's vocabulary has {vocab} tokens but the tokenizer has {len(tokenizer)}: ids "
+            f">= {vocab} would index past the embedding; use the tokenizer the model was trained with "
+            "(or resize the model's token embeddings)"
+        )
+
+
+def max_positions_of(model: nn.Module) -> int | None:
+    """``config.max_position_embeddings`` (or ``n_positions``), None when the config has neither."""
+    config = getattr(_hf_model(model), "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def require_positions(model: nn.Module, length: int, detail: str, fields: str) -> None:
+    """ValueError when a sequence of ``length`` tokens (``detail`` says how it adds up) does not
+    fit the model's position table; the message names the config ``fields`` to lower."""
+    limit = max_positions_of(model)
+    if limit is not None and length > limit:
+        raise ValueError(
+            f"the model's max_position_embeddings = {limit} is below {detail} = {length} tokens; "
+            f"lower {fields} (or use a model with more positions)"
+        )
+
+
+def require_example_positions(model: nn.Module, examples, fields: str = "max_prompt_length or max_response_length") -> None:
+    """``require_positions`` for tokenised examples: ``(prompt_ids, response_ids)`` tuples or
+    ``PreferenceExample`` (the longer of chosen and rejected)."""
+    if max_positions_of(model) is None or not examples:
+        return
+
+    def split(e) -> tuple[int, int]:
+        if isinstance(e, tuple):
+            return len(e[0]), len(e[1])
+        return len(e.prompt_ids), max(len(e.chosen_ids), len(e.rejected_ids))
+
+    prompt, response = max((split(e) for e in examples), key=sum)
+    require_positions(model, prompt + response,
+                      f"the longest encoded prompt + response, {prompt} + {response}", fields)
+
+
 def device_of(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter."""
     return next(model.parameters()).device
@@ -290,15 +362,18 @@ def hidden_size_of(model: nn.Module) -> int:
 
 
 class ValueHead(nn.Module):
-    """Scalar head ``v = h·w + b`` over hidden states, computed in fp32.
+    """Scalar head ``v = h·w + b`` over hidden states, computed in fp32; ``w`` drawn from
+    N(0, 1/(H+1)) with a generator seeded by ``seed`` (the global RNG when None), ``b = 0``.
 
     ``forward(hidden [..., H]) -> [...]`` fp32.
     """
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, seed: int | None = None):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
-        nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        # A run's init must follow its config.seed, not whatever the global RNG holds.
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1) ** 0.5, generator=gen)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

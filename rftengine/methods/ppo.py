@@ -20,7 +20,8 @@ whitened over valid tokens; loss = clipped policy loss + vf_coef · clipped valu
 algorithm "grpo" (Shao et al. 2024) / "rloo" (Ahmadian et al. 2024): no critic; ``group_size``
 ≥ 2 responses per prompt, sequence advantage = score minus the group mean (GRPO: divided by the
 group std; RLOO: minus the leave-one-out mean); the KL to the reference is in the loss
-(``kl_in_loss``) rather than in the reward.
+(``kl_in_loss``, the default) or, with ``kl_in_loss=False``, in the reward: ``β·Σ_t KL_t`` is
+subtracted from each sample's score before the group advantages (as TRL's RLOO does).
 
 The policy loss goes through the fused head ``rftengine.ops.fused_ppo_loss`` (hidden states +
 lm-head weight in, no ``[N, T, V]`` logits); the value loss through ``rftengine.ops.value_loss``.
@@ -42,6 +43,7 @@ from rftengine.methods.common import (
     CheckpointFn,
     RewardFn,
     TrainState,
+    call_reward_fn,
     clip_and_step,
     config_from_dict,
     make_train_state,
@@ -49,6 +51,8 @@ from rftengine.methods.common import (
     require_choice,
     require_float,
     require_int,
+    skipped_steps,
+    step_scheduler,
     step_seed,
     to_floats,
     total_steps,
@@ -60,7 +64,6 @@ from rftengine.methods.common import (
 from rftengine.methods.data import (
     PromptLike,
     SequenceBatch,
-    decode_responses,
     encode_prompt,
     pad_token_id,
     require_eos,
@@ -71,12 +74,16 @@ from rftengine.methods.modeling import (
     Reference,
     RewardModel,
     ValueHead,
+    check_trainable_model,
     device_of,
     disable_dropout,
     hidden_size_of,
+    max_positions_of,
     output_head,
+    require_positions,
     response_hidden,
 )
+from rftengine.methods.rollout import Rollout, sample_rollout
 from rftengine.ops.advantages import GROUP_SCALES
 from rftengine.ops.kl import KL_ESTIMATORS
 from rftengine.ops.ppo import AGGREGATIONS
@@ -95,14 +102,20 @@ class PPOConfig:
     Update: ``ppo_epochs`` passes over the N rollouts in minibatches of ``minibatch_size``
     sequences (None = all N), one optimizer step per minibatch.
     KL: coefficient ``kl_coef`` (β ≥ 0), estimator k1/k2/k3 (default k1 for "ppo", k3 for
-    "grpo"/"rloo"), in the reward (default for "ppo") or in the loss (default otherwise);
+    "grpo"/"rloo"), in the reward (default for "ppo": per token for "ppo", the sequence sum
+    subtracted from each score for "grpo"/"rloo") or in the loss (default otherwise);
     ``adaptive_kl`` steers β toward ``target_kl`` (sequence-level nats) over ``kl_horizon``.
     Reward: ``missing_eos_penalty`` is subtracted from the score of responses that hit
     ``max_new_tokens`` without EOS.
+    Aggregation: "token_sum_norm" (Dr. GRPO) divides each sequence's token sum by the fixed
+    ``loss_constant`` (None: ``max_new_tokens``, TRL's ``max_completion_length``), so the
+    loss scale does not follow each batch's longest response.
     Critic-free: ``group_scale`` divides group-centred scores by the group std ("group", the
     default for "grpo"), the batch std ("batch") or nothing ("none", the default for "rloo").
     Critic ("ppo" only): "shared" = a value head on the policy's final hidden states (one
     forward for both), "separate" = its own trunk (a copy of the policy, or ``value_model``).
+    max_skipped_steps: optimizer steps with a non-finite loss or gradient norm are skipped and
+    counted (``train/skipped_steps``); this many in a row stop the run (``NonFiniteStepError``).
     """
 
     algorithm: str = "ppo"
@@ -111,6 +124,7 @@ class PPOConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = 1.0
+    max_skipped_steps: int = 3
     warmup_steps: int = 0
     lr_scheduler: str = "constant"
     # data and loop
@@ -132,6 +146,7 @@ class PPOConfig:
     clip_range_high: float | None = None
     dual_clip: float | None = None
     aggregation: str = "token_mean"
+    loss_constant: float | None = None
     entropy_coef: float = 0.0
     # KL
     kl_coef: float = 0.05
@@ -180,6 +195,12 @@ class PPOConfig:
                       allow_none=True)
         require_float(owner, "dual_clip", self.dual_clip, minimum=1.0, strict_min=True, allow_none=True)
         require_choice(owner, "aggregation", self.aggregation, AGGREGATIONS)
+        require_float(owner, "loss_constant", self.loss_constant, minimum=0.0, strict_min=True, allow_none=True)
+        if self.loss_constant is not None and self.aggregation != "token_sum_norm":
+            raise ValueError(
+                f"{owner}.loss_constant is only used with aggregation='token_sum_norm', got "
+                f"aggregation={self.aggregation!r}"
+            )
         require_float(owner, "entropy_coef", self.entropy_coef, minimum=0.0)
         require_float(owner, "kl_coef", self.kl_coef, minimum=0.0)
         if self.kl_estimator is None:
@@ -244,30 +265,6 @@ class KLController:
 
 
 # ----------------------------------------------------------------------------- containers
-
-
-@dataclass
-class Rollout:
-    """Sampled responses of one step (rows group-contiguous: prompt i owns rows
-    ``[i*G, (i+1)*G)``).
-
-    Fields:
-        prompts: ``N`` prompts (each repeated ``group_size`` times).
-        responses: ``N`` decoded response texts (no special tokens).
-        references: ``N`` reference answers, or None when the data has none.
-        batch: ``SequenceBatch`` ``[N, P+T]`` (left-padded prompt | response).
-        logprobs: ``[N, T]`` fp32 rollout log-probs (temperature-scaled, full vocabulary).
-        eos: ``[N]`` bool, the response ended with EOS (False = cut at max_new_tokens).
-        group_size: G.
-    """
-
-    prompts: list[Any]
-    responses: list[str]
-    references: list[Any] | None
-    batch: SequenceBatch
-    logprobs: torch.Tensor
-    eos: torch.Tensor
-    group_size: int
 
 
 @dataclass
@@ -379,6 +376,7 @@ def make_ppo_context(
 
     if not isinstance(config, PPOConfig):
         raise ValueError(f"config must be a PPOConfig, got {type(config).__name__}")
+    check_trainable_model(policy, tokenizer)
     eos = require_eos(tokenizer)
     pad = pad_token_id(tokenizer)
     disable_dropout(policy)
@@ -390,7 +388,7 @@ def make_ppo_context(
         if config.critic == "shared":
             if value_model is not None:
                 raise ValueError("value_model is only used with critic='separate'")
-            critic = ValueHead(hidden_size_of(policy)).to(device)
+            critic = ValueHead(hidden_size_of(policy), seed=config.seed).to(device)
         else:
             base = value_model if value_model is not None else copy.deepcopy(policy)
             if isinstance(base, RewardModel):
@@ -398,7 +396,8 @@ def make_ppo_context(
                     raise ValueError("value_model must be a causal LM or a value-head reward model, "
                                      "got a sequence-classification reward model")
                 base = base.model
-            critic = base if isinstance(base, CausalLMWithValueHead) else CausalLMWithValueHead(base)
+            critic = base if isinstance(base, CausalLMWithValueHead) else CausalLMWithValueHead(
+                base, ValueHead(hidden_size_of(base), seed=config.seed))
             critic.to(device)
         modules["critic"] = critic
     elif value_model is not None:
@@ -435,47 +434,21 @@ def rollout(
     num_samples: int | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` (default ``config.group_size``) responses per prompt with the
-    Generator; at most ``batch_size * group_size`` sequences per call.
+    Generator (``sample_rollout``, the sampling path of every method); at most
+    ``batch_size * group_size`` sequences per call.
 
     Prompts are strings or chat-message lists (rendered with the chat template), truncated from
     the left to ``max_prompt_length``. ``seed`` defaults to one derived from ``config.seed`` and
     the step, so a resumed run samples the same responses.
     """
     cfg = ctx.config
-    g = cfg.group_size if num_samples is None else num_samples
-    if len(prompts) == 0:
-        raise ValueError("prompts must hold at least one prompt, got 0")
-    if references is not None and len(references) != len(prompts):
-        raise ValueError(f"references must have one entry per prompt ({len(prompts)}), got {len(references)}")
-    prompt_ids = [encode_prompt(ctx.tokenizer, p, cfg.max_prompt_length) for p in prompts]
-    seed = step_seed(cfg.seed, ctx.state.step) if seed is None else seed
     ctx.policy.eval()
-    out = ctx.generator.generate(
-        prompt_ids,
-        num_samples=g,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        eos_token_ids=[ctx.eos_token_id],
-        pad_token_id=ctx.pad_token_id,
-        seed=seed,
-    )
-    batch = SequenceBatch(
-        input_ids=out.sequences,
-        attention_mask=out.attention_mask.long(),
-        response_mask=out.response_mask.bool(),
-        prompt_length=out.prompt_length,
-    )
-    eos = torch.tensor([r == "eos" for r in out.finish_reasons], dtype=torch.bool, device=ctx.device)
-    return Rollout(
-        prompts=[p for p in prompts for _ in range(g)],
-        responses=decode_responses(ctx.tokenizer, batch),
-        references=[r for r in references for _ in range(g)] if references is not None else None,
-        batch=batch,
-        logprobs=out.logprobs.float(),
-        eos=eos,
-        group_size=g,
+    return sample_rollout(
+        ctx.generator, ctx.tokenizer, prompts,
+        num_samples=cfg.group_size if num_samples is None else num_samples,
+        max_new_tokens=cfg.max_new_tokens, max_prompt_length=cfg.max_prompt_length,
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        seed=step_seed(cfg.seed, ctx.state.step) if seed is None else seed, references=references,
     )
 
 
@@ -488,24 +461,17 @@ def _accepts_references(fn) -> bool:
 
 
 def score(ctx: PPOContext, ro: Rollout, reward_fn: RewardFn) -> torch.Tensor:
-    """``[N]`` fp32 rewards: ``reward_fn(prompts, responses[, references=...])`` minus
-    ``missing_eos_penalty`` for responses that did not end with EOS."""
+    """``[N]`` fp32 rewards: ``reward_fn(prompts, responses[, references=...])`` (checked by
+    ``call_reward_fn``) minus ``missing_eos_penalty`` for responses that did not end with EOS."""
+    kwargs = {}
     if ro.references is not None:
         if not _accepts_references(reward_fn):
             raise ValueError(
                 "the prompt data has 'reference' fields but reward_fn does not accept a "
                 "references= keyword argument"
             )
-        raw = reward_fn(ro.prompts, ro.responses, references=ro.references)
-    else:
-        raw = reward_fn(ro.prompts, ro.responses)
-    scores = torch.as_tensor(raw, dtype=torch.float32).to(ctx.device).reshape(-1)
-    if scores.shape[0] != len(ro.responses):
-        raise ValueError(
-            f"reward_fn must return one score per response ({len(ro.responses)}), got {scores.shape[0]}"
-        )
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("reward_fn returned NaN or inf scores")
+        kwargs["references"] = ro.references
+    scores = call_reward_fn(reward_fn, ro.prompts, ro.responses, **kwargs).to(ctx.device)
     if ctx.config.missing_eos_penalty is not None:
         scores = torch.where(ro.eos, scores, scores - ctx.config.missing_eos_penalty)
     return scores
@@ -525,7 +491,8 @@ def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PP
 
     "ppo": per-token rewards ``-β·KL_t`` (unless ``kl_in_loss``) with ``scores`` added at the
     last response token, GAE with ``gamma``/``lam``, whitened advantages.
-    "grpo"/"rloo": per-sequence group advantages from ``scores``.
+    "grpo"/"rloo": per-sequence group advantages from ``scores`` (minus ``β·Σ_t KL_t``, the
+    sequence KL, unless ``kl_in_loss``).
     Stats: ``reward/mean``, ``reward/std`` (of ``scores``), ``kl`` (mean sequence KL, summed
     over tokens, of the chosen estimator), ``kl_coef``, ``response_length``, ``eos_fraction``.
     """
@@ -566,7 +533,12 @@ def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PP
             advantages = whiten(advantages, mask)
         advantages = advantages * mask
     else:
-        advantages = group_advantages(scores, ro.group_size, mode=cfg.algorithm, scale=cfg.group_scale)
+        sample_scores = scores
+        if ref_logp is not None and not cfg.kl_in_loss:
+            # KL in the reward (TRL's RLOO): β·(sequence KL) leaves each sample's score before
+            # the group baseline, so kl_coef shapes the advantages.
+            sample_scores = scores - ctx.kl.value * seq_kl
+        advantages = group_advantages(sample_scores, ro.group_size, mode=cfg.algorithm, scale=cfg.group_scale)
 
     lengths = mask.sum(-1).float()
     stats = {
@@ -587,6 +559,14 @@ def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PP
         scores=scores,
         stats=to_floats(stats),
     )
+
+
+def aggregation_constant(config: PPOConfig) -> float | None:
+    """The divisor of "token_sum_norm" (``loss_constant``, default ``max_new_tokens``); None
+    for the other aggregations."""
+    if config.aggregation != "token_sum_norm":
+        return None
+    return float(config.loss_constant if config.loss_constant is not None else config.max_new_tokens)
 
 
 def ppo_loss(ctx: PPOContext, mb: PPOBatch):
@@ -614,6 +594,7 @@ def ppo_loss(ctx: PPOContext, mb: PPOBatch):
         clip_high=cfg.clip_range_high if cfg.clip_range_high is not None else cfg.clip_range,
         dual_clip=cfg.dual_clip,
         aggregation=cfg.aggregation,
+        loss_constant=aggregation_constant(cfg),
     )
     stats = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in dict(op_stats).items()}
     if "kl" in stats:  # token-mean KL of the current policy (KL-in-loss); "kl" names the rollout's
@@ -652,17 +633,16 @@ def step(ctx: PPOContext, exp: PPOBatch) -> dict[str, float]:
             mb = exp.select(order[start:start + mb_size])
             loss, stats = ppo_loss(ctx, mb)
             loss.backward()
-            grad_norm = clip_and_step(params, ctx.optimizer, None, cfg.max_grad_norm)
-            if grad_norm is not None:
-                stats["grad_norm"] = grad_norm
+            stats["grad_norm"] = clip_and_step(params, ctx.optimizer, None, cfg.max_grad_norm, loss=loss,
+                                               state=ctx.state, max_skipped_steps=cfg.max_skipped_steps)
             for k, v in stats.items():
                 sums[k] = sums[k] + v if k in sums else v
             count += 1
-    if ctx.scheduler is not None:
-        ctx.scheduler.step()
+    step_scheduler(ctx.scheduler)
     metrics = {k: v / count for k, v in to_floats(sums).items()}
     metrics.update(exp.stats)
     metrics["learning_rate"] = ctx.optimizer.param_groups[0]["lr"]
+    metrics["train/skipped_steps"] = skipped_steps(ctx.state)
     ctx.kl.update(exp.stats.get("kl", 0.0), n)
     ctx.state.extra["kl_coef"] = ctx.kl.value
     ctx.state.step += 1
@@ -671,6 +651,20 @@ def step(ctx: PPOContext, exp: PPOBatch) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- entry point
+
+
+def require_prompt_positions(model: nn.Module, tokenizer, prompts: Sequence[PromptLike], config) -> None:
+    """Before any work: every prompt (cut to ``config.max_prompt_length``) plus
+    ``config.max_new_tokens`` fits the model's ``max_position_embeddings``. The prompts are
+    only encoded when the configured lengths alone could overflow."""
+    limit = max_positions_of(model)
+    if limit is None or not prompts or config.max_prompt_length + config.max_new_tokens <= limit:
+        return
+    longest = max(len(encode_prompt(tokenizer, p, config.max_prompt_length)) for p in prompts)
+    require_positions(model, longest + config.max_new_tokens,
+                      f"the longest prompt + max_new_tokens, {longest} + {config.max_new_tokens}",
+                      "max_prompt_length or max_new_tokens")
+
 
 
 def train_ppo(
@@ -706,6 +700,7 @@ def train_ppo(
     """
     config = config or PPOConfig()
     texts, references = split_prompt_data(prompts)
+    require_prompt_positions(policy, tokenizer, texts, config)
     num_steps = total_steps(config, len(texts), config.batch_size)
     ctx = make_ppo_context(policy, tokenizer, config, ref_model=ref_model, value_model=value_model,
                            num_training_steps=num_steps, state=state)
@@ -735,7 +730,7 @@ def evaluate_reward(
     total, count = 0.0, 0
     for start in track(range(0, len(prompts), per_call), progress, desc="evaluation rollouts"):
         ro = rollout(ctx, prompts[start:start + per_call], seed=seed + start, num_samples=num_samples)
-        raw = torch.as_tensor(reward_fn(ro.prompts, ro.responses), dtype=torch.float32)
+        raw = call_reward_fn(reward_fn, ro.prompts, ro.responses)
         total += float(raw.sum())
         count += raw.numel()
     return total / max(count, 1)

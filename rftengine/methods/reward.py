@@ -47,7 +47,13 @@ from rftengine.methods.data import (
     pair_values,
     require_eos,
 )
-from rftengine.methods.modeling import RewardModel, device_of, eval_mode
+from rftengine.methods.modeling import (
+    RewardModel,
+    check_trainable_model,
+    device_of,
+    eval_mode,
+    require_example_positions,
+)
 
 
 @dataclass
@@ -58,12 +64,15 @@ class RewardConfig:
     batch_size counts preference pairs per optimizer step (2·batch_size sequences).
     use_margin: subtract each pair's ``"margin"`` field inside the sigmoid (pairs without one
     get 0). center_coef: weight of the ``mean((r_c + r_r)²)`` centering term (None = off).
+    max_skipped_steps: optimizer steps with a non-finite loss or gradient norm are skipped and
+    counted (``train/skipped_steps``); this many in a row stop the run (``NonFiniteStepError``).
     """
 
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = 1.0
+    max_skipped_steps: int = 3
     warmup_steps: int = 0
     lr_scheduler: str = "constant"
     batch_size: int = 8
@@ -149,11 +158,14 @@ def reward_step(
     *,
     scheduler=None,
     margin: torch.Tensor | None = None,
+    state: TrainState | None = None,
 ) -> dict[str, float]:
-    """One optimizer step of Bradley-Terry training; returns float metrics (plus grad_norm)."""
+    """One optimizer step of Bradley-Terry training; returns float metrics (plus grad_norm and
+    ``train/skipped_steps``: a non-finite step is skipped and counted in ``state``)."""
     model.train()
     loss, stats = reward_loss(model, batch, margin=margin, center_coef=config.center_coef)
-    return optimizer_step(loss, stats, optimizer, scheduler, config.max_grad_norm)
+    return optimizer_step(loss, stats, optimizer, scheduler, config.max_grad_norm, state=state,
+                          max_skipped_steps=config.max_skipped_steps)
 
 
 @torch.no_grad()
@@ -209,8 +221,10 @@ def train_reward_model(
     config = config or RewardConfig()
     require_eos(tokenizer)
     model = as_reward_model(model)
+    check_trainable_model(model, tokenizer)
     examples = encode_preferences(tokenizer, pairs, max_prompt_length=config.max_prompt_length,
                                   max_response_length=config.max_response_length)
+    require_example_positions(model, examples)
     num_steps = total_steps(config, len(examples), config.batch_size)
     train_state = make_train_state("reward", model, config, num_steps, state)
     device, pad = device_of(model), pad_token_id(tokenizer)
@@ -219,7 +233,7 @@ def train_reward_model(
         chunk = [examples[i] for i in idx]
         margin = _margins(chunk, device) if config.use_margin else None
         return reward_step(model, train_state.optimizer, collate_preferences(chunk, pad).to(device), config,
-                           scheduler=train_state.scheduler, margin=margin)
+                           scheduler=train_state.scheduler, margin=margin, state=train_state)
 
     history = train_loop(train_state, config, num_steps, len(examples), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="reward model",

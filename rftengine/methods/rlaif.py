@@ -48,19 +48,24 @@ from rftengine.methods.common import (
 )
 from rftengine.methods.data import (
     PromptLike,
+    SampledText,
     collate_preferences,
     encode_preferences,
-    encode_prompt,
-    left_pad,
     pad_token_id,
     require_eos,
     split_prompt_data,
 )
 from rftengine.methods.dpo import DPOConfig, dpo_step, precompute_reference_logps
 from rftengine.methods.judge import JUDGE_MODES, Judge, pairs_from_scores
-from rftengine.methods.modeling import Reference, device_of, disable_dropout
+from rftengine.methods.modeling import (
+    Reference,
+    check_trainable_model,
+    device_of,
+    disable_dropout,
+)
 from rftengine.methods.ppo import ALGORITHMS as PPO_ALGORITHMS
-from rftengine.methods.ppo import PPOConfig, train_ppo
+from rftengine.methods.ppo import PPOConfig, require_prompt_positions, train_ppo
+from rftengine.methods.rollout import sample_rollout
 
 RLAIF_ALGORITHMS = PPO_ALGORITHMS + ("dpo",)
 
@@ -231,34 +236,30 @@ def sample_responses(
     seed: int = 0,
     progress: bool = False,
     desc: str = "sampling",
-) -> list[list[str]]:
-    """``num_samples`` sampled response texts per prompt (no special tokens), in chunks of
-    prompts that fit ``generator.max_batch_size`` (``progress``: a bar over the chunks).
+    length_fields: str = "max_prompt_length or max_new_tokens",
+) -> list[list[SampledText]]:
+    """``num_samples`` sampled responses per prompt, in chunks of prompts that fit
+    ``generator.max_batch_size`` (``progress``: a bar over the chunks), each chunk one
+    ``sample_rollout`` (the sampling path of every method).
 
     Prompts are strings or chat-message lists, truncated from the left to
-    ``max_prompt_length``. Returns ``[[response, ...] * num_samples] * len(prompts)``.
+    ``max_prompt_length``. Returns ``[[response, ...] * num_samples] * len(prompts)``: texts
+    without special tokens, each a ``SampledText`` carrying the sampled token ids and finish
+    flag, so training on it uses exactly those ids (no EOS added to a truncated response).
     """
-    eos = require_eos(tokenizer)
-    pad = pad_token_id(tokenizer)
-    per_call = max(1, generator.max_batch_size // num_samples)
     if num_samples > generator.max_batch_size:
         raise ValueError(
             f"num_samples ({num_samples}) must be <= the generator's max_batch_size ({generator.max_batch_size})"
         )
-    device = generator.device
-    out: list[list[str]] = []
+    per_call = max(1, generator.max_batch_size // num_samples)
+    out: list[list[SampledText]] = []
     for chunk_index, start in enumerate(track(range(0, len(prompts), per_call), progress, desc=desc)):
         chunk = prompts[start:start + per_call]
-        ids, mask = left_pad([encode_prompt(tokenizer, p, max_prompt_length) for p in chunk], pad)
-        result = generator.generate(
-            ids.to(device), attention_mask=mask.to(device), num_samples=num_samples,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            eos_token_ids=[eos], pad_token_id=pad, seed=step_seed(seed, chunk_index),
-        )
-        responses = result.responses.cpu()
-        keep = result.response_mask.cpu()
-        texts = [tokenizer.decode(responses[i][keep[i]].tolist(), skip_special_tokens=True)
-                 for i in range(responses.shape[0])]
+        texts = sample_rollout(
+            generator, tokenizer, chunk, num_samples=num_samples, max_new_tokens=max_new_tokens,
+            max_prompt_length=max_prompt_length, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=step_seed(seed, chunk_index), length_fields=length_fields,
+        ).sampled_texts()
         out += [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
     return out
 
@@ -279,10 +280,12 @@ def rlaif_dpo_round(
     reference: Reference | None,
     seed: int = 0,
     progress: bool = False,
+    state: TrainState | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """One online round: sample ``num_samples`` responses per prompt, judge them into pairs,
     take ``updates_per_round`` DPO steps on those pairs (``progress``: bars for sampling,
-    judging and the reference pass).
+    judging and the reference pass). The pairs train on the sampled token ids: a response cut
+    at ``max_new_tokens`` has no EOS. Skipped non-finite steps are counted in ``state``.
 
     Returns ``(metrics, pairs)``. Metrics: ``judge/score`` (mean candidate strength: expected
     rating, or mean win probability; also ``reward/mean`` when pointwise), ``judge/margin``
@@ -323,7 +326,8 @@ def rlaif_dpo_round(
         ref_logps = precompute_reference_logps(reference, examples, pad, batch_size=dpo_cfg.ref_batch_size,
                                                chunk_size=dpo_cfg.logprob_chunk_size, progress=progress)
     for _ in range(cfg.updates_per_round):
-        step_metrics = dpo_step(policy, optimizer, batch, dpo_cfg, ref_logps=ref_logps, scheduler=scheduler)
+        step_metrics = dpo_step(policy, optimizer, batch, dpo_cfg, ref_logps=ref_logps, scheduler=scheduler,
+                                state=state)
     policy.eval()
     metrics.update(step_metrics)
     return metrics, pairs
@@ -334,6 +338,8 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
     from rftengine.generation import Generator
 
     cfg = config
+    check_trainable_model(policy, tokenizer)
+    require_prompt_positions(policy, tokenizer, prompts, cfg)
     disable_dropout(policy)
     num_steps = total_steps(cfg, len(prompts), cfg.batch_size)
     dpo_cfg = cfg.dpo_config
@@ -354,7 +360,7 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
         metrics, _ = rlaif_dpo_round(
             policy, tokenizer, judge, [prompts[i] for i in idx], cfg, generator=generator,
             optimizer=train_state.optimizer, scheduler=train_state.scheduler, reference=reference,
-            seed=step_seed(cfg.seed, train_state.step), progress=progress,
+            seed=step_seed(cfg.seed, train_state.step), progress=progress, state=train_state,
         )
         return metrics
 

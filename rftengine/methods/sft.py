@@ -42,7 +42,13 @@ from rftengine.methods.data import (
     render_response,
     require_eos,
 )
-from rftengine.methods.modeling import device_of, disable_dropout, response_logprobs
+from rftengine.methods.modeling import (
+    check_trainable_model,
+    device_of,
+    disable_dropout,
+    require_example_positions,
+    response_logprobs,
+)
 
 
 @dataclass
@@ -50,12 +56,15 @@ class SFTConfig:
     """Options of ``train_sft`` (validated on construction; ``from_dict`` rejects unknown keys).
 
     batch_size counts (prompt, response) examples per optimizer step.
+    max_skipped_steps: optimizer steps with a non-finite loss or gradient norm are skipped and
+    counted (``train/skipped_steps``); this many in a row stop the run (``NonFiniteStepError``).
     """
 
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = 1.0
+    max_skipped_steps: int = 3
     warmup_steps: int = 0
     lr_scheduler: str = "constant"
     batch_size: int = 8
@@ -132,13 +141,15 @@ def sft_loss(policy: nn.Module, batch: SequenceBatch, *, chunk_size: int | None 
 
 def sft_step(
     policy: nn.Module, optimizer: torch.optim.Optimizer, batch: SequenceBatch, config: SFTConfig,
-    *, scheduler=None,
+    *, scheduler=None, state: TrainState | None = None,
 ) -> dict[str, float]:
-    """One optimizer step of SFT on ``batch``; returns float metrics (plus grad_norm and
-    learning_rate)."""
+    """One optimizer step of SFT on ``batch``; returns float metrics (plus grad_norm,
+    learning_rate and ``train/skipped_steps``: a non-finite step is skipped and counted in
+    ``state``)."""
     policy.train()
     loss, stats = sft_loss(policy, batch, chunk_size=config.logprob_chunk_size)
-    return optimizer_step(loss, stats, optimizer, scheduler, config.max_grad_norm)
+    return optimizer_step(loss, stats, optimizer, scheduler, config.max_grad_norm, state=state,
+                          max_skipped_steps=config.max_skipped_steps)
 
 
 def train_sft(
@@ -168,16 +179,19 @@ def train_sft(
     if not isinstance(config, SFTConfig):
         raise ValueError(f"config must be an SFTConfig, got {type(config).__name__}")
     require_eos(tokenizer)
+    check_trainable_model(policy, tokenizer)
     disable_dropout(policy)
     examples = encode_sft_examples(tokenizer, data, max_prompt_length=config.max_prompt_length,
                                    max_response_length=config.max_response_length)
+    require_example_positions(policy, examples)
     num_steps = total_steps(config, len(examples), config.batch_size)
     train_state = make_train_state("sft", policy, config, num_steps, state)
     device, pad = device_of(policy), pad_token_id(tokenizer)
 
     def run_step(idx: list[int]) -> dict[str, float]:
         batch = make_sequence_batch([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad)
-        return sft_step(policy, train_state.optimizer, batch.to(device), config, scheduler=train_state.scheduler)
+        return sft_step(policy, train_state.optimizer, batch.to(device), config, scheduler=train_state.scheduler,
+                        state=train_state)
 
     history = train_loop(train_state, config, num_steps, len(examples), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="sft", postfix={"loss": "loss"})

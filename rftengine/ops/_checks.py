@@ -8,6 +8,7 @@ graph is being captured: a host sync there would break the capture, and captured
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -62,19 +63,56 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     return first
 
 
-def check_positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+def check_number(name: str, value: float, *, allow_inf: bool = False, bound: str = "") -> None:
+    """A Python int or float (not bool), never NaN, and finite unless `allow_inf`.
+
+    Every scalar coefficient of the ops goes through here: a NaN or inf coefficient would
+    otherwise pass comparisons such as ``value > 0`` and poison the loss silently.
+    `bound` (e.g. "> 0") only completes the message.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or math.isnan(value) or (math.isinf(value) and not allow_inf):
+        kind = "a number" if allow_inf else "a finite number"
+        raise ValueError(f"{name} must be {kind}{' ' + bound if bound else ''}, got {value!r}")
+
+
+def check_positive(name: str, value: float, *, allow_inf: bool = False) -> None:
+    check_number(name, value, allow_inf=allow_inf, bound="> 0")
+    if not value > 0:
         raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 
 def check_non_negative(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+    check_number(name, value, bound=">= 0")
+    if not value >= 0:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_binary_mask(name: str, mask: torch.Tensor) -> None:
+    """A bool tensor, or an integer/floating one holding only 0 and 1.
+
+    `mask != 0` would read 2 or -1 as True: a mask built by arithmetic (a sum of masks, a
+    shifted one) then silently counts the wrong positions. One host sync for non-bool masks;
+    skipped during CUDA-graph capture. Shared by every op and by the Generator's attention_mask.
+    """
+    check_tensor(name, mask)
+    if mask.dtype == torch.bool:
+        return
+    if mask.dtype.is_complex:
+        raise ValueError(f"{name} must be a bool or 0/1 integer/floating tensor, got {mask.dtype}")
+    if capturing() or mask.numel() == 0:
+        return
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} must hold only 0/1 (or bool) values, got {mask[bad].flatten()[0].item()!r} "
+            f"({int(bad.sum())} entries other than 0 and 1)"
+        )
 
 
 def as_mask(name: str, mask: torch.Tensor | None, shape: Sequence[int], device: torch.device):
@@ -85,14 +123,9 @@ def as_mask(name: str, mask: torch.Tensor | None, shape: Sequence[int], device: 
     check_shape(name, mask, shape, "one entry per position")
     if mask.device != device:
         raise ValueError(f"{name} must be on {device}, got {mask.device}")
+    check_binary_mask(name, mask)
     if mask.dtype == torch.bool:
         return mask
-    if mask.dtype.is_floating_point and not capturing():
-        bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
-            raise ValueError(
-                f"{name} must hold only 0/1 (or bool) values, got {mask[bad].flatten()[0].item()!r}"
-            )
     return mask != 0
 
 

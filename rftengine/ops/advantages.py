@@ -155,6 +155,7 @@ def gae(
         ``(advantages, returns)``, each ``[B, T]`` float32 (float64 for float64 inputs), 0 at
         masked positions; differentiable w.r.t. ``rewards`` and ``values``. On CUDA one Triton
         kernel (one program per sequence, a reverse scan over T); elsewhere a torch loop.
+        Empty inputs (B = 0 or T = 0) give empty outputs.
     """
     check_floating("rewards", rewards)
     check_ndim("rewards", rewards, (2,), "[B, T]")
@@ -177,58 +178,76 @@ def gae(
 # ---------------------------------------------------------------- whitening
 
 
-def combine_moments(part: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-block (count, mean, M2) partials [3, P] -> (mean, inv_std, count) [3] (Chan et al.).
+def power_of_two_scale(x: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """0-d: the smallest power of two >= max |x| over the valid entries, at least 1.
 
-    ``var = M2 / max(n - 1, 1)`` (Bessel-corrected, as torch.var), ``inv_std = (var + eps)^-1/2``.
+    Statistics of x / scale cannot overflow (squares of values around 1e20 do in fp32), and
+    dividing by a power of two is exact, so inputs of ordinary size get bit-identical results.
+    """
+    if x.numel() == 0:
+        return torch.ones((), dtype=dtype, device=x.device)
+    m = _zeros_where_masked(x, keep, dtype).abs().amax()
+    return torch.ldexp(torch.ones_like(m), torch.frexp(m).exponent).clamp(min=1.0)
+
+
+def combine_moments(part: torch.Tensor, eps: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-block (count, mean, M2) partials [3, P] of x / scale -> (mean, inv_std, count) [3]
+    of x (Chan et al.).
+
+    ``var = M2 / max(n - 1, 1)`` (Bessel-corrected, as torch.var), ``inv_std = (var + eps)^-1/2``,
+    evaluated as ``(var' + eps / scale²)^-1/2 / scale`` on the scaled variance var'.
     """
     count, means, m2 = part
+    scale = torch.ones((), dtype=part.dtype, device=part.device) if scale is None else scale.to(part.dtype)
     n = count.sum()
     mean = (count * means).sum() / n.clamp(min=1.0)
     m2_total = m2.sum() + (count * (means - mean) ** 2).sum()
-    inv_std = torch.rsqrt(m2_total / (n - 1).clamp(min=1.0) + eps)
-    return torch.stack([mean, inv_std, n])
+    inv_std = torch.rsqrt(m2_total / (n - 1).clamp(min=1.0) + eps / scale / scale) / scale
+    return torch.stack([mean * scale, inv_std, n])
 
 
 def whiten_forward_reference(x, keep, shift_mean: bool, eps: float):
     """Torch path of whiten on flat x [N]: (y [N], stats [3] = (mean, inv_std, count))."""
     acc = accumulation_dtype(x)
-    xv = _zeros_where_masked(x, keep, acc)
+    scale = power_of_two_scale(x, keep, acc)
+    xv = _zeros_where_masked(x, keep, acc) / scale
     k = torch.ones_like(xv) if keep is None else keep.to(acc)
     n = k.sum()
     mean = xv.sum() / n.clamp(min=1.0)
     xc = (xv - mean) * k
-    inv_std = torch.rsqrt((xc * xc).sum() / (n - 1).clamp(min=1.0) + eps)
-    y = xc * inv_std + (0.0 if shift_mean else mean * k)
-    return y, torch.stack([mean, inv_std, n])
+    inv_std = torch.rsqrt((xc * xc).sum() / (n - 1).clamp(min=1.0) + eps / scale / scale)
+    y = xc * inv_std + (0.0 if shift_mean else mean * scale * k)
+    return y, torch.stack([mean * scale, inv_std / scale, n])
 
 
 def whiten_backward_reference(x, keep, stats, grad, shift_mean: bool):
-    """``dx = s·(g - ḡ) - s³·Σ g·(x - μ)·(x - μ) / max(n - 1, 1)`` (+ ḡ without shift_mean)."""
+    """``dx = s·(g - ḡ) - s·Σ(g·y)/max(n - 1, 1)·y`` with ``y = s·(x - μ)`` (+ ḡ without
+    shift_mean); the same as ``s³·Σ g·(x - μ)·(x - μ) / (n - 1)``, whose s³ underflows fp32."""
     acc = stats.dtype
     mean, inv_std, n = stats.unbind()
     k = torch.ones(x.shape, dtype=acc, device=x.device) if keep is None else keep.to(acc)
-    xc = (_zeros_where_masked(x, keep, acc) - mean) * k
+    y = (_zeros_where_masked(x, keep, acc) - mean) * inv_std * k
     g = grad.to(acc) * k
     g_mean = g.sum() / n.clamp(min=1.0)
-    coef = inv_std**3 * (g * xc).sum() / (n - 1).clamp(min=1.0)
-    dx = inv_std * (g - g_mean) - coef * xc + (0.0 if shift_mean else g_mean)
+    coef = inv_std * (g * y).sum() / (n - 1).clamp(min=1.0)
+    dx = inv_std * (g - g_mean) - coef * y + (0.0 if shift_mean else g_mean)
     return (dx * k).to(x.dtype)
 
 
 def _whiten_forward_triton(x, keep, shift_mean: bool, eps: float):
     from rftengine.kernels import gae as kernel
 
-    stats = combine_moments(kernel.masked_moments(x, keep), eps)
+    scale = power_of_two_scale(x, keep, torch.float32)
+    stats = combine_moments(kernel.masked_moments(x, keep, scale), eps, scale)
     return kernel.whiten_apply(x, keep, stats, shift_mean), stats
 
 
 def _whiten_backward_triton(x, keep, stats, grad, shift_mean: bool):
     from rftengine.kernels import gae as kernel
 
-    g_sum, gx_sum = kernel.whiten_grad_sums(x, keep, stats, grad).sum(-1)
+    g_sum, gy_sum = kernel.whiten_grad_sums(x, keep, stats, grad).sum(-1)
     mean, inv_std, n = stats.unbind()
-    coef = inv_std**3 * gx_sum / (n - 1).clamp(min=1.0)
+    coef = inv_std * gy_sum / (n - 1).clamp(min=1.0)
     bwd_stats = torch.stack([mean, inv_std, g_sum / n.clamp(min=1.0), coef])
     return kernel.whiten_backward_apply(x, keep, bwd_stats, grad, shift_mean)
 
@@ -272,7 +291,9 @@ def whiten(
         eps: > 0, added to the variance.
 
     Returns:
-        ``[...]`` float32 (float64 for float64 x), differentiable w.r.t. x.
+        ``[...]`` float32 (float64 for float64 x), differentiable w.r.t. x; empty for an
+        empty x. The statistics are computed on x scaled by a power of two (exact), so values
+        around 1e20, whose squares overflow fp32, whiten like values around 1.
     """
     check_floating("x", x)
     device = check_same_device(x=x, mask=mask)
@@ -291,14 +312,31 @@ def whiten(
 # ---------------------------------------------------------------- group-relative advantages
 
 
+def _centered(s: torch.Tensor) -> torch.Tensor:
+    """s [n_groups, G] - group mean, computed from s - s[:, 0] so that a constant group gives
+    exactly 0: fp32 rounding of its mean would leave a residue that 1/(std + eps) blows up."""
+    d = s - s[:, :1]
+    return d - d.mean(1, keepdim=True)
+
+
+def _bessel_std(v: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """Bessel std of centred values over `dim` (None: all), on max-abs-scaled values: v² would
+    overflow fp32 from |v| ~ 1e19. 0 exactly where every v is 0."""
+    n = v.numel() if dim is None else v.shape[dim]
+    m = v.abs().amax() if dim is None else v.abs().amax(dim, keepdim=True)
+    safe = torch.where(m > 0, m, torch.ones_like(m))
+    r = v / safe
+    return safe * ((r * r).sum() if dim is None else (r * r).sum(dim, keepdim=True)).div(n - 1).sqrt()
+
+
 def _group_stats_reference(s: torch.Tensor, scale: str):
     """s [n_groups, G] -> (u = s - group mean, std [n_groups, 1] or 0-d or None, v = s - scope mean)."""
-    u = s - s.mean(1, keepdim=True)
+    u = _centered(s)
     if scale == "group":
-        return u, (u * u).sum(1, keepdim=True).div(s.shape[1] - 1).sqrt(), u
+        return u, _bessel_std(u, 1), u
     if scale == "batch":
         v = s - s.mean()
-        return u, (v * v).sum().div(s.numel() - 1).sqrt(), v
+        return u, _bessel_std(v, None), v
     return u, None, None
 
 
@@ -331,7 +369,8 @@ def group_advantages_backward_reference(scores, group_size: int, factor: float, 
         gu, n = (g * u).sum(), s.numel()
     safe_std = torch.where(std > 0, std, torch.ones_like(std))
     dstd = torch.where(std > 0, v / ((n - 1) * safe_std), torch.zeros_like(v))
-    return (factor * (g_centered / c - gu / (c * c) * dstd)).reshape(-1).to(scores.dtype)
+    # gu / c / c, not gu / c²: c² overflows fp32 for scores around 1e20
+    return (factor * (g_centered / c - gu / c / c * dstd)).reshape(-1).to(scores.dtype)
 
 
 class _GroupAdvantages(torch.autograd.Function):
@@ -398,7 +437,9 @@ def group_advantages(
 
     Returns:
         ``[B]`` float32 (float64 for float64 scores), differentiable w.r.t. scores (σ's
-        derivative is taken as 0 where σ = 0).
+        derivative is taken as 0 where σ = 0). A constant group (σ = 0) gets exactly 0 on
+        both backends; σ is computed on max-abs-scaled deviations, so scores around 1e20
+        (whose squares overflow fp32) keep their advantages.
     """
     check_floating("scores", scores)
     check_ndim("scores", scores, (1,), "[B] (one score per response)")

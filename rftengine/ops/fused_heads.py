@@ -34,6 +34,7 @@ from rftengine.ops._checks import (
     check_floating,
     check_ndim,
     check_non_negative,
+    check_positive,
     check_shape,
 )
 from rftengine.ops.kl import KL_ESTIMATORS, kl_penalty, kl_token_reference
@@ -48,9 +49,16 @@ from rftengine.ops.linear_logprobs import (
     to_rows,
 )
 from rftengine.ops._precision import accumulation_dtype
-from rftengine.ops.ppo import AGGREGATIONS, LOG_RATIO_CLAMP, aggregation_weights, ppo_policy_loss, ppo_token_reference
+from rftengine.ops.ppo import (
+    LOG_RATIO_CLAMP,
+    aggregation_weights,
+    check_aggregation,
+    check_clips,
+    ppo_policy_loss,
+    ppo_token_reference,
+)
 from rftengine.ops._dispatch import use_triton
-from rftengine.ops.preference import _DPOPairs, dpo_loss
+from rftengine.ops.preference import _DPOPairs, check_dpo_options, dpo_loss
 from rftengine.ops.sequence import sequence_logprobs
 
 PPO_STAT_NAMES = (
@@ -197,7 +205,8 @@ def fused_ppo_loss(
         ``clipfrac``, ``clipfrac_dual``, ``approx_kl``, ``ratio_mean``, ``ratio_max``,
         ``entropy`` (token mean), and ``kl`` (token mean) when ``ref_logp`` is given.
         Cost 6NHV FLOPs over the kept tokens; gradients are computed during forward (their
-        memory is held from then on), a backward call only scales them.
+        memory is held from then on), a backward call only scales them. Without valid tokens
+        (all masked, B = 0 or T = 0): loss 0, stats 0, zero gradients.
     """
     check_ndim("hidden", hidden, (3,), "[B, T, H]")
     inp, lead = prepare_head_inputs(
@@ -214,9 +223,12 @@ def fused_ppo_loss(
             f"(per sequence), got {tuple(advantages.shape)}"
         )
     check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
-    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_positive("kl_clamp", kl_clamp, allow_inf=True)
     check_non_negative("kl_coef", kl_coef)
     check_non_negative("entropy_coef", entropy_coef)
+    # before the sweep, which uses them (aggregation_weights divides by loss_constant)
+    check_clips(clip_low, clip_high, dual_clip)
+    check_aggregation(aggregation, loss_constant)
     keep = as_mask("mask", mask, lead, hidden.device)
     acc = accumulation_dtype(hidden)
 
@@ -396,12 +408,13 @@ def fused_dpo_loss(
         (``chunk_size``, or the default budget): one sweep, gradients computed during forward
         and only scaled by backward. Otherwise (a pair longer than a chunk, or CUDA-graph
         capture with a mask) 8NHV: forward 2NHV, backward 6NHV. Extra memory one chunk of
-        logits.
+        logits. B = 0 is an error; T = 0 (or an all-masked pair) makes sequence log-probs 0.
     """
     check_ndim("hidden", hidden, (3,), "[2B, T, H] (B chosen rows, then B rejected rows)")
-    if hidden.shape[0] % 2:
+    if hidden.shape[0] % 2 or hidden.shape[0] == 0:
         raise ValueError(
-            f"hidden must hold 2B sequences (B chosen, then B rejected), got {hidden.shape[0]} rows"
+            f"hidden must hold at least one pair: 2B sequences, B >= 1 (B chosen, then B rejected), "
+            f"got {hidden.shape[0]} rows"
         )
     pairs, seq_len = hidden.shape[0] // 2, hidden.shape[1]
     keep = as_mask("mask", mask, hidden.shape[:-1], hidden.device)
@@ -410,7 +423,7 @@ def fused_dpo_loss(
         # kept tokens per pair, read on the host with the compaction count (no extra sync)
         host_counts=None if keep is None else keep.reshape(2, pairs, seq_len).sum((0, 2)),
     )
-    check_choice("loss_type", loss_type, ("sigmoid", "ipo", "hinge", "robust", "simpo"))
+    check_dpo_options(loss_type, beta, label_smoothing, gamma)
     if length_normalized is None:
         length_normalized = loss_type == "simpo"
     use_ref = loss_type != "simpo"

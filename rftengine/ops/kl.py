@@ -38,7 +38,7 @@ def kl_token_reference(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: st
         return 0.5 * r * r, -r
     rc = r.clamp(-clamp, clamp)
     e = torch.exp(rc)
-    inside = (r >= -clamp) & (r <= clamp)
+    inside = (r >= -clamp) & (r <= clamp) | torch.isnan(r)  # a NaN r keeps a NaN derivative
     return e - rc - 1.0, torch.where(inside, 1.0 - e, torch.zeros_like(e))
 
 
@@ -136,7 +136,7 @@ def kl_penalty(
     check_shape("ref_logp", ref_logp, logp.shape, "logp.shape")
     device = check_same_device(logp=logp, ref_logp=ref_logp, mask=mask)
     check_choice("estimator", estimator, KL_ESTIMATORS)
-    check_positive("clamp", clamp)
+    check_positive("clamp", clamp, allow_inf=True)
     keep = as_mask("mask", mask, logp.shape, device)
 
     triton_path = use_triton(logp, ref_logp) and accumulation_dtype(logp, ref_logp) == torch.float32

@@ -30,7 +30,6 @@ softmax traffic.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -65,23 +64,35 @@ def default_chunk_rows(n_rows: int, vocab: int, logits_bytes: int, device: torch
     return max(1, min(rows, n_rows))
 
 
-@functools.lru_cache(maxsize=None)
+# device -> result of the probe below; filled only outside CUDA-graph capture
+_FP32_OUT_PROBED: dict[torch.device, bool] = {}
+
+
 def _fp32_out_matmuls(device: torch.device) -> bool:
     """Whether this device's matmuls take half operands and write / accumulate fp32.
 
     `torch.mm(..., out_dtype=float32)` and `aten.addmm.dtype_out` exist on CUDA from torch 2.8;
-    probed once per device (one sync, at the first call) so older builds fall back cleanly.
+    probed once per device (one sync, at the first call outside capture) so older builds fall
+    back cleanly. During CUDA-graph capture the probe cannot run (its sync would break the
+    capture): an unprobed device then takes the plain half-precision matmuls, for this call
+    only, and nothing is cached.
     """
     if device.type != "cuda":
+        return False
+    if device in _FP32_OUT_PROBED:
+        return _FP32_OUT_PROBED[device]
+    if capturing():
         return False
     try:
         a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
         out = torch.mm(a, a, out_dtype=torch.float32)
         acc = torch.ones(16, 16, device=device, dtype=torch.float32)
         torch.ops.aten.addmm.dtype_out(acc, a, a, torch.float32, out=acc)
-        return out.dtype == torch.float32 and bool((acc == 17).all()) and bool((out == 16).all())
+        ok = out.dtype == torch.float32 and bool((acc == 17).all()) and bool((out == 16).all())
     except (RuntimeError, TypeError, NotImplementedError, AttributeError):
-        return False
+        ok = False
+    _FP32_OUT_PROBED[device] = ok
+    return ok
 
 
 class Plan(NamedTuple):

@@ -7,6 +7,8 @@ Triton launchers in `rftengine.kernels.logprobs` and the chunked torch reference
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rftengine.ops._checks import (
@@ -186,7 +188,8 @@ class _TokenLogprobs(torch.autograd.Function):
 
 def rows_view(t: torch.Tensor) -> torch.Tensor:
     """[..., V] -> [N, V] with unit stride along V; copies only when V is strided."""
-    flat = t.reshape(-1, t.shape[-1])
+    # N spelled out: reshape(-1, 0) is ambiguous for an empty last dim (T = 0)
+    flat = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 

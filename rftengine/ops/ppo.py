@@ -58,6 +58,7 @@ def ppo_token_reference(
     live = (unclipped >= clipped) & (log_ratio >= -log_ratio_clamp) & (log_ratio <= log_ratio_clamp)
     zero = torch.zeros_like(loss)
     d_logp = torch.where(live, unclipped, zero)
+    d_logp = torch.where(torch.isnan(log_ratio), log_ratio, d_logp)  # a NaN token: NaN gradient
     is_clipped = (clipped > unclipped).to(loss.dtype)
     is_dual = zero
     if dual_clip is not None:
@@ -81,9 +82,10 @@ def value_token_reference(values, old_values, returns, clip: float | None):
     err_clip = torch.minimum(torch.maximum(values, old_values - clip), old_values + clip) - returns
     loss_clip = 0.5 * err_clip * err_clip
     take_clip = loss_clip > loss
+    d_values = torch.where(take_clip, torch.zeros_like(err), err)
     return (
-        torch.where(take_clip, loss_clip, loss),
-        torch.where(take_clip, torch.zeros_like(err), err),
+        torch.maximum(loss, loss_clip),  # NaN in either term (e.g. a NaN old value) stays NaN
+        torch.where(torch.isnan(loss_clip), loss_clip, d_values),
         take_clip.to(loss.dtype),
     )
 
@@ -104,7 +106,8 @@ def aggregation_weights(
     if aggregation == "seq_mean_token_mean":
         n_seq = (row_count > 0).sum().to(row_count.dtype).clamp(min=1.0)
         return 1.0 / (row_count.clamp(min=1.0) * n_seq)
-    constant = float(loss_constant) if loss_constant is not None else float(n_cols)
+    # T = 0 (no token at all): any weight gives the loss 0; max(T, 1) avoids dividing by 0
+    constant = float(loss_constant) if loss_constant is not None else float(max(n_cols, 1))
     return torch.full_like(row_count, 1.0 / (max(row_count.numel(), 1) * constant))
 
 
@@ -262,7 +265,8 @@ def _check_finite_where(name: str, t: torch.Tensor, keep: torch.Tensor | None) -
     check_finite(name, t)
 
 
-def _check_aggregation(aggregation: str, loss_constant: float | None) -> None:
+def check_aggregation(aggregation: str, loss_constant: float | None) -> None:
+    """The aggregation name, and loss_constant: a finite number > 0, only with token_sum_norm."""
     check_choice("aggregation", aggregation, AGGREGATIONS)
     if loss_constant is not None:
         if aggregation != "token_sum_norm":
@@ -270,6 +274,18 @@ def _check_aggregation(aggregation: str, loss_constant: float | None) -> None:
                 f"loss_constant is used only with aggregation='token_sum_norm', got aggregation={aggregation!r}"
             )
         check_positive("loss_constant", loss_constant)
+
+
+def check_clips(clip_low: float, clip_high: float, dual_clip: float | None) -> None:
+    """Finite ``0 <= clip_low < 1``, ``clip_high >= 0``, ``dual_clip`` None or > 1."""
+    check_non_negative("clip_low", clip_low)
+    if clip_low >= 1:
+        raise ValueError(f"clip_low must be < 1 (the ratio floor is 1 - clip_low), got {clip_low!r}")
+    check_non_negative("clip_high", clip_high)
+    if dual_clip is not None:
+        check_positive("dual_clip", dual_clip)
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip must be None or > 1, got {dual_clip!r}")
 
 
 # ---------------------------------------------------------------- public API
@@ -323,7 +339,8 @@ def ppo_policy_loss(
         differentiable w.r.t. ``logp`` only; ``stats`` detached 0-d tensors, token means over
         valid tokens whatever the aggregation: ``loss``, ``clipfrac`` (the clip set the loss),
         ``clipfrac_dual``, ``approx_kl`` (k3 estimate of KL(old‖new): ``ρ - 1 - log ρ``),
-        ``ratio_mean``, ``ratio_max``. A batch without valid tokens gives 0 and zero gradient.
+        ``ratio_mean``, ``ratio_max``. A batch without valid tokens (all masked, B = 0 or T = 0) gives
+        loss 0, stats 0 and zero gradient, never NaN.
     """
     check_floating("logp", logp)
     check_ndim("logp", logp, (2,), "[B, T]")
@@ -341,15 +358,8 @@ def ppo_policy_loss(
         logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, is_weights=is_weights
     )
     keep = as_mask("mask", mask, shape, device)
-    check_non_negative("clip_low", clip_low)
-    if clip_low >= 1:
-        raise ValueError(f"clip_low must be < 1 (the ratio floor is 1 - clip_low), got {clip_low!r}")
-    check_non_negative("clip_high", clip_high)
-    if dual_clip is not None:
-        check_positive("dual_clip", dual_clip)
-        if dual_clip <= 1:
-            raise ValueError(f"dual_clip must be None or > 1, got {dual_clip!r}")
-    _check_aggregation(aggregation, loss_constant)
+    check_clips(clip_low, clip_high, dual_clip)
+    check_aggregation(aggregation, loss_constant)
     _check_finite_where("advantages", advantages, keep)
     if is_weights is not None:
         _check_finite_where("is_weights", is_weights, keep)
@@ -392,6 +402,7 @@ def value_loss(
         ``(loss, stats)``: 0-d loss (float32, float64 for float64 inputs), differentiable
         w.r.t. ``values``; stats detached token means over valid tokens: ``loss``,
         ``clipfrac`` (the clipped term was larger), ``values/mean``, ``returns/mean``.
+        Without valid tokens (all masked, B = 0 or T = 0): loss 0, stats 0, zero gradient.
     """
     check_floating("values", values)
     check_ndim("values", values, (2,), "[B, T]")
@@ -405,7 +416,7 @@ def value_loss(
         _check_tokens("old_values", old_values, shape)
     device = check_same_device(values=values, old_values=old_values, returns=returns, mask=mask)
     keep = as_mask("mask", mask, shape, device)
-    _check_aggregation(aggregation, loss_constant)
+    check_aggregation(aggregation, loss_constant)
     _check_finite_where("returns", returns, keep)
 
     triton_path = use_triton(values, returns) and accumulation_dtype(values, returns) == torch.float32

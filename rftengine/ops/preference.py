@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from rftengine.ops._checks import (
+    capturing,
     check_choice,
     check_finite,
     check_floating,
     check_ndim,
     check_non_negative,
+    check_number,
     check_positive,
     check_same_device,
     check_shape,
@@ -46,7 +48,9 @@ def preference_pair_reference(h: torch.Tensor, beta: float, gamma: float, smooth
         return d * d, 2.0 * d
     if loss_type == "hinge":
         z = beta * h
-        return torch.relu(1.0 - z), torch.where(z < 1.0, -beta, 0.0).to(h.dtype)
+        # built from z so that float64 keeps β exact; a NaN margin keeps a NaN derivative
+        d_h = torch.where(z < 1.0, torch.full_like(z, -beta), torch.zeros_like(z))
+        return torch.relu(1.0 - z), torch.where(torch.isnan(z), z, d_h)
     z = beta * h - gamma
     sig_neg, sig_pos = torch.sigmoid(-z), torch.sigmoid(z)
     if loss_type == "robust":
@@ -197,9 +201,26 @@ def _check_lengths(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError(f"{name} must be an integer or floating tensor of token counts, got {t.dtype}")
     lengths = t.to(torch.float32)
     check_finite(name, lengths)
-    if not bool((lengths > 0).all()):
+    # a value check, so skipped during CUDA-graph capture like every other one (no host sync)
+    if not capturing() and not bool((lengths > 0).all()):
         raise ValueError(f"{name} must be > 0 for every pair (token counts), got min {float(lengths.min())}")
     return lengths.contiguous()
+
+
+def check_dpo_options(loss_type: str, beta: float, label_smoothing: float, gamma: float) -> None:
+    """The scalar options of `dpo_loss` (shared with `fused_dpo_loss`): finite, in range."""
+    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    check_positive("beta", beta)
+    check_non_negative("label_smoothing", label_smoothing)
+    if loss_type in ("ipo", "hinge") and label_smoothing != 0:
+        raise ValueError(f"label_smoothing must be 0 for loss_type={loss_type!r}, got {label_smoothing!r}")
+    if loss_type == "robust" and not label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be < 0.5 for loss_type='robust', got {label_smoothing!r}")
+    if label_smoothing > 0.5:
+        raise ValueError(f"label_smoothing must be <= 0.5, got {label_smoothing!r}")
+    check_non_negative("gamma", gamma)
+    if loss_type != "simpo" and gamma != 0:
+        raise ValueError(f"gamma (SimPO target margin) must be 0 for loss_type={loss_type!r}, got {gamma!r}")
 
 
 def _mean_stats(**values: torch.Tensor) -> dict:
@@ -265,24 +286,13 @@ def dpo_loss(
     _check_pairs("pol_chosen", pol_chosen, None)
     n = pol_chosen.shape[0]
     _check_pairs("pol_rejected", pol_rejected, n)
-    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
-    check_positive("beta", beta)
+    check_dpo_options(loss_type, beta, label_smoothing, gamma)
     simpo = loss_type == "simpo"
     if not simpo:
         for name, ref in (("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
             if ref is None:
                 raise ValueError(f"{name} must be a [B] tensor for loss_type={loss_type!r}, got None")
             _check_pairs(name, ref, n)
-    check_non_negative("label_smoothing", label_smoothing)
-    if loss_type in ("ipo", "hinge") and label_smoothing != 0:
-        raise ValueError(f"label_smoothing must be 0 for loss_type={loss_type!r}, got {label_smoothing!r}")
-    if loss_type == "robust" and not label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be < 0.5 for loss_type='robust', got {label_smoothing!r}")
-    if label_smoothing > 0.5:
-        raise ValueError(f"label_smoothing must be <= 0.5, got {label_smoothing!r}")
-    check_non_negative("gamma", gamma)
-    if not simpo and gamma != 0:
-        raise ValueError(f"gamma (SimPO target margin) must be 0 for loss_type={loss_type!r}, got {gamma!r}")
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("chosen_lengths and rejected_lengths must be given together or both left None")
     if chosen_lengths is not None and loss_type not in ("ipo", "simpo"):
@@ -356,6 +366,7 @@ def bradley_terry_loss(
     elif margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise ValueError(f"margin must be None, a number or a [B] tensor, got {type(margin).__name__}")
+        check_number("margin", margin)
         margin_value = float(margin)
     center = 0.0
     if center_coef is not None:

@@ -85,7 +85,8 @@ def sequence_logprobs(
         reduction: ``"sum"`` or ``"mean"``.
 
     Returns:
-        ``[B]`` float32 (float64 for float64 input); a sequence without valid tokens gives 0.
+        ``[B]`` float32 (float64 for float64 input); a sequence without valid tokens (all
+        masked, or T = 0) gives 0.
         Differentiable w.r.t. ``token_logp``.
     """
     check_floating("token_logp", token_logp)

@@ -1,11 +1,15 @@
 """Every user error of `rftengine train` says what and where, exits 1, and shows no traceback."""
 
+import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 from rftengine import checkpoint as ckpt
 from rftengine.cli import main
+from rftengine.config import UserError
 from rftengine.toy import char_tokenizer, tiny_causal_lm
 
 from .cli_helpers import save_tiny_model, write_config, write_jsonl
@@ -129,3 +133,129 @@ def test_bad_device(capsys, setup):
     _, cfg = setup
     assert "device must be auto, cpu, cuda or cuda:N, got 'gpu0'" in run_error(capsys, ["train", str(cfg), "device=gpu0"])
     assert "train section (train.seed)" in run_error(capsys, ["train", str(cfg), "seed=3"])
+
+
+# --- issue 10: user errors that used to surface as tracebacks --------------------------------
+
+
+def test_output_dir_is_a_file_or_under_one(capsys, setup):
+    tmp_path, cfg = setup
+    (tmp_path / "afile").write_text("x")
+    err = run_error(capsys, ["train", str(cfg), f"output_dir={tmp_path / 'afile'}"])
+    assert f"output_dir {tmp_path / 'afile'} is a file, not a directory" in err
+    err = run_error(capsys, ["train", str(cfg), f"output_dir={tmp_path / 'afile' / 'run'}"])
+    assert f"output_dir {tmp_path / 'afile' / 'run'}: {tmp_path / 'afile'} is a file, not a directory" in err
+
+
+def test_output_dir_read_only(capsys, setup, monkeypatch):
+    # Tests run as root, where chmod does not stop writes: os.access is what the check asks.
+    tmp_path, cfg = setup
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))
+    err = run_error(capsys, ["train", str(cfg), f"output_dir={locked / 'run'}"])
+    assert f"output_dir {locked / 'run'} is not writable ({locked} is read-only)" in err
+
+
+def test_output_dir_permission_error_on_write(capsys, setup, monkeypatch):
+    tmp_path, cfg = setup
+    import rftengine.cli
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out" / "run_config.yaml"))
+
+    monkeypatch.setattr(rftengine.cli, "_write_run_config", deny)
+    err = run_error(capsys, ["train", str(cfg)])
+    assert "Permission denied" in err and str(tmp_path / "out" / "run_config.yaml") in err
+
+
+def test_config_not_utf8(capsys, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"method: dpo\nmodel: m\x80\n")
+    err = run_error(capsys, ["train", str(path)])
+    assert f"{path}: not UTF-8 text (byte 0x80 at offset 20, line 2)" in err
+
+
+def test_data_not_utf8(capsys, setup):
+    tmp_path, cfg = setup
+    good = json.dumps(PAIRS[0]).encode()
+    (tmp_path / "pairs.jsonl").write_bytes(good + b"\n" + good[:5] + b"\xff" + good[5:] + b"\n")
+    err = run_error(capsys, ["train", str(cfg)])
+    assert f"{tmp_path / 'pairs.jsonl'}:2: not UTF-8 text (byte 0xff at offset {len(good) + 1 + 5})" in err
+
+
+def test_data_deeply_nested(capsys, setup):
+    tmp_path, cfg = setup
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(PAIRS[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    err = run_error(capsys, ["train", str(cfg)])
+    assert f"{tmp_path / 'pairs.jsonl'}:2: JSON nested too deeply" in err
+
+
+def test_data_lone_surrogate(capsys, setup):
+    tmp_path, cfg = setup
+    (tmp_path / "pairs.jsonl").write_text(
+        json.dumps(PAIRS[0]) + "\n" + '{"prompt": "p\\ud800", "chosen": "a", "rejected": "b"}\n')
+    err = run_error(capsys, ["train", str(cfg)])
+    assert f"{tmp_path / 'pairs.jsonl'}:2: field 'prompt' holds a lone surrogate" in err
+
+
+def test_data_unreadable(capsys, setup, monkeypatch):
+    tmp_path, cfg = setup
+    data = tmp_path / "pairs.jsonl"
+    real_open = Path.open
+
+    def deny(self, *args, **kwargs):
+        if self == data:
+            raise PermissionError(13, "Permission denied", str(data))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", deny)
+    err = run_error(capsys, ["train", str(cfg)])
+    assert f"data file {data}: Permission denied" in err
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "cuda:x", "cpu:0:1", "CUDA"])
+def test_device_not_cpu_cuda_or_auto(capsys, setup, device):
+    _, cfg = setup
+    err = run_error(capsys, ["train", str(cfg), f"device={device}"])
+    assert f"device must be auto, cpu, cuda or cuda:N, got '{device}'" in err
+
+
+def test_debug_flag_shows_the_traceback(capsys, setup):
+    _, cfg = setup
+    with pytest.raises(UserError, match="device must be"):
+        main(["train", str(cfg), "device=meta", "--debug"])
+    with pytest.raises(UserError, match="device must be"):
+        main(["--debug", "train", str(cfg), "device=meta"])
+    assert not os.environ.get("RFTENGINE_DEBUG")  # --debug does not leak into later calls
+    run_error(capsys, ["train", str(cfg), "device=meta"])
+
+
+def test_reward_module_with_a_syntax_error(capsys, tmp_path, tiny_model_dir):
+    (tmp_path / "broken_reward_mod.py").write_text("def score(prompts, responses):\n    return [1.0 for r in responses\n")
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "p:"}] * 2)
+    cfg = write_config(tmp_path / "run.yaml", method="grpo", model=str(tiny_model_dir), data=str(data),
+                       reward="broken_reward_mod:score", output_dir=str(tmp_path / "out"), train={"group_size": 2})
+    err = run_error(capsys, ["train", str(cfg)])
+    assert f"reward broken_reward_mod:score: {tmp_path / 'broken_reward_mod.py'}:2: invalid Python" in err
+
+
+def test_constitution_not_utf8(capsys, tmp_path, tiny_model_dir):
+    (tmp_path / "c.yaml").write_bytes(b"principles:\n  - name: \xff\n")
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "p:"}] * 2)
+    cfg = write_config(tmp_path / "run.yaml", method="cai", model=str(tiny_model_dir), data=str(data),
+                       constitution=str(tmp_path / "c.yaml"), output_dir=str(tmp_path / "out"))
+    err = run_error(capsys, ["train", str(cfg)])
+    assert f"{tmp_path / 'c.yaml'}: not UTF-8 text (byte 0xff at offset 22, line 2)" in err
+
+
+def test_reward_model_config_not_utf8(capsys, tmp_path, tiny_model_dir):
+    reward = save_tiny_model(tmp_path / "rm")
+    capsys.readouterr()
+    (reward / "config.json").write_bytes(b'{"architectures": ["\xff"]}')
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "p:"}] * 2)
+    cfg = write_config(tmp_path / "run.yaml", method="grpo", model=str(tiny_model_dir), data=str(data),
+                       reward=str(reward), output_dir=str(tmp_path / "out"), train={"group_size": 2})
+    err = run_error(capsys, ["train", str(cfg)])
+    assert f"{reward / 'config.json'}: not UTF-8 text (byte 0xff at offset 20, line 1)" in err

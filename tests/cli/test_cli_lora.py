@@ -125,8 +125,8 @@ def test_resume_is_exact_and_the_adapter_export(tmp_path, tiny_model_dir, capsys
 
     ckpt_full, ckpt_resumed = tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4"
     assert not (ckpt_full / "model.safetensors").exists()  # a LoRA checkpoint holds the adapters only
-    opt_full = torch.load(ckpt_full / "trainer_state.pt", weights_only=False)["state"]["optimizer"]["state"]
-    opt_resumed = torch.load(ckpt_resumed / "trainer_state.pt", weights_only=False)["state"]["optimizer"]["state"]
+    opt_full = torch.load(ckpt_full / "trainer_state.pt", weights_only=True)["state"]["optimizer"]["state"]
+    opt_resumed = torch.load(ckpt_resumed / "trainer_state.pt", weights_only=True)["state"]["optimizer"]["state"]
     assert len(opt_full) == 8 and opt_full.keys() == opt_resumed.keys()
     for i in opt_full:
         assert all(torch.equal(opt_full[i][k], opt_resumed[i][k]) for k in opt_full[i]), i

@@ -66,3 +66,33 @@ def test_tensorboard_when_installed(tmp_path, monkeypatch):
     with MetricsWriter(tmp_path, tensorboard=True) as w:
         w.log(4, {"loss": 0.5, "kl": 0.25})
     assert calls == [("init", str(tmp_path / "tensorboard")), ("loss", 0.5, 4), ("kl", 0.25, 4), ("close",)]
+
+
+def test_resume_drops_a_torn_last_line(tmp_path, capsys):
+    """A kill mid-write leaves half a JSON line at the end of metrics.jsonl (and maybe of
+    metrics.csv): resuming drops it, says so, and rewrites both files whole."""
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        for step in (1, 2, 3):
+            w.log(step, {"loss": float(step)})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "lo')
+    with (tmp_path / "metrics.csv").open("a") as f:
+        f.write("4,0.")
+    with MetricsWriter(tmp_path, resume_step=3, tensorboard=False) as w:
+        w.log(4, {"loss": 40.0})
+    err = capsys.readouterr().err
+    assert "metrics.jsonl" in err and "torn" in err, err
+    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1.0, 2.0, 3.0, 40.0]
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [(r["step"], r["loss"]) for r in csv.DictReader(f)] == [
+            ("1", "1.0"), ("2", "2.0"), ("3", "3.0"), ("4", "40.0")]
+
+
+def test_a_broken_line_before_the_last_is_an_error(tmp_path):
+    import pytest
+
+    from rftengine.config import UserError
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 3.0}\n')
+    with pytest.raises(UserError, match=r"metrics\.jsonl.*line 2"):
+        MetricsWriter(tmp_path, resume_step=3, tensorboard=False)

@@ -1,12 +1,16 @@
 """--resume continues exactly: the same next batches, the same losses, the same final weights as an
 uninterrupted run, after a crash between checkpoints."""
 
+import dataclasses
+
 import pytest
 import torch
+import yaml
 from .cli_helpers import EXAMPLES
 from safetensors.torch import load_file
 
 import rftengine.cli
+from rftengine import checkpoint as ckpt
 from rftengine.cli import main
 from rftengine.methods import common
 from rftengine.metrics import read_metrics
@@ -88,3 +92,98 @@ def test_resume_is_exact(method, tmp_path, tiny_model_dir, monkeypatch):
         b = load_file(tmp_path / "resumed" / "final" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert rows_full[2]["loss"] != rows_full[3]["loss"]  # training moved: the comparison means something
+
+
+# --- issue 10 items 12 and 13: branching from an older checkpoint, settings changed on resume ---
+
+
+def dpo_argv(model_dir, out, *extra):
+    return ["train", str(EXAMPLES / "dpo.yaml"), f"model={model_dir}", f"output_dir={out}", "progress=false",
+            "plot=false", "export=false", "tensorboard=false", "keep_last=10", "train.save_every=1",
+            "train.lr_scheduler=constant", *FAST["dpo"], *extra]
+
+
+def crash_after(step):
+    log = rftengine.cli.Run.callback
+
+    def callback(self, at, metrics):
+        if at == step:
+            raise Crash(f"simulated crash after step {at}")
+        log(self, at, metrics)
+
+    return callback
+
+
+def test_resume_from_an_older_checkpoint_starts_a_branch(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.chdir(EXAMPLES.parent)
+    out = tmp_path / "out"
+    assert main(dpo_argv(tiny_model_dir, out, "train.max_steps=4")) == 0
+    (out / "checkpoint-3" / "sentinel").write_text("the abandoned run's")
+    capsys.readouterr()
+
+    # The branch from checkpoint-2 crashes after its step 3, before writing its own checkpoint-3.
+    with monkeypatch.context() as mp, pytest.raises(Crash):
+        mp.setattr(rftengine.cli.Run, "callback", crash_after(3))
+        main(dpo_argv(tiny_model_dir, out, "train.max_steps=4", "train.learning_rate=1e-4",
+                      "--resume", str(out / "checkpoint-2")))
+    console = capsys.readouterr().out
+    assert "checkpoint-3, checkpoint-4 are newer than checkpoint-2" in console and "abandoned" in console
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    (moved,) = (out / "abandoned").iterdir()
+    assert (moved / "checkpoint-3" / "sentinel").is_file() and (moved / "checkpoint-4" / ckpt.MARKER).is_file()
+    assert [r["step"] for r in read_metrics(moved / "metrics.jsonl")] == [1, 2, 3, 4]  # the abandoned curves
+
+    # The next plain --resume continues the new branch, never the abandoned run's checkpoint-4.
+    assert main(dpo_argv(tiny_model_dir, out, "train.max_steps=4", "train.learning_rate=1e-4", "--resume")) == 0
+    assert f"resuming from {out / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
+    assert not (out / "checkpoint-3" / "sentinel").exists()
+
+
+def test_resume_applies_a_new_learning_rate_and_records_it(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.chdir(EXAMPLES.parent)
+    out = tmp_path / "out"
+    assert main(dpo_argv(tiny_model_dir, out, "train.max_steps=2", "train.learning_rate=1e-3")) == 0
+    capsys.readouterr()
+    assert main(dpo_argv(tiny_model_dir, out, "train.max_steps=3", "train.learning_rate=0.5", "--resume")) == 0
+    console = capsys.readouterr().out
+    assert "train.learning_rate: 0.001 -> 0.5" in console and "train.max_steps: 2 -> 3" in console
+    assert [r["learning_rate"] for r in read_metrics(out / "metrics.jsonl")] == [1e-3, 1e-3, 0.5]
+    for path in (out / "run_config.yaml", out / "checkpoint-3" / "run_config.yaml"):
+        assert yaml.safe_load(path.read_text())["train"]["learning_rate"] == 0.5, path
+
+
+def test_resume_refuses_a_change_of_meaning(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.chdir(EXAMPLES.parent)
+    out = tmp_path / "out"
+    assert main(dpo_argv(tiny_model_dir, out, "train.max_steps=2")) == 0
+    capsys.readouterr()
+    assert main(dpo_argv(tiny_model_dir, out, "train.max_steps=3", "train.beta=0.5", "--resume")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{out / 'checkpoint-2'} was trained with train.beta = 0.1, this run sets 0.5" in err
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]  # nothing touched
+
+
+def test_run_config_is_fully_resolved(tmp_path, tiny_model_dir, monkeypatch):
+    from rftengine.methods.dpo import DPOConfig
+
+    monkeypatch.chdir(EXAMPLES.parent)
+    out = tmp_path / "out"
+    assert main(dpo_argv(tiny_model_dir, out, "train.max_steps=1")) == 0
+    saved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert saved["device"] == "auto" and saved["keep_last"] == 10 and saved["judge_options"] == {}
+    assert set(saved["train"]) == {f.name for f in dataclasses.fields(DPOConfig)}
+    assert saved["train"]["label_smoothing"] == 0.0 and saved["train"]["max_steps"] == 1
+    assert yaml.safe_load((out / "checkpoint-1" / "run_config.yaml").read_text()) == saved
+
+
+def test_resolved_config_of_nested_stages():
+    from rftengine.cli import resolved_run_config
+    from rftengine.config import RunConfig
+    from rftengine.methods.cai import CAIConfig
+    from rftengine.methods.sft import SFTConfig
+
+    cfg = RunConfig(method="cai", model="m", data="d.jsonl", train={"sft": {"learning_rate": 1e-5}})
+    resolved = resolved_run_config(cfg, CAIConfig.from_dict(cfg.train))
+    assert set(resolved["train"]["sft"]) == {f.name for f in dataclasses.fields(SFTConfig)}
+    assert resolved["train"]["sft"]["learning_rate"] == 1e-5
+    yaml.safe_dump(resolved)  # plain values only

@@ -21,11 +21,15 @@ from transformers import (
 )
 
 import rftengine.generation.attention as attention_module
+import rftengine.generation.generator as generator_module
 from rftengine.generation import GenerationOutput, Generator
 from rftengine.generation.attention import DecodeAttention, select_attention
 from rftengine.generation.kv_cache import StaticKVCache
 from rftengine.generation.model_runner import decode_forward, prefill
 from rftengine.generation.weights import DecoderWeights, gather_weights, shadow
+
+# Tiny models and tensors: intra-op threads only add contention on a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # head_dim 16: flash-attn wants a multiple of 8; 4 query heads share 2 kv heads (GQA).
 COMMON = dict(
@@ -43,14 +47,6 @@ PROMPT_SETS = (
     [list(range(3, 40)), [5, 6], list(range(7, 20))],
     [[9], list(range(11, 60, 2)), [4, 4, 4, 4, 4]],
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def masked_attention(q, keys, values, keep, scale):
@@ -86,6 +82,12 @@ def fake_flash_with_kvcache(
     assert v_cache.shape == k_cache.shape and q.dtype == k_cache.dtype == v_cache.dtype
     for lengths in (cache_seqlens, cache_leftpad):
         assert lengths.dtype == torch.int32 and lengths.is_contiguous() and lengths.shape == (b,)
+    # flash-attn reads columns [leftpad, seqlens) of the cache without a bounds check: a length
+    # outside 0 <= leftpad < seqlens <= s is an out-of-bounds read on the GPU
+    assert bool((cache_leftpad >= 0).all()), f"negative cache_leftpad {cache_leftpad.tolist()}"
+    assert bool((cache_leftpad < cache_seqlens).all() and (cache_seqlens <= s).all()), (
+        f"cache_leftpad {cache_leftpad.tolist()}, cache_seqlens {cache_seqlens.tolist()}, {s} columns"
+    )
     cols = torch.arange(s, device=q.device)
     keep = (cols >= cache_leftpad[:, None]) & (cols < cache_seqlens[:, None])
     if window_size[0] >= 0:
@@ -258,6 +260,54 @@ def test_flash_call_contract_in_rollouts(family, fake_flash):
     # Through the whole loop (bucket padding rows, two rollouts on one cache) the lengths the
     # engine hands flash-attn select the same keys as SDPA's masks: fp32 results agree to rounding.
     check_flash_rollouts_match_sdpa(FAMILIES[family](), max_seq_len=64, new_tokens=12, bucket_rows=True)
+
+
+class EagerGraphs:
+    """`DecodeGraphs` on the CPU: `capture` runs the warm-up step as the real one does and keeps
+    the step; `replay` runs it again, reading the buffers as they are then (as a replay does)."""
+
+    def __init__(self, generator):
+        self.graphs = {}
+
+    def __contains__(self, key):
+        return key in self.graphs
+
+    def __len__(self):
+        return len(self.graphs)
+
+    def capture(self, key, step):
+        step()  # the eager warm-up; recording a real graph runs nothing
+        self.graphs[key] = step
+
+    def replay(self, key):
+        self.graphs[key]()
+
+    def clear(self):
+        self.graphs.clear()
+
+
+def test_graph_warmup_after_a_rollout_gives_flash_in_bounds_lengths(fake_flash, monkeypatch):
+    # A graph for a new (bucket, live length) is captured after a rollout has filled the cache:
+    # its warm-up step writes column 0, so the valid columns left by that rollout must not count
+    # (cache_leftpad = 1 - their number would be negative: an out-of-bounds read on the GPU).
+    seen = []
+
+    def recording_flash(*args, cache_seqlens, cache_leftpad, **kwargs):
+        seen.append(cache_leftpad.clone())
+        return fake_flash_with_kvcache(*args, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, **kwargs)
+
+    monkeypatch.setattr(attention_module, "_flash_kvcache", lambda: recording_flash)
+    monkeypatch.setattr(generator_module, "DecodeGraphs", EagerGraphs)
+    gen = Generator(FAMILIES["llama"](), max_batch_size=8, max_seq_len=64, attention="flash")
+    gen.uses_cuda_graphs = gen._bucket_rows = True  # the CUDA path: buckets, capture, replay
+    kwargs = dict(max_new_tokens=6, top_k=1, eos_token_ids=None, seed=0)
+    gen.generate(PROMPT_SETS[0], num_samples=2, **kwargs)  # 6 rows: the 8-row bucket
+    assert gen.num_graphs == 1
+    seen.clear()
+    out = gen.generate(PROMPT_SETS[1][:1], num_samples=2, **kwargs)  # 2 rows: a new bucket
+    assert gen.num_graphs == 2 and seen
+    assert min(int(leftpad.min()) for leftpad in seen) == 0  # the warm-up's column 0 and the padding rows
+    assert torch.isfinite(out.logprobs).all()
 
 
 # -- CUDA with flash-attn installed ---------------------------------------------------------------

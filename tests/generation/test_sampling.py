@@ -7,14 +7,8 @@ import torch
 
 from rftengine.generation.sampling import SamplingParams, exponential_race, sample, truncate_logits
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: thread hand-off costs more than the work on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models and tensors: intra-op threads only add contention on a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kept_set_reference(row: list[float], top_k: int, top_p: float) -> set[int]:

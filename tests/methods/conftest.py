@@ -6,6 +6,7 @@ import torch
 from rftengine.toy import char_tokenizer, tiny_causal_lm
 
 
+
 @pytest.fixture
 def tokenizer():
     return char_tokenizer()
@@ -37,9 +38,5 @@ def assert_same_params():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: intra-op threads only add contention on a shared CPU."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _one_thread(one_thread):
+    """Every method test on one intra-op thread (tests/conftest.py `one_thread`)."""

@@ -1,7 +1,6 @@
 """Constitutional AI: the constitution, the three batched generation stages, the pairs, training."""
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +19,8 @@ from rftengine.methods.cai import (
 from rftengine.methods.common import config_to_dict
 from rftengine.methods.ppo import PPOConfig
 
+from . import fakes
+
 PROMPTS = ["ab> ", "cd> ", "efg> ", "h> "]
 TOY = Constitution.from_list([
     {"name": "vowels", "critique_request": "enough vowels?", "revision_request": "use more vowels"},
@@ -35,29 +36,17 @@ def small_config(**kwargs):
     return CAIConfig(**{**base, **kwargs})
 
 
-class ScriptedGenerator:
+class ScriptedGenerator(fakes.ScriptedGenerator):
     """Stands in for the Generator: records the decoded prompts of every call and answers each
-    stage with a fixed text per prompt ('resp<i>', 'crit<i>', 'rev<i>')."""
+    stage with a fixed text per prompt ('resp<i>', 'crit<i>', 'rev<i>') ended by EOS."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.max_batch_size = 64
-        self.device = torch.device("cpu")
-        self.calls = []
+        def script(call, prompts, max_new_tokens):
+            stage = ("resp", "crit", "rev")[call]
+            return [tokenizer(f"{stage}{i}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                    for i in range(len(prompts))]
 
-    def generate(self, ids, *, attention_mask, num_samples, max_new_tokens, eos_token_ids, seed, **_):
-        prompts = [self.tokenizer.decode(row[m.bool()].tolist()) for row, m in zip(ids, attention_mask)]
-        stage = ("resp", "crit", "rev")[len(self.calls)]
-        self.calls.append(prompts)
-        texts = [f"{stage}{i}" for i in range(len(prompts))]
-        ids_out = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + eos_token_ids for t in texts]
-        width = max(len(x) for x in ids_out)
-        responses = torch.zeros(len(texts), width, dtype=torch.long)
-        mask = torch.zeros(len(texts), width, dtype=torch.bool)
-        for i, x in enumerate(ids_out):
-            responses[i, :len(x)] = torch.tensor(x)
-            mask[i, :len(x)] = True
-        return SimpleNamespace(responses=responses, response_mask=mask)
+        super().__init__(tokenizer, script)
 
 
 def test_default_constitution_ships_and_loads():
@@ -220,7 +209,7 @@ def test_train_cai_resumes_exactly_against_the_stage_start_reference(make_lm, to
     assert [s["extra"]["stage"] for s, _ in saved] == ["sft"] + [("grpo" if mode == "rl" else "dpo")] * 3
     assert "stage_reference" not in saved[0][0]["extra"]
     state, weights = saved[1]                                   # after the first step of the second stage
-    assert state["extra"]["stage_reference"].keys() == weights.keys()
+    assert state["extra"]["stage_reference"].tensors.keys() == weights.keys()
     policy = make_lm(seed=6)
     policy.load_state_dict(weights)
     resumed = train_cai(policy, tokenizer, PROMPTS, config, constitution=TOY, judge=judge, state=state)
@@ -285,3 +274,27 @@ def test_train_cai_checks_arguments(make_lm, tokenizer):
     with pytest.raises(ValueError, match="checkpoint state is from method 'dpo'"):
         train_cai(make_lm(), tokenizer, PROMPTS, small_config(), constitution=TOY,
                   state={"method": "dpo", "step": 1, "data_position": 2, "extra": {}})
+
+
+def test_revisions_train_on_their_sampled_ids(tokenizer):
+    """A revision cut at revision_max_new_tokens is trained without an EOS it never produced; a
+    finished response keeps its one EOS; the ids survive the checkpoint records."""
+    from rftengine.methods.cai import CAIExample
+    from rftengine.methods.data import encode_preferences
+    from rftengine.methods.sft import encode_sft_examples
+
+    eos = tokenizer.eos_token_id
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    answers = {0: ids("ab") + [eos], 1: ids("crit"), 2: ids("revision")}         # revision: 8 tokens, cut
+    gen = fakes.ScriptedGenerator(tokenizer, lambda k, prompts, n: [answers[k]] * len(prompts))
+    config = small_config(revision_max_new_tokens=4)
+    (e,) = generate_revisions(None, tokenizer, ["p> "], TOY, config, generator=gen, seed=0)
+    assert e.revision == "revi" and e.revision.token_ids == tuple(ids("revi")) and not e.revision.finished
+    assert e.response.token_ids == tuple(ids("ab") + [eos]) and e.response.finished
+    (sft,) = encode_sft_examples(tokenizer, revision_sft_data([e]))
+    assert sft[1] == ids("revi")                                                 # no EOS appended
+    (pair,) = encode_preferences(tokenizer, revision_pairs([e]))
+    assert pair.chosen_ids == ids("revi") and pair.rejected_ids == ids("ab") + [eos]
+    again = CAIExample.from_dict(e.as_dict())
+    assert again.revision.token_ids == e.revision.token_ids and again.response.finished
+    assert again.as_dict() == e.as_dict()

@@ -130,7 +130,8 @@ def test_optimizer_step_and_train_state_from_config():
     assert state.optimizer.param_groups[0]["lr"] == pytest.approx(0.25)       # warmup
     loss = (model(torch.ones(1, 2)) * 10).sum()
     metrics = optimizer_step(loss, {"loss": loss.detach()}, state.optimizer, state.scheduler, cfg.max_grad_norm)
-    assert set(metrics) == {"loss", "grad_norm", "learning_rate"} and metrics["learning_rate"] == pytest.approx(0.5)
+    assert set(metrics) == {"loss", "grad_norm", "learning_rate", "train/skipped_steps"}
+    assert metrics["learning_rate"] == pytest.approx(0.5) and metrics["train/skipped_steps"] == 0
     assert metrics["grad_norm"] == pytest.approx(10 * 2 ** 0.5, rel=1e-5)
     assert all(p.grad is None for p in model.parameters())
     resumed = make_train_state("reward", torch.nn.Linear(2, 1, bias=False), cfg, 4, state.state_dict())

@@ -85,14 +85,16 @@ def _hf_sequence_logps(model, batch):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
-def test_fused_step_matches_unfused_hf_step(tokenizer, make_lm, assert_same_params, loss_type, backend):
+def test_fused_step_matches_unfused_hf_step(tokenizer, make_lm, assert_same_params, loss_type, backend, device):
     beta, eps, gamma = 0.7, 0.1, 0.3
     config = DPOConfig(beta=beta, loss_type=loss_type, label_smoothing=eps, simpo_gamma=gamma,
                        max_grad_norm=None)
-    policy = make_lm()
+    dev = device if backend == "triton" else torch.device("cpu")    # the Triton path needs device tensors
+    policy = make_lm().to(dev)
     ex = encode_preferences(tokenizer, vowel_pairs(5, seed=4))
-    batch = collate_preferences(ex, tokenizer.pad_token_id)
-    ref_logps = precompute_reference_logps(Reference(policy, make_lm(seed=9)), ex, tokenizer.pad_token_id)
+    batch = collate_preferences(ex, tokenizer.pad_token_id).to(dev)
+    ref_logps = precompute_reference_logps(Reference(policy, make_lm(seed=9).to(dev)), ex,
+                                           tokenizer.pad_token_id).to(dev)
     oracle = copy.deepcopy(policy)
 
     sgd = torch.optim.SGD(policy.parameters(), lr=0.5)

@@ -83,21 +83,22 @@ def _hf_logprobs(model, batch, temperature):
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_fused_step_matches_unfused_hf_step(tokenizer, make_lm, assert_same_params, algorithm, backend):
+def test_fused_step_matches_unfused_hf_step(tokenizer, make_lm, assert_same_params, algorithm, backend, device):
     temperature, clip, beta, ent_coef, vf_coef = 0.8, 0.2, 0.3, 0.01, 0.5
     config = PPOConfig(algorithm=algorithm, group_size=1 if algorithm == "ppo" else 2, batch_size=3,
                        max_new_tokens=6, temperature=temperature, clip_range=clip, kl_coef=beta,
                        entropy_coef=ent_coef, vf_coef=vf_coef, ppo_epochs=1, max_grad_norm=None,
                        value_clip=0.05)
-    policy = make_lm()
+    dev = device if backend == "triton" else torch.device("cpu")    # the Triton path needs device tensors
+    policy = make_lm().to(dev)
     ctx = make_ppo_context(policy, tokenizer, config)
     with torch.no_grad():  # move the policy off the reference so the KL terms are non-zero
         for p in policy.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+            p.add_(0.02 * torch.randn(p.shape).to(dev))     # drawn on the CPU: the same on every device
     ro = rollout(ctx, ["ab:", "cde:", "f:"])
     exp = compute_advantages(ctx, ro, score(ctx, ro, vowel_fraction_reward))
     gen = torch.Generator().manual_seed(1)  # an older policy: some ratios leave the clip range
-    exp.old_logprobs = (exp.old_logprobs + 0.3 * torch.randn(exp.old_logprobs.shape, generator=gen)) \
+    exp.old_logprobs = (exp.old_logprobs + 0.3 * torch.randn(exp.old_logprobs.shape, generator=gen).to(dev)) \
         * ro.batch.response_mask
     ref_logp = ctx.reference.logprobs(ro.batch, temperature=temperature)
 
@@ -262,3 +263,76 @@ def test_references_reach_the_reward_fn(tokenizer, make_lm):
     assert seen == [(["a:", "a:", "b:", "b:"], ["x", "x", "y", "y"])]
     with pytest.raises(ValueError, match="does not accept a references= keyword"):
         train_ppo(make_lm(), tokenizer, data, config, reward_fn=vowel_fraction_reward)
+
+
+KL_MODES = [("ppo", False, False), ("ppo", True, False), ("ppo", False, True), ("grpo", False, False),
+            ("grpo", True, False), ("grpo", False, True), ("rloo", False, False), ("rloo", True, False),
+            ("rloo", False, True)]
+
+
+@pytest.mark.parametrize("algorithm, kl_in_loss, adaptive_kl", KL_MODES)
+def test_kl_coef_changes_the_update_in_every_mode(tokenizer, make_lm, algorithm, kl_in_loss, adaptive_kl):
+    """Two one-step runs differing only in kl_coef, with a reference that differs from the
+    policy (so the KL is non-zero), must end with different weights."""
+
+    def run(kl_coef):
+        config = PPOConfig(algorithm=algorithm, group_size=1 if algorithm == "ppo" else 2, batch_size=2,
+                           max_new_tokens=4, max_steps=1, ppo_epochs=1, learning_rate=1e-2, kl_coef=kl_coef,
+                           kl_in_loss=kl_in_loss, adaptive_kl=adaptive_kl, shuffle=False)
+        policy = make_lm()
+        train_ppo(policy, tokenizer, ["ab:", "cd:"], config, reward_fn=vowel_fraction_reward,
+                  ref_model=make_lm(seed=3))
+        return policy
+
+    a, b = run(0.5), run(0.05)
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_group_scores_carry_the_sequence_kl_when_it_is_not_in_the_loss(tokenizer, make_lm):
+    beta = 0.3
+    config = PPOConfig(algorithm="rloo", group_size=2, batch_size=2, max_new_tokens=4, kl_coef=beta,
+                       kl_in_loss=False, kl_estimator="k1")
+    ctx = make_ppo_context(make_lm(), tokenizer, config, ref_model=make_lm(seed=3))
+    ro = rollout(ctx, ["ab:", "cd:"])
+    scores = torch.tensor([0.1, 0.7, 0.4, 0.4])
+    exp = compute_advantages(ctx, ro, scores)
+    seq_kl = ((ro.logprobs - ctx.reference.logprobs(ro.batch)) * ro.batch.response_mask).sum(-1)
+    shaped = (scores - beta * seq_kl).view(2, 2)
+    expected = (shaped - shaped.flip(-1)).reshape(-1)       # RLOO, G = 2: s_i - s_other
+    torch.testing.assert_close(exp.advantages, expected, rtol=1e-5, atol=1e-6)
+    assert exp.ref_logprobs is None
+
+
+@pytest.mark.parametrize("loss_constant, expected", [(None, 6.0), (11.0, 11.0)])
+def test_token_sum_norm_divides_by_a_fixed_constant(tokenizer, make_lm, monkeypatch, loss_constant, expected):
+    """Dr. GRPO: the divisor is loss_constant (default max_new_tokens), not the batch's longest
+    response."""
+    from rftengine import ops
+
+    seen, original = [], ops.fused_ppo_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["loss_constant"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "fused_ppo_loss", spy)
+    config = PPOConfig(algorithm="grpo", group_size=2, batch_size=2, max_new_tokens=6, max_steps=1, ppo_epochs=1,
+                       aggregation="token_sum_norm", loss_constant=loss_constant)
+    train_ppo(make_lm(), tokenizer, ["ab:", "cd:"], config, reward_fn=vowel_fraction_reward)
+    assert seen == [expected]
+    with pytest.raises(ValueError, match="loss_constant is only used with aggregation='token_sum_norm'"):
+        PPOConfig(loss_constant=4.0)
+    with pytest.raises(ValueError, match=r"PPOConfig.loss_constant must be > 0.0, got 0"):
+        PPOConfig(aggregation="token_sum_norm", loss_constant=0)
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_value_head_init_follows_config_seed(tokenizer, make_lm, critic):
+    heads = []
+    for global_seed, config_seed in ((1, 4), (2, 4), (1, 5)):
+        torch.manual_seed(global_seed)
+        ctx = make_ppo_context(make_lm(), tokenizer, PPOConfig(critic=critic, seed=config_seed, kl_coef=0.0))
+        head = ctx.critic if critic == "shared" else ctx.critic.v_head
+        heads.append(head.linear.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])           # same config.seed, different global RNG
+    assert not torch.equal(heads[0], heads[2])       # another config.seed

@@ -8,7 +8,12 @@ from rftengine.methods.common import config_to_dict
 from rftengine.methods.dpo import DPOConfig
 from rftengine.methods.judge import Judge
 from rftengine.methods.ppo import PPOConfig
-from rftengine.methods.rlaif import RLAIFConfig, RLAIFResult, sample_responses, train_rlaif
+from rftengine.methods.rlaif import (
+    RLAIFConfig,
+    RLAIFResult,
+    sample_responses,
+    train_rlaif,
+)
 
 PROMPTS = ["ab> ", "cd> ", "efg> ", "h> ", "ijk> ", "lm> "]
 
@@ -153,3 +158,39 @@ def test_train_rlaif_checks_arguments(make_lm, tokenizer, judge):
         train_rlaif(make_lm(), tokenizer, [], judge, RLAIFConfig())
     with pytest.raises(ValueError, match="config must be an RLAIFConfig"):
         train_rlaif(make_lm(), tokenizer, PROMPTS, judge, {"algorithm": "dpo"})
+
+
+class _FixedJudge:
+    def __init__(self, scores):
+        self.scores = scores
+
+    def candidate_scores(self, prompts, candidates, **_):
+        return self.scores
+
+
+def test_online_dpo_trains_the_sampled_ids_and_never_adds_an_eos(make_lm, tokenizer, monkeypatch):
+    """Truncated responses keep no EOS; finished ones keep their one EOS; the trained ids are
+    the sampled ids even where decoding + re-tokenising would give others (<unk> is dropped
+    by decoding)."""
+    from rftengine.methods import rlaif
+    from rftengine.methods.modeling import Reference
+
+    from .fakes import ScriptedGenerator
+
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos, unk = tokenizer.eos_token_id, tokenizer.unk_token_id
+    rows = [ids("abc"), ids("x") + [eos], [unk] + ids("ef"), ids("o") + [eos]]   # max_new_tokens = 3
+    gen = ScriptedGenerator(tokenizer, lambda k, prompts, n: rows)
+    trained = []
+    monkeypatch.setattr(rlaif, "dpo_step", lambda policy, opt, batch, cfg, **kw: trained.append(batch) or {})
+    policy = make_lm()
+    config = RLAIFConfig(algorithm="dpo", num_samples=2, batch_size=2, max_new_tokens=3)
+    _, pairs = rlaif.rlaif_dpo_round(
+        policy, tokenizer, _FixedJudge([[1.0, 0.0], [0.0, 1.0]]), ["p:", "q:"], config, generator=gen,
+        optimizer=None, reference=Reference(policy, make_lm(seed=1)))
+    assert len(pairs) == 2
+    (batch,) = trained
+    got = [batch.response_ids[i][batch.response_mask[i]].tolist() for i in range(4)]
+    assert got == [rows[0], rows[3], rows[1], rows[2]]           # chosen rows, then rejected rows
+    assert got[0][-1] != eos and eos not in got[3]               # truncated: no EOS of their own
+    assert got[1].count(eos) == 1 and got[2].count(eos) == 1     # finished: their EOS, once

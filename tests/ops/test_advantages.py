@@ -66,8 +66,8 @@ def _masks(kind, b, t, device):
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 0.0)])
 def test_gae_matches_oracle(backend, device, kind, gamma, lam):
     b, t = 3, 23
-    rewards = torch.randn(b, t, device=device, requires_grad=True)
-    values = torch.randn(b, t, device=device, requires_grad=True)
+    rewards = torch.randn(b, t).to(device).requires_grad_()
+    values = torch.randn(b, t).to(device).requires_grad_()
     mask = _masks(kind, b, t, device)
     adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
     exp_adv, exp_ret, exp_dr, exp_dv, g_adv, g_ret = gae_oracle(rewards, values, mask, gamma, lam)
@@ -82,9 +82,9 @@ def test_gae_matches_oracle(backend, device, kind, gamma, lam):
 def test_gae_long_rows_cross_scan_blocks(backend, device):
     # T above the kernel's 256-token scan block: carries between blocks, gaps across the border
     b, t = 2, 300
-    rewards = torch.randn(b, t, device=device, requires_grad=True)
-    values = torch.randn(b, t, device=device, requires_grad=True)
-    mask = torch.rand(b, t, device=device) > 0.2
+    rewards = torch.randn(b, t).to(device).requires_grad_()
+    values = torch.randn(b, t).to(device).requires_grad_()
+    mask = torch.rand(b, t).to(device) > 0.2
     mask[0, 250:262] = False
     adv, ret = gae(rewards, values, mask, gamma=0.99, lam=0.95)
     exp_adv, exp_ret, exp_dr, exp_dv, g_adv, g_ret = gae_oracle(rewards, values, mask, 0.99, 0.95)
@@ -110,8 +110,8 @@ def test_gae_closed_form(backend, device):
 
 
 def test_gae_left_and_right_padding_agree(backend, device):
-    rewards = torch.randn(1, 6, device=device)
-    values = torch.randn(1, 6, device=device)
+    rewards = torch.randn(1, 6).to(device)
+    values = torch.randn(1, 6).to(device)
     right = torch.tensor([[1, 1, 1, 1, 0, 0]], dtype=torch.bool, device=device)
     left = right.flip(-1)
     adv_r, ret_r = gae(rewards, values, right)
@@ -158,7 +158,7 @@ def whiten_oracle(x, mask, shift_mean):
     if not shift_mean:
         y = y + mean
     y = torch.where(keep, y, 0)
-    g = torch.randn_like(y)
+    g = torch.randn(y.shape, dtype=y.dtype).to(y.device)
     (d_x,) = torch.autograd.grad((y * g).sum(), xv)
     return y.detach(), d_x, g
 
@@ -167,7 +167,7 @@ def whiten_oracle(x, mask, shift_mean):
 @pytest.mark.parametrize("shape,masked", [((4, 37), True), ((3, 700), True), ((1, 5), False)])
 def test_whiten_matches_oracle(backend, device, shift_mean, shape, masked):
     x = (3 * torch.randn(shape) + 1).to(device).requires_grad_()
-    mask = (torch.rand(shape, device=device) > 0.3) if masked else None
+    mask = (torch.rand(shape).to(device) > 0.3) if masked else None
     y = whiten(x, mask, shift_mean=shift_mean)
     exp_y, exp_dx, g = whiten_oracle(x, mask, shift_mean)
     _close(y, exp_y)
@@ -179,14 +179,14 @@ def test_whiten_matches_oracle(backend, device, shift_mean, shape, masked):
 
 
 def test_whiten_empty_and_single(backend, device):
-    x = torch.randn(2, 6, device=device, requires_grad=True)
+    x = torch.randn(2, 6).to(device).requires_grad_()
     mask = torch.zeros(2, 6, dtype=torch.bool, device=device)
     y = whiten(x, mask)
     (d_x,) = torch.autograd.grad(y.sum(), x)
     assert y.abs().max() == 0 and d_x.abs().max() == 0
     mask[1, 3] = True  # one valid entry: centred to 0, finite gradient
     y = whiten(x, mask)
-    (d_x,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
+    (d_x,) = torch.autograd.grad((y * torch.randn(y.shape, dtype=y.dtype).to(y.device)).sum(), x)
     assert y.abs().max() == 0 and torch.isfinite(d_x).all()
 
 
@@ -215,21 +215,48 @@ def group_oracle(scores, group_size, mode, scale, eps=1e-6):
     elif scale == "batch":
         a = a / (s.std() + eps)
     a = a.reshape(-1)
-    g = torch.randn_like(a)
+    g = torch.randn(a.shape).to(F64)  # fp32 values: the op sees exactly this g
     (d_s,) = torch.autograd.grad((a * g).sum(), s)
     return a.detach(), d_s, g
+
+
+def group_tolerances(scores, group_size, mode, scale, g, eps=1e-6):
+    """Per-entry fp32 error bounds of group_advantages (forward, backward) from its arithmetic.
+
+    Centring rounds each deviation by a few ulps of the largest score M of the scope (group;
+    batch for scale="batch"): absolute error ~ u·M with u = 2^-24. Dividing by σ + eps turns
+    that into u·k·M/σ (k the RLOO factor). The backward terms are g/σ and g·(s - μ)²/σ³, so
+    the same rounding costs u·k·|g|max/σ·(1 + M/σ)². With σ small (two close scores in a
+    group of 2) both grow without bound: a fixed atol passes or fails by the draw. The factor
+    16 covers the handful of roundings (measured: at most 5.2x the bare bound over 200 seeds,
+    both backends).
+    """
+    unit = 16 * 2.0**-24 * (group_size / (group_size - 1) if mode == "rloo" else 1.0)
+    s = scores.detach().to(F64).cpu().view(-1, group_size)
+    gg = g.view(-1, group_size).abs()
+    if scale == "batch":
+        m, gm, sigma = s.abs().amax(), gg.amax(), s.std() + eps
+    else:
+        m, gm = s.abs().amax(1, keepdim=True), gg.amax(1, keepdim=True)
+        sigma = s.std(1, keepdim=True) + eps if scale == "group" else torch.ones((), dtype=F64)
+    fwd = unit * m / sigma
+    bwd = unit * gm / sigma * (1 + m / sigma) ** 2
+    return fwd.expand_as(s).reshape(-1), bwd.expand_as(s).reshape(-1)
 
 
 @pytest.mark.parametrize("mode", ["grpo", "rloo"])
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 @pytest.mark.parametrize("group_size,n_groups", [(5, 3), (2, 4), (3, 600)])
 def test_group_advantages_match_oracle(backend, device, mode, scale, group_size, n_groups):
-    scores = torch.randn(group_size * n_groups, device=device, requires_grad=True)
+    scores = torch.randn(group_size * n_groups).to(device).requires_grad_()
     adv = group_advantages(scores, group_size, mode=mode, scale=scale)
     exp_adv, exp_ds, g = group_oracle(scores, group_size, mode, scale)
-    _close(adv, exp_adv)
-    (d_s,) = torch.autograd.grad((adv * g.float()).sum(), scores)
-    _close(d_s, exp_ds, atol=1e-4 if group_size == 2 else 1e-5)  # G=2: 1/std is large
+    (d_s,) = torch.autograd.grad((adv * g.float().to(device)).sum(), scores)
+    fwd_tol, bwd_tol = group_tolerances(scores, group_size, mode, scale, g)
+    for name, got, expected, tol in (("advantages", adv, exp_adv, fwd_tol), ("d_scores", d_s, exp_ds, bwd_tol)):
+        err = (got.detach().cpu().to(F64) - expected.cpu()).abs()
+        bound = 1e-6 * expected.cpu().abs() + tol
+        assert (err <= bound).all(), f"{name}: error {float((err / bound).max()):.2f}x the bound"
 
 
 def test_group_advantages_closed_form(backend, device):
@@ -247,7 +274,7 @@ def test_group_advantages_closed_form(backend, device):
 def test_group_advantages_constant_groups(backend, device, scale):
     scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], device=device, requires_grad=True)
     a = group_advantages(scores, 3, scale=scale)
-    (d_s,) = torch.autograd.grad((a * torch.randn_like(a)).sum(), scores)
+    (d_s,) = torch.autograd.grad((a * torch.randn(a.shape, dtype=a.dtype).to(a.device)).sum(), scores)
     assert a.abs().max() == 0 and torch.isfinite(d_s).all()
 
 
@@ -264,3 +291,59 @@ def test_group_advantages_errors():
         group_advantages(torch.tensor([0.0, float("inf")]), 2)
     with pytest.raises(ValueError, match="scores"):
         group_advantages(torch.zeros(2, 2), 2)
+
+
+@pytest.mark.parametrize("mode", ["grpo", "rloo"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("group_size", [2, 3, 8, 16, 64])
+def test_group_advantages_constant_groups_exactly_zero(backend, device, mode, scale, group_size):
+    """A zero-variance group gets exactly 0, whatever its value: fp32 rounding of the group
+    mean must not leave a residue that the division by std + eps blows up (eight times 0.7
+    gave ±0.056)."""
+    constants = torch.tensor([0.7, 0.1, 1e-3, 123.456, -2.3, 1e20])
+    scores = constants.repeat_interleave(group_size)
+    varied = torch.arange(group_size, dtype=torch.float32)  # one non-constant group
+    scores = torch.cat([scores, varied]).to(device).requires_grad_()
+    a = group_advantages(scores, group_size, mode=mode, scale=scale)
+    assert (a[: -group_size] == 0).all(), a[: -group_size].abs().max()
+    assert a[-group_size:].abs().min() > 0 or group_size % 2  # the varied group is not zeroed
+    (d_s,) = torch.autograd.grad((a * torch.linspace(-1, 1, a.numel(), device=device)).sum(), scores)
+    assert torch.isfinite(d_s).all()
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("magnitude", [1e20, 1e30, 1e-20])
+def test_group_advantages_extreme_magnitudes(backend, device, scale, magnitude):
+    """Scores around 1e20 (squares overflow fp32) or 1e-20 keep their advantages: the std is
+    computed on max-abs-scaled deviations. Oracle: float64 on the same fp32 scores."""
+    base = torch.tensor([3.0, -1.0, 0.5, 2.0, 1.0, 1.5, -0.25, 4.0])
+    scores = (base * magnitude).to(device).requires_grad_()
+    a = group_advantages(scores, 4, scale=scale)
+    exp_a, exp_ds, g = group_oracle(scores, 4, "grpo", scale, eps=1e-6)
+    if scale == "none":
+        _close(a, exp_a, rtol=1e-5, atol=0)
+    else:
+        # eps = 1e-6 is negligible beside a std of 1e20, dominant beside 1e-20: the oracle has it
+        _close(a, exp_a, rtol=1e-5, atol=1e-6)
+        assert a.abs().max() > 0.1 or magnitude < 1
+    (d_s,) = torch.autograd.grad((a * g.float()).sum(), scores)
+    if magnitude > 1:  # gradients of size 1/std ~ 1e-20: relative comparison
+        _close(d_s / exp_ds.abs().max(), exp_ds / exp_ds.abs().max(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("magnitude", [1e20, 1e30])
+def test_whiten_extreme_magnitudes(backend, device, shift_mean, magnitude):
+    """Values around 1e20 whiten like values around 1: (x - μ)² would overflow fp32."""
+    x = ((3 * torch.randn(4, 37) + 1) * magnitude).to(device).requires_grad_()
+    mask = (torch.rand(4, 37) > 0.3).to(device)
+    y = whiten(x, mask, shift_mean=shift_mean)
+    exp_y, exp_dx, g = whiten_oracle(x, mask, shift_mean)
+    scale = exp_y.abs().max()
+    _close(y / scale, exp_y / scale)
+    valid = y[mask]
+    if shift_mean:
+        assert abs(valid.mean().item()) < 1e-5 and abs(valid.std().item() - 1) < 1e-4
+    (d_x,) = torch.autograd.grad((y * g.float()).sum(), x)
+    d_scale = exp_dx.abs().max()
+    _close(d_x / d_scale, exp_dx / d_scale)

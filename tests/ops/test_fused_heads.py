@@ -7,6 +7,8 @@ order), and to float64 rounding for float64 inputs.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -25,10 +27,10 @@ FP32, FP64 = torch.float32, torch.float64
 
 
 def head(batch, seq, hidden, vocab, dtype, device, bias=True):
-    h = torch.randn(batch, seq, hidden, device=device).to(dtype)
-    w = (torch.randn(vocab, hidden, device=device) * 2 / hidden**0.5).to(dtype)
-    b = torch.randn(vocab, device=device).to(dtype) if bias else None
-    t = torch.randint(0, vocab, (batch, seq), device=device)
+    h = torch.randn(batch, seq, hidden).to(device).to(dtype)
+    w = (torch.randn(vocab, hidden).to(device) * 2 / hidden**0.5).to(dtype)
+    b = torch.randn(vocab).to(device).to(dtype) if bias else None
+    t = torch.randint(0, vocab, (batch, seq)).to(device)
     return h, w, b, t
 
 
@@ -45,14 +47,21 @@ def assert_same(a, b, rtol, atol, what):
 
 
 def ppo_inputs(h, w, b, t, mask, per_token_adv, temperature):
-    """old/ref log-probs near the current policy, so ratios land on both sides of the clip."""
+    """old/ref log-probs near the current policy, so ratios land on both sides of the clip.
+
+    Token (0, 0) (kept by the caller's mask) is clipped by construction: ratio 5 and A > 0."""
     with torch.no_grad():
         current = linear_token_logprobs(h.double(), w.double(), t, bias=None if b is None else b.double(),
                                         temperature=temperature)
     shape = t.shape
-    old = (current + 0.3 * torch.randn(shape, device=t.device, dtype=FP64)).float()
-    ref = (current + 0.2 * torch.randn(shape, device=t.device, dtype=FP64)).float()
-    adv = torch.randn(shape if per_token_adv else shape[:1], device=t.device)
+    old = current + 0.3 * torch.randn(shape, dtype=FP64).to(t.device)
+    old[0, 0] = current[0, 0] - math.log(5.0)
+    old = old.float()
+    ref = (current + 0.2 * torch.randn(shape, dtype=FP64).to(t.device)).float()
+    adv = torch.randn(shape if per_token_adv else shape[:1])
+    first = (0, 0) if per_token_adv else 0
+    adv[first] = adv[first].abs() + 0.5
+    adv = adv.to(t.device)
     old = torch.where(mask, old, float("-inf")) if mask is not None else old  # padding never read
     return old, ref, adv
 
@@ -71,12 +80,14 @@ PPO_CASES = [
 
 def run_ppo(case, dtype, device, chunk, mask_kind="random"):
     h, w, b, t = head(3, 7, 9, 37, dtype, device, bias=case["bias"])
-    mask = {"random": torch.rand(3, 7, device=device) > 0.3, "none": None,
-            "empty_row": torch.rand(3, 7, device=device) > 0.3}[mask_kind]
+    mask = {"random": torch.rand(3, 7).to(device) > 0.3, "none": None,
+            "empty_row": torch.rand(3, 7).to(device) > 0.3}[mask_kind]
     if mask_kind == "empty_row":
         mask[1] = False
+    if mask is not None:
+        mask[0, 0] = True  # the token ppo_inputs makes clip
     old, ref, adv = ppo_inputs(h, w, b, t, mask, case["per_token_adv"], case["temperature"])
-    is_w = (torch.rand(3, 7, device=device) + 0.5) if case["is_weights"] else None
+    is_w = (torch.rand(3, 7).to(device) + 0.5) if case["is_weights"] else None
     opts = dict(
         ref_logp=ref if case["ref"] else None, kl_coef=case["kl_coef"], kl_estimator=case["kl_estimator"],
         kl_clamp=20.0, entropy_coef=case["entropy_coef"], clip_low=0.2, clip_high=0.28,
@@ -136,7 +147,7 @@ def test_ppo_without_mask_and_default_chunks(backend, device):
 
 def test_ppo_upstream_gradient_scales_and_no_grad_skips_the_backward(device):
     h, w, b, t = head(2, 5, 6, 19, FP32, device)
-    mask = torch.rand(2, 5, device=device) > 0.2
+    mask = torch.rand(2, 5).to(device) > 0.2
     old, _, adv = ppo_inputs(h, w, b, t, mask, True, 1.0)
     params = leaves(h, w, b)
     loss, _ = fused_ppo_loss(params[0], params[1], t, old, adv, mask, bias=params[2], chunk_size=3)
@@ -156,7 +167,7 @@ def test_ppo_all_masked_gives_zero_loss_and_zero_gradients(backend, device):
     mask = torch.zeros(2, 4, dtype=torch.bool, device=device)
     old = torch.full((2, 4), float("-inf"), device=device)
     params = leaves(h, w, b)
-    loss, stats = fused_ppo_loss(params[0], params[1], t, old, torch.randn(2, device=device), mask,
+    loss, stats = fused_ppo_loss(params[0], params[1], t, old, torch.randn(2).to(device), mask,
                                  bias=params[2], ref_logp=old, kl_coef=0.1, entropy_coef=0.1)
     loss.backward()
     assert loss == 0 and all(torch.isfinite(v) for v in stats.values())
@@ -179,7 +190,7 @@ def test_ppo_is_one_sweep_and_dpo_two(monkeypatch, device):
     calls.clear()
     params = leaves(h, w, b)
     loss, _ = fused_dpo_loss(params[0], params[1], t, None, bias=params[2], chunk_size=4,
-                             ref_logps=torch.randn(2, device=device))
+                             ref_logps=torch.randn(2).to(device))
     loss.backward()
     assert len(calls) == 6
 
@@ -201,10 +212,10 @@ def run_dpo(case, dtype, device, chunk, ref_from_hidden=False, mask=None, upstre
     pairs, seq, hidden, vocab = 3, 6, 8, 29
     h, w, b, t = head(2 * pairs, seq, hidden, vocab, dtype, device)
     if mask is None:
-        mask = torch.rand(2 * pairs, seq, device=device) > 0.3
+        mask = torch.rand(2 * pairs, seq).to(device) > 0.3
         mask[:, 0] = True  # every sequence has a response token (lengths > 0 for SimPO)
-    ref_h = torch.randn(2 * pairs, seq, 5, device=device).to(dtype)
-    ref_w = torch.randn(vocab, 5, device=device).to(dtype)
+    ref_h = torch.randn(2 * pairs, seq, 5).to(device).to(dtype)
+    ref_w = torch.randn(vocab, 5).to(device).to(dtype)
     with torch.no_grad():
         ref_tokens = linear_token_logprobs(ref_h, ref_w, t, mask=mask)
         ref_logps = (ref_tokens * mask).sum(-1)
@@ -276,7 +287,7 @@ def test_dpo_single_sweep_in_float64_default_chunks(device, ref_from_hidden):
 
 def test_dpo_single_sweep_computes_each_chunk_once_and_fallback_twice(monkeypatch, device):
     h, w, b, t = head(4, 3, 5, 13, FP32, device)  # 2 pairs of 6 tokens (no mask)
-    refs = torch.randn(4, device=device)
+    refs = torch.randn(4).to(device)
     calls = count_chunk_logits(monkeypatch)
     for chunk, expected in ((8, [6, 6]), (12, [12]), (13, [12]), (5, [5, 5, 2] * 2)):
         calls.clear()
@@ -395,7 +406,7 @@ def test_dpo_bad_input_raises_value_error(change, match):
 def test_cuda_bf16_ppo_and_dpo_match_composition():
     device = torch.device("cuda")
     h, w, b, t = head(4, 300, 256, 50_257, torch.bfloat16, device)
-    mask = torch.rand(4, 300, device=device) > 0.3
+    mask = torch.rand(4, 300).to(device) > 0.3
     old, ref, adv = ppo_inputs(h, w, b, t, mask, False, 1.0)
     results = []
     for fused in (True, False):

@@ -31,7 +31,7 @@ def oracle(logp, ref_logp, estimator, mask=None, clamp=20.0):
         rc = torch.clamp(r, -clamp, clamp)
         kl = torch.exp(rc) - rc - 1
     kl = torch.where(keep, kl, 0)
-    g = torch.randn_like(kl)
+    g = torch.randn(kl.shape, dtype=kl.dtype).to(kl.device)
     d_lp, d_rf = torch.autograd.grad((kl * g).sum(), (lp, rf))
     return kl.detach(), d_lp, d_rf, g
 
@@ -46,8 +46,8 @@ def _close(actual, expected, rtol=1e-5, atol=1e-6):
 )
 def test_matches_oracle(backend, device, estimator, shape, masked):
     logp = (-3 * torch.rand(shape)).to(device).requires_grad_()
-    ref = (logp.detach() + torch.randn(shape, device=device)).requires_grad_()
-    mask = (torch.rand(shape, device=device) > 0.3) if masked else None
+    ref = (logp.detach() + torch.randn(shape).to(device)).requires_grad_()
+    mask = (torch.rand(shape).to(device) > 0.3) if masked else None
     kl = kl_penalty(logp, ref, estimator=estimator, mask=mask)
     assert kl.dtype == torch.float32 and kl.shape == logp.shape
     exp_kl, exp_dlp, exp_drf, g = oracle(logp, ref, estimator, mask)
@@ -60,7 +60,7 @@ def test_matches_oracle(backend, device, estimator, shape, masked):
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_bf16_inputs_fp32_output(backend, device, estimator):
     logp = (-3 * torch.rand(4, 29)).to(device=device, dtype=torch.bfloat16).requires_grad_()
-    ref = (logp.detach().float() + 0.5 * torch.randn(4, 29, device=device)).to(torch.bfloat16)
+    ref = (logp.detach().float() + 0.5 * torch.randn(4, 29).to(device)).to(torch.bfloat16)
     kl = kl_penalty(logp, ref, estimator=estimator)
     exp_kl, exp_dlp, _, g = oracle(logp, ref, estimator)
     _close(kl, exp_kl)
@@ -106,9 +106,9 @@ def test_masked_positions_not_read_and_empty_mask(backend, device):
 
 
 def test_float_mask_matches_bool_mask(backend, device):
-    logp = -torch.rand(3, 11, device=device)
-    ref = -torch.rand(3, 11, device=device)
-    mask = torch.rand(3, 11, device=device) > 0.5
+    logp = -torch.rand(3, 11).to(device)
+    ref = -torch.rand(3, 11).to(device)
+    mask = torch.rand(3, 11).to(device) > 0.5
     a = kl_penalty(logp, ref, estimator="k3", mask=mask)
     b = kl_penalty(logp, ref, estimator="k3", mask=mask.float())
     torch.testing.assert_close(a, b)

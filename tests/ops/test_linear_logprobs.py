@@ -26,10 +26,10 @@ BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.flo
 
 
 def make_inputs(lead, hidden, vocab, dtype, device, *, bias=False, scale=1.0):
-    h = (torch.randn(*lead, hidden, device=device) * scale).to(dtype)
-    w = (torch.randn(vocab, hidden, device=device) / hidden**0.5 * 3).to(dtype)
-    b = torch.randn(vocab, device=device).to(dtype) if bias else None
-    t = torch.randint(0, vocab, lead, device=device)
+    h = (torch.randn(*lead, hidden).to(device) * scale).to(dtype)
+    w = (torch.randn(vocab, hidden).to(device) / hidden**0.5 * 3).to(dtype)
+    b = torch.randn(vocab).to(device).to(dtype) if bias else None
+    t = torch.randint(0, vocab, lead).to(device)
     return h, w, b, t
 
 
@@ -81,9 +81,9 @@ NAMES = ("logp", "entropy", "d_hidden", "d_weight", "d_bias")
 def test_matches_float64_oracle(backend, device, dtype, lead, hidden, vocab, use_bias,
                                 temperature, masked, chunk):
     h, w, b, t = make_inputs(lead, hidden, vocab, dtype, device, bias=use_bias)
-    mask = (torch.rand(lead, device=device) > 0.35) if masked else None
-    g_logp = torch.randn(lead, device=device, dtype=FP64)
-    g_ent = torch.randn(lead, device=device, dtype=FP64)
+    mask = (torch.rand(lead).to(device) > 0.35) if masked else None
+    g_logp = torch.randn(lead, dtype=FP64).to(device)
+    g_ent = torch.randn(lead, dtype=FP64).to(device)
     kw = dict(temperature=temperature, mask=mask)
     ours = run(linear_token_logprobs, h, w, b, t, g_logp, g_ent, dtype, chunk_size=chunk, **kw)
     oracle = run(linear_token_logprobs_reference, h, w, b, t, g_logp, g_ent, FP64, **kw)
@@ -99,7 +99,7 @@ def test_matches_float64_oracle(backend, device, dtype, lead, hidden, vocab, use
 
 def test_float64_inputs_match_oracle_tightly(backend, device):
     h, w, b, t = make_inputs((4, 5), 11, 23, FP64, device, bias=True)
-    g = torch.randn(4, 5, device=device, dtype=FP64)
+    g = torch.randn(4, 5, dtype=FP64).to(device)
     ours = run(linear_token_logprobs, h, w, b, t, g, g, FP64, temperature=0.9, chunk_size=3)
     oracle = run(linear_token_logprobs_reference, h, w, b, t, g, g, FP64, temperature=0.9)
     for name, x, ref in zip(NAMES, ours, oracle):
@@ -109,8 +109,8 @@ def test_float64_inputs_match_oracle_tightly(backend, device):
 
 def test_chunking_does_not_change_the_result(backend, device):
     h, w, b, t = make_inputs((19,), 8, 31, FP32, device, bias=True)
-    mask = torch.rand(19, device=device) > 0.3
-    g = torch.randn(19, device=device, dtype=FP64)
+    mask = torch.rand(19).to(device) > 0.3
+    g = torch.randn(19, dtype=FP64).to(device)
     results = [
         run(linear_token_logprobs, h, w, b, t, g, g, FP32, mask=mask, chunk_size=c)
         for c in (1, 6, None)
@@ -124,7 +124,7 @@ def test_all_masked_returns_zeros_and_zero_gradients(backend, device):
     h, w, b, t = make_inputs((2, 3), 6, 17, FP32, device, bias=True)
     t = torch.full_like(t, -100)  # never read at masked positions
     mask = torch.zeros(2, 3, device=device, dtype=torch.bool)
-    g = torch.randn(2, 3, device=device, dtype=FP64)
+    g = torch.randn(2, 3, dtype=FP64).to(device)
     logp, ent, dh, dw, db = run(linear_token_logprobs, h, w, b, t, g, g, FP32, mask=mask)
     for x in (logp, ent, dh, dw, db):
         assert torch.isfinite(x).all() and (x == 0).all()
@@ -132,9 +132,9 @@ def test_all_masked_returns_zeros_and_zero_gradients(backend, device):
 
 def test_float_mask_equals_bool_mask_and_padding_ids_are_ignored(backend, device):
     h, w, _, t = make_inputs((3, 4), 5, 19, FP32, device)
-    keep = torch.rand(3, 4, device=device) > 0.5
+    keep = torch.rand(3, 4).to(device) > 0.5
     t = torch.where(keep, t, -100)
-    g = torch.randn(3, 4, device=device, dtype=FP64)
+    g = torch.randn(3, 4, dtype=FP64).to(device)
     a = run(linear_token_logprobs, h, w, None, t, g, g, FP32, mask=keep)
     b = run(linear_token_logprobs, h, w, None, t, g, g, FP32, mask=keep.float())
     for x, y in zip(a, b):
@@ -162,12 +162,12 @@ def test_no_entropy_output_by_default(backend, device):
 
 def test_tied_embedding_gradient_accumulates(backend, device):
     vocab, hidden = 23, 10
-    emb = (torch.randn(vocab, hidden, device=device) * 0.5).requires_grad_()
-    ids = torch.randint(0, vocab, (3, 6), device=device)
-    proj = torch.randn(hidden, hidden, device=device) / hidden**0.5
+    emb = (torch.randn(vocab, hidden).to(device) * 0.5).requires_grad_()
+    ids = torch.randint(0, vocab, (3, 6)).to(device)
+    proj = torch.randn(hidden, hidden).to(device) / hidden**0.5
     targets, mask = ids.roll(-1, dims=1), torch.ones(3, 6, dtype=torch.bool, device=device)
     mask[:, -1] = False
-    g = torch.randn(3, 6, device=device)
+    g = torch.randn(3, 6).to(device)
 
     def loss(fn, weight):
         h = torch.tanh(weight[ids] @ proj.to(weight.dtype))
@@ -181,7 +181,7 @@ def test_tied_embedding_gradient_accumulates(backend, device):
 
 def test_fp32_weight_grad_matches(backend, device):
     h, w, b, t = make_inputs((13,), 8, 27, BF16, device, bias=True)
-    g = torch.randn(13, device=device, dtype=FP64)
+    g = torch.randn(13, dtype=FP64).to(device)
     a = run(linear_token_logprobs, h, w, b, t, g, g, BF16, chunk_size=3, fp32_weight_grad=True)
     oracle = run(linear_token_logprobs_reference, h, w, b, t, g, g, FP64)
     plain = run(plain_torch, h, w, b, t, g, g, BF16)
@@ -239,9 +239,9 @@ def test_out_of_range_targets_at_masked_positions_are_fine():
 
 
 def _chunk_case(device, rows=5, vocab=45, bias=True, keep=True):
-    logits = torch.randn(rows, vocab, device=device) * 4
-    b = torch.randn(vocab, device=device) if bias else None
-    t = torch.randint(0, vocab, (rows,), device=device)
+    logits = torch.randn(rows, vocab).to(device) * 4
+    b = torch.randn(vocab).to(device) if bias else None
+    t = torch.randint(0, vocab, (rows,)).to(device)
     k = torch.tensor([True, False, True, True, False], device=device)[:rows] if keep else None
     return logits, b, t, k
 
@@ -263,7 +263,7 @@ def test_grads_kernel_in_place_matches_reference(device, grad_dtype):
     first half of each logits row's own bytes."""
     logits, b, t, k = _chunk_case(device)
     _, lse, ent = logprob_stats_reference(logits, b, t, k, 0.8, True)
-    g, g_ent = torch.randn(5, device=device), torch.randn(5, device=device)
+    g, g_ent = torch.randn(5).to(device), torch.randn(5).to(device)
     expected = logprob_grads_reference_(logits.clone(), b, t, k, 0.8, lse, ent, g, g_ent, FP32)
     buf = logits.clone()
     out = kernel.chunk_grads_(buf, b, t, k, 0.8, lse, ent, g, g_ent, grad_dtype)
@@ -325,8 +325,8 @@ def test_cpu_reference_memory_does_not_grow_with_tokens():
 def test_cuda_matches_float64_oracle_at_a_real_vocabulary(dtype):
     device = torch.device("cuda")
     h, w, b, t = make_inputs((3, 341), 256, 50_257, dtype, device, bias=True)
-    mask = torch.rand(3, 341, device=device) > 0.2
-    g = torch.randn(3, 341, device=device, dtype=FP64)
+    mask = torch.rand(3, 341).to(device) > 0.2
+    g = torch.randn(3, 341, dtype=FP64).to(device)
     kw = dict(temperature=0.8, mask=mask)
     ours = run(linear_token_logprobs, h, w, b, t, g, g, dtype, chunk_size=256, **kw)
     oracle = run(linear_token_logprobs_reference, h, w, b, t, g, g, FP64, **kw)

@@ -122,10 +122,10 @@ def run_op(logits, targets, *, temperature=1.0, mask=None, grad_logp=None, grad_
 
 
 def random_case(shape, dtype, device, scale=2.0):
-    logits = (torch.randn(shape, device=device) * scale).to(dtype)
-    targets = torch.randint(0, shape[-1], shape[:-1], device=device)
-    grad_logp = torch.randn(shape[:-1], device=device)
-    grad_entropy = torch.randn(shape[:-1], device=device)
+    logits = (torch.randn(shape).to(device) * scale).to(dtype)
+    targets = torch.randint(0, shape[-1], shape[:-1]).to(device)
+    grad_logp = torch.randn(shape[:-1]).to(device)
+    grad_entropy = torch.randn(shape[:-1]).to(device)
     return logits, targets, grad_logp, grad_entropy
 
 
@@ -210,7 +210,7 @@ def test_no_grad_input(backend, device):
 def test_mask(backend, device, mask_dtype):
     shape = (3, 4, 1000)
     logits, targets, grad_logp, grad_entropy = random_case(shape, BF16, device)
-    mask = torch.rand(shape[:-1], device=device) > 0.3
+    mask = torch.rand(shape[:-1]).to(device) > 0.3
     mask[1] = False  # a fully masked sequence
     mask[2, 0] = True
     targets = torch.where(mask, targets, -100).to(torch.int32)  # padding ids where masked
@@ -259,13 +259,13 @@ def test_non_contiguous_logits(backend, device, layout):
     """The gradient must land on the right entries of the underlying leaf tensor."""
     vocab = STRIDED_VOCAB
     shape, view = STRIDED_VIEWS[layout]
-    base = torch.randn(shape, device=device)
+    base = torch.randn(shape).to(device)
     base = base.to(BF16).requires_grad_()
     logits = view(base)
     assert not logits.is_contiguous()
-    targets = torch.randint(0, vocab, logits.shape[:-1], device=device)
-    grad_logp = torch.randn(logits.shape[:-1], device=device)
-    grad_entropy = torch.randn(logits.shape[:-1], device=device)
+    targets = torch.randint(0, vocab, logits.shape[:-1]).to(device)
+    grad_logp = torch.randn(logits.shape[:-1]).to(device)
+    grad_entropy = torch.randn(logits.shape[:-1]).to(device)
     logp, entropy = token_logprobs(logits, targets, temperature=0.7, return_entropy=True)
     ((logp * grad_logp).sum() + (entropy * grad_entropy).sum()).backward()
 
@@ -362,7 +362,7 @@ def test_float64_logits_use_float64(backend, device):
 
 @pytest.mark.parametrize("shape", [(0, 7), (2, 0, 7)])
 def test_empty(backend, device, shape):
-    logits = torch.randn(shape, device=device, dtype=BF16, requires_grad=True)
+    logits = torch.randn(shape, dtype=BF16).to(device).requires_grad_()
     targets = torch.zeros(shape[:-1], device=device, dtype=torch.long)
     logp, entropy = token_logprobs(logits, targets, return_entropy=True)
     assert logp.shape == entropy.shape == shape[:-1]
@@ -386,7 +386,7 @@ def test_backend_selects_implementation(backend, device, monkeypatch):
     wrap(kernel_module, "token_logprobs_backward")
     wrap(op_module, "token_logprobs_forward_reference")
     wrap(op_module, "token_logprobs_backward_reference")
-    logits = torch.randn(2, 33, device=device, requires_grad=True)
+    logits = torch.randn(2, 33).to(device).requires_grad_()
     token_logprobs(logits, torch.tensor([1, 2], device=device)).sum().backward()
     if backend == "triton":
         assert calls == ["token_logprobs_forward", "token_logprobs_backward"]

@@ -63,11 +63,18 @@ def policy_oracle(logp, old, adv, mask, *, clip_low=0.2, clip_high=0.2, dual_cli
 
 
 def _inputs(device, b=4, t=37, per_seq=False):
-    logp = (-3 * torch.rand(b, t)).to(device).requires_grad_()
-    old = logp.detach() + 0.8 * torch.randn(b, t, device=device)
-    adv = 2 * torch.randn((b,) if per_seq else (b, t), device=device)
-    mask = torch.rand(b, t, device=device) > 0.25
-    return logp, old, adv, mask
+    logp = -3 * torch.rand(b, t)
+    old = logp + 0.8 * torch.randn(b, t)
+    adv = 2 * torch.randn((b,) if per_seq else (b, t))
+    mask = torch.rand(b, t) > 0.25
+    # both clips are reached by construction, not by the luck of the draw: token 0 of row 0
+    # has A < 0 and ratio 5 (above every dual_clip tested: dual-clipped), token 0 of row 1
+    # A > 0 and ratio 5 (above 1 + clip_high: clipped)
+    old[:2, 0] = logp[:2, 0] - math.log(5.0)
+    first = (slice(0, 2),) if per_seq else (slice(0, 2), 0)
+    adv[first] = adv[first].abs().add(0.5) * torch.tensor([-1.0, 1.0])
+    mask[:2, 0] = True
+    return logp.to(device).requires_grad_(), old.to(device), adv.to(device), mask.to(device)
 
 
 def _close(actual, expected, rtol=1e-5, atol=1e-6):
@@ -91,7 +98,7 @@ def test_policy_matches_oracle(backend, device, case):
     case = dict(case)
     logp, old, adv, mask = _inputs(device, per_seq=case.pop("per_seq", False))
     if case.pop("is_weights", False):
-        case["is_weights"] = torch.rand(logp.shape, device=device) * 2
+        case["is_weights"] = torch.rand(logp.shape).to(device) * 2
     loss, stats = ppo_policy_loss(logp, old, adv, mask, **case)
     exp_loss, exp_grad, exp_stats = policy_oracle(logp, old, adv, mask, **case)
     _close(loss, exp_loss)
@@ -120,7 +127,7 @@ def test_policy_long_rows_span_kernel_blocks(backend, device, per_seq):
         _close(grad, exp_grad)
         for k, v in exp_stats.items():
             _close(stats[k], v)
-    values = torch.randn(2, 1100, device=device, requires_grad=True)
+    values = torch.randn(2, 1100).to(device).requires_grad_()
     loss, _ = value_loss(values, old, adv if not per_seq else old + 1, mask)
     exp_loss, exp_grad, _ = value_oracle(values, old, adv if not per_seq else old + 1, mask)
     _close(loss, exp_loss)
@@ -176,10 +183,10 @@ def test_policy_empty_rows_and_length_one(backend, device, aggregation):
 
 
 def test_policy_extreme_logps_and_zero_advantages(backend, device):
-    sign = torch.where(torch.rand(3, 17, device=device) > 0.5, 1.0, -1.0)
+    sign = torch.where(torch.rand(3, 17).to(device) > 0.5, 1.0, -1.0)
     logp = (1e4 * sign).requires_grad_()
     old = -1e4 * sign
-    adv = torch.randn(3, 17, device=device)
+    adv = torch.randn(3, 17).to(device)
     loss, stats = ppo_policy_loss(logp, old, adv, None, dual_clip=3.0)
     (grad,) = torch.autograd.grad(loss, logp)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
@@ -226,10 +233,10 @@ def value_oracle(values, old_values, returns, mask, clip=0.2, aggregation="token
 @pytest.mark.parametrize("clip", [0.2, None])
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "token_sum_norm"])
 def test_value_matches_oracle(backend, device, clip, aggregation):
-    values = torch.randn(4, 33, device=device, requires_grad=True)
-    old_values = values.detach() + 0.3 * torch.randn(4, 33, device=device)
-    returns = torch.randn(4, 33, device=device)
-    mask = torch.rand(4, 33, device=device) > 0.3
+    values = torch.randn(4, 33).to(device).requires_grad_()
+    old_values = values.detach() + 0.3 * torch.randn(4, 33).to(device)
+    returns = torch.randn(4, 33).to(device)
+    mask = torch.rand(4, 33).to(device) > 0.3
     mask[2] = False
     loss, stats = value_loss(values, old_values, returns, mask, clip=clip, aggregation=aggregation)
     exp_loss, exp_grad, exp_stats = value_oracle(values, old_values, returns, mask, clip, aggregation)

@@ -19,7 +19,7 @@ def oracle(token_logp, mask, reduction):
     total = torch.where(keep, x, 0).sum(-1)
     if reduction == "mean":
         total = total / keep.sum(-1).clamp(min=1)
-    g = torch.randn_like(total)
+    g = torch.randn(total.shape, dtype=total.dtype).to(total.device)
     (d_x,) = torch.autograd.grad((total * g).sum(), x)
     return total.detach(), d_x, g
 
@@ -34,7 +34,7 @@ def test_matches_oracle(backend, device, reduction, shape, masked):
     x = (-10 * torch.rand(shape)).to(device).requires_grad_()
     mask = None
     if masked:
-        mask = torch.rand(shape, device=device) > 0.3
+        mask = torch.rand(shape).to(device) > 0.3
         mask[0] = False  # an empty row
     out = sequence_logprobs(x, mask, reduction=reduction)
     assert out.shape == shape[:1] and out.dtype == torch.float32

@@ -19,14 +19,15 @@ from rftengine.ops import (
 )
 
 
-def strided(shape, *, dtype=torch.float32, low=None, high=None):
-    """A tensor of `shape` whose memory is not contiguous: every other column of a wider one."""
+def strided(shape, device, *, dtype=torch.float32, low=None, high=None):
+    """A tensor of `shape` on `device` whose memory is not contiguous: every other column of a
+    wider one (drawn on the CPU, so the values do not depend on the device's RNG)."""
     wide = list(shape[:-1]) + [shape[-1] * 2] if shape else [2]
     if low is not None:
         base = torch.randint(low, high, wide)
     else:
         base = torch.randn(wide, dtype=dtype)
-    view = base[..., ::2]
+    view = base.to(device)[..., ::2]
     assert not view.is_contiguous()
     return view
 
@@ -53,26 +54,26 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_token_ops_on_strided_views(backend, name):
-    x, y = strided((3, 11)), strided((3, 11))
-    m = strided((3, 11), low=0, high=2) != 0
+def test_token_ops_on_strided_views(backend, device, name):
+    x, y = strided((3, 11), device), strided((3, 11), device)
+    m = strided((3, 11), device, low=0, high=2) != 0
     m[:, 0] = True
     op = CASES[name]
     same(op(x, y, m), op(x.contiguous(), y.contiguous(), m.contiguous()))
 
 
-def test_one_dimensional_column_views(backend):
+def test_one_dimensional_column_views(backend, device):
     """`logp[:, 0]`-style views: 1-D but with a stride > 1."""
-    logp, ref = torch.randn(7, 5), torch.randn(7, 5)
+    logp, ref = torch.randn(7, 5).to(device), torch.randn(7, 5).to(device)
     a, b = logp[:, 0], ref[:, 0]
     same(kl_penalty(a, b, estimator="k2"), kl_penalty(a.contiguous(), b.contiguous(), estimator="k2"))
-    keep = torch.ones(7, dtype=torch.bool)
+    keep = torch.ones(7, dtype=torch.bool, device=device)
     same(whiten(a, keep), whiten(a.contiguous(), keep))
-    scores = torch.randn(8, 3)[:, 1]
+    scores = torch.randn(8, 3).to(device)[:, 1]
     same(group_advantages(scores, 4), group_advantages(scores.contiguous(), 4))
 
 
-def test_token_logprobs_on_transposed_logits(backend):
-    logits = torch.randn(13, 2, 37).transpose(0, 1)  # [2, 13, 37], rows strided
-    targets = torch.randint(0, 37, (13, 2)).t()
+def test_token_logprobs_on_transposed_logits(backend, device):
+    logits = torch.randn(13, 2, 37).to(device).transpose(0, 1)  # [2, 13, 37], rows strided
+    targets = torch.randint(0, 37, (13, 2)).to(device).t()
     same(token_logprobs(logits, targets), token_logprobs(logits.contiguous(), targets.contiguous()))

@@ -1,0 +1,118 @@
+"""The one sampling path of every method: prompts -> Generator -> ``Rollout``.
+
+PPO/GRPO/RLOO train on a ``Rollout`` directly; online DPO (RLAIF) and Constitutional AI take
+its ``sampled_texts()``: the decoded texts for the judge and the templates, each carrying the
+token ids the model sampled and whether it ended them. ``encode_response`` trains on those ids
+as they are, so a response cut at ``max_new_tokens`` never gets an EOS the model did not
+produce, and the trained ids are the sampled ones (decoding and re-tokenising need not give
+them back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rftengine.methods.data import (
+    PromptLike,
+    SampledText,
+    SequenceBatch,
+    decode_responses,
+    encode_prompt,
+    pad_token_id,
+    require_eos,
+)
+from rftengine.methods.modeling import require_positions
+
+
+@dataclass
+class Rollout:
+    """Sampled responses of one Generator call (rows group-contiguous: prompt i owns rows
+    ``[i*G, (i+1)*G)``).
+
+    Fields:
+        prompts: ``N`` prompts (each repeated ``group_size`` times).
+        responses: ``N`` decoded response texts (no special tokens).
+        references: ``N`` reference answers, or None when the data has none.
+        batch: ``SequenceBatch`` ``[N, P+T]`` (left-padded prompt | the sampled response ids).
+        logprobs: ``[N, T]`` fp32 rollout log-probs (temperature-scaled, full vocabulary).
+        eos: ``[N]`` bool, the response ended with EOS (False = cut at max_new_tokens).
+        group_size: G.
+    """
+
+    prompts: list[Any]
+    responses: list[str]
+    references: list[Any] | None
+    batch: SequenceBatch
+    logprobs: torch.Tensor
+    eos: torch.Tensor
+    group_size: int
+
+    def sampled_texts(self) -> list[SampledText]:
+        """``N`` response texts, each with its sampled token ids (EOS included when the model
+        ended it) and finish flag; one host transfer."""
+        ids = self.batch.response_ids.cpu()
+        mask = self.batch.response_mask.cpu()
+        finished = self.eos.cpu().tolist()
+        return [SampledText(text, ids[i][mask[i]].tolist(), finished[i])
+                for i, text in enumerate(self.responses)]
+
+
+@torch.no_grad()
+def sample_rollout(
+    generator,
+    tokenizer,
+    prompts: Sequence[PromptLike],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    max_prompt_length: int | None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int,
+    references: Sequence[Any] | None = None,
+    length_fields: str = "max_prompt_length or max_new_tokens",
+) -> Rollout:
+    """Sample ``num_samples`` responses per prompt in one ``generator.generate`` call.
+
+    Prompts are strings or chat-message lists (rendered with the chat template), truncated
+    from the left to ``max_prompt_length``. A prompt + ``max_new_tokens`` longer than the
+    model's ``max_position_embeddings`` is refused before sampling (the message names
+    ``length_fields``, the config fields to lower).
+    """
+    if len(prompts) == 0:
+        raise ValueError("prompts must hold at least one prompt, got 0")
+    if references is not None and len(references) != len(prompts):
+        raise ValueError(f"references must have one entry per prompt ({len(prompts)}), got {len(references)}")
+    eos, pad = require_eos(tokenizer), pad_token_id(tokenizer)
+    prompt_ids = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
+    model = getattr(generator, "model", None)
+    if model is not None:
+        longest = max(len(p) for p in prompt_ids)
+        require_positions(model, longest + max_new_tokens,
+                          f"the longest prompt + max_new_tokens, {longest} + {max_new_tokens}", length_fields)
+    out = generator.generate(
+        prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_token_ids=[eos], pad_token_id=pad, seed=seed,
+    )
+    batch = SequenceBatch(
+        input_ids=out.sequences,
+        attention_mask=out.attention_mask.long(),
+        response_mask=out.response_mask.bool(),
+        prompt_length=out.prompt_length,
+    )
+    finished = torch.tensor([r == "eos" for r in out.finish_reasons], dtype=torch.bool,
+                            device=out.sequences.device)
+    return Rollout(
+        prompts=[p for p in prompts for _ in range(num_samples)],
+        responses=decode_responses(tokenizer, batch),
+        references=[r for r in references for _ in range(num_samples)] if references is not None else None,
+        batch=batch,
+        logprobs=out.logprobs.float(),
+        eos=finished,
+        group_size=num_samples,
+    )
