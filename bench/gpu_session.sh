@@ -8,18 +8,18 @@
 #
 # usage: bash bench/gpu_session.sh OUTDIR [STEP ...]
 #   STEP: tests tests_methods linear_logprobs generate fused_heads logprobs losses generate_batches
-#         (default: all of them, in this order)
+#         train_step (default: all of them, in this order)
 # environment:
 #   PYTHON=python3     the interpreter that holds torch (on the device machines: python3)
 #   DEADLINE_S=560     wall-clock budget of the whole script, in seconds
 #   QUICK=1            benchmarks with --quick (a CPU dry run of the script)
 #   SKIP_INSTALL=1     no pip install when rftengine is already importable (QUICK=1 implies it)
 #   PYTEST_WORKERS=8   pytest-xdist workers for the ops/generation tests (0: one process)
-# OUTDIR receives session.log and one JSON per benchmark: 7 files (the device tool returns 8 at most).
+# OUTDIR receives session.log and one JSON per benchmark: 8 files (the device tool returns 8 at most).
 
 set -uo pipefail
 
-STEPS_ALL=(tests tests_methods linear_logprobs generate fused_heads logprobs losses generate_batches)
+STEPS_ALL=(tests tests_methods linear_logprobs generate fused_heads logprobs losses generate_batches train_step)
 
 usage() {
     sed -n '9,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -56,7 +56,7 @@ MIN_STEP_S=20   # a step is not started with less time than this
 # A step's limit in seconds: typical time from bench/README.md, with margin.
 declare -A LIMIT=(
     [setup]=150 [tests]=210 [tests_methods]=90 [linear_logprobs]=150 [generate]=240
-    [fused_heads]=120 [logprobs]=60 [losses]=150 [generate_batches]=90
+    [fused_heads]=120 [logprobs]=60 [losses]=150 [generate_batches]=90 [train_step]=240
 )
 
 SUMMARY=()
@@ -240,6 +240,7 @@ main() {
             tests) run_step tests "$PY" -m pytest "${base[@]}" "${par[@]}" tests/ops tests/generation ;;
             tests_methods) run_step tests_methods "$PY" -m pytest "${base[@]}" -m cuda tests/methods ;;
             linear_logprobs | fused_heads | logprobs | losses) bench "$s" "$s" ;;
+            train_step) bench train_step train_step ;;
             generate)
                 # ANCHORS.md section 2: batch 64 beside both transformers anchors
                 local b=(--batches 64)
@@ -276,7 +277,8 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
           f"matmul {c.get('matmul_tflops', 0):.0f} TFLOP/s, copy {c.get('copy_gbps', 0):.0f} GB/s{partial}")
     for row in data.get("results", []):
         name = str(row.get("name") or row.get("engine"))
-        keys = ("shape", "op", "batch", "ms", "ms_per_step", "x_floor", "x_linear", "extra_gib", "dlogp_mean", "error")
+        keys = ("method", "shape", "op", "batch", "ms", "ms_per_step", "x_floor", "x_linear", "extra_gib", "dlogp_mean",
+                "speedup", "mem_ratio", "loss_err", "error")
         print("  " + name + ": " + ", ".join(
             f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
             for k in keys if row.get(k) is not None

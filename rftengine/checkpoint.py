@@ -22,6 +22,12 @@ one complete, never a half-written `checkpoint-N`. Pruning renames a checkpoint 
 before deleting it, for the same reason. A full disk is a one-line error that keeps the
 previous checkpoints; weights holding NaN or inf are never written.
 
+Under torchrun (several ranks, FSDP2) a checkpoint is sharded instead (`save_sharded_checkpoint`):
+`shards/` (torch.distributed.checkpoint, each rank writing its part of the weights and optimizer
+state), the same `trainer_state.pt` less the optimizer, config and tokenizer; its marker, written
+by rank 0 once every rank's shards are on disk, records the world size. It resumes at any world
+size, one process included (the shards are resharded on load).
+
 Resuming from an output directory takes the newest checkpoint that loads, and says which newer
 ones it skipped and why (`load_resume`); a checkpoint named explicitly must load.
 """
@@ -53,6 +59,7 @@ PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 MARKER = "rftengine_checkpoint.json"
 STATE_FILE = "trainer_state.pt"
+SHARDS_DIR = "shards"  # a sharded checkpoint's weights and optimizer state (torch.distributed.checkpoint)
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside the adapter weights
 FORMAT_VERSION = 2  # 2: trainer_state.pt is plain data (weights_only), FixedTensors as safetensors
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "adapter_model.safetensors")
@@ -410,6 +417,11 @@ class Checkpoint:
     method: str
     state: dict[str, Any]
     rng: dict[str, Any]
+    world_size: int | None = None  # ranks that wrote a sharded checkpoint; None: the one-process format
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size is not None
 
     def restore_rng(self) -> None:
         restore_rng_state(self.rng)
@@ -460,15 +472,7 @@ def load_resume(target: str | Path, method: str) -> Checkpoint:
     raise UserError(f"resume: no checkpoint in {target} loads ({len(found)} tried, each skipped above)")
 
 
-def _check_files(path: Path) -> None:
-    """The files of checkpoint `path` are whole: weights, adapters and FixedTensors (safetensors
-    headers) and the state (its zip directory, which a truncated file has lost). Cheap: no
-    tensor data is read."""
-    try:
-        check_model_dir(path, "checkpoint")  # every *.safetensors in it, stage references included
-    except UserError as exc:
-        raise DamagedCheckpoint(str(exc)) from None
-    state = path / STATE_FILE
+def _check_state_file(state: Path) -> None:
     if not state.is_file():
         raise DamagedCheckpoint(f"{state} is missing")
     try:
@@ -477,6 +481,24 @@ def _check_files(path: Path) -> None:
         size = state.stat().st_size if state.exists() else 0
         what = "empty" if size == 0 else "truncated or corrupt"
         raise DamagedCheckpoint(f"{state} is {what} ({exc})") from None
+
+
+def _check_sharded_files(path: Path) -> None:
+    """A sharded checkpoint has its DCP metadata (written once every rank's shard is) and its state."""
+    if not (path / SHARDS_DIR / ".metadata").is_file():
+        raise DamagedCheckpoint(f"{path / SHARDS_DIR} has no .metadata: the shards are incomplete")
+    _check_state_file(path / STATE_FILE)
+
+
+def _check_files(path: Path) -> None:
+    """The files of checkpoint `path` are whole: weights, adapters and FixedTensors (safetensors
+    headers) and the state (its zip directory, which a truncated file has lost). Cheap: no
+    tensor data is read."""
+    try:
+        check_model_dir(path, "checkpoint")  # every *.safetensors in it, stage references included
+    except UserError as exc:
+        raise DamagedCheckpoint(str(exc)) from None
+    _check_state_file(path / STATE_FILE)
 
 
 def load_checkpoint(path: str | Path, method: str) -> Checkpoint:
@@ -504,7 +526,11 @@ def load_checkpoint(path: str | Path, method: str) -> Checkpoint:
             f"{path} is a checkpoint of method '{marker.get('method')}', but this run's method is '{method}'; "
             "resume with the config that wrote it, or start a new output_dir"
         )
-    _check_files(path)
+    world_size = marker.get("world_size")
+    if world_size is None:
+        _check_files(path)
+    else:
+        _check_sharded_files(path)
     state_path = path / STATE_FILE
     try:
         payload = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -527,7 +553,152 @@ def load_checkpoint(path: str | Path, method: str) -> Checkpoint:
                 if not _SAFE_NAME.fullmatch(file):
                     raise DamagedCheckpoint(f"{state_path}: extra[{name!r}] names an invalid file {file!r}")
                 extra[name] = _load_fixed(path / file, str(value.get("key")))
-    return Checkpoint(path=path, step=int(payload["step"]), method=method, state=state, rng=payload["rng"])
+    return Checkpoint(path=path, step=int(payload["step"]), method=method, state=state, rng=payload["rng"],
+                      world_size=int(world_size) if world_size is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded checkpoints (torchrun, FSDP2)
+
+
+def save_sharded_checkpoint(
+    output_dir: str | Path,
+    *,
+    step: int,
+    method: str,
+    model,
+    optimizer,
+    tokenizer,
+    state: dict[str, Any],
+    keep_last: int = 2,
+    files: Mapping[str, str] | None = None,
+) -> Path:
+    """`save_checkpoint` for a run sharded over the ranks of a process group (every rank calls it).
+
+    `output_dir/checkpoint-<step>` holds `shards/` (torch.distributed.checkpoint: each rank
+    writes its shards of the weights and of the optimizer state), and, written by rank 0,
+    `trainer_state.pt` (`state` without the optimizer, which is in the shards; rank 0's RNG
+    states), the model's config.json, the tokenizer and `files`. Rank 0 writes the marker after a
+    barrier, when every rank's shards are on disk, then renames the directory into place as
+    `save_checkpoint` does (so a kill at any moment leaves no complete-looking torn checkpoint).
+    Weights holding NaN or inf on any rank are refused (UserError) before anything is written.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from rftengine import distributed
+    from rftengine.methods.modeling import _hf_model
+
+    output_dir = Path(output_dir)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    _require_finite_sharded(model_sd, f"{PREFIX}{step}")
+    plain_state, fixed = _split_fixed({**state, "optimizer": None})
+    payload = {"state": plain_state, "rng": capture_rng_state(), "step": step, "method": method}
+    _require_plain(payload, "payload")
+    marker = {"method": method, "step": step, "format_version": FORMAT_VERSION,
+              "world_size": distributed.world_size()}
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = final.parent / distributed.broadcast_object(f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
+    main = distributed.is_main_process()
+    if main:
+        _remove_stale_tmp(output_dir)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / SHARDS_DIR))
+    distributed.barrier()  # every rank's shards are written
+    if main:
+        previous = latest_checkpoint(output_dir)
+
+        def write(_):
+            _hf_model(model).config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            for file, tensors in fixed.items():
+                _write_fixed(tmp / file, tensors, previous)
+            with open(tmp / STATE_FILE, "wb") as f:
+                torch.save(payload, f)
+            _check_sharded_files(tmp)
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+        try:
+            write(tmp)
+            _fsync_tree(tmp)
+            _replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            remove_checkpoint(old)
+    distributed.barrier()  # no rank runs ahead of a checkpoint that is not complete yet
+    return final
+
+
+def _require_finite_sharded(state: Mapping[str, Any], what: str) -> None:
+    """`require_finite_weights` over the ranks: each checks its shards, the verdict is shared."""
+    from torch.distributed.tensor import DTensor
+
+    from rftengine import distributed
+
+    bad = [name for name, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
+           and not bool(torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all())]
+    count = distributed.all_reduce_sum(torch.tensor([len(bad)]))
+    if int(count) > 0:
+        names = distributed.broadcast_object(bad) or ["(on another rank)"]
+        raise UserError(
+            f"refusing to write {what}: weight {names[0]} holds NaN or inf values (the training diverged); "
+            "the previous checkpoints are kept"
+        )
+
+
+def check_world_size(checkpoint: Checkpoint) -> None:
+    """A sharded checkpoint resumes at any world size, one process included (the shards are
+    resharded on load); a one-process checkpoint needs one process (UserError otherwise)."""
+    from rftengine import distributed
+
+    if not checkpoint.sharded and distributed.world_size() > 1:
+        raise UserError(
+            f"{checkpoint.path} was written by one process; resume it without torchrun, or start a new "
+            "output_dir for a torchrun run"
+        )
+
+
+def load_sharded_weights(model, checkpoint: Checkpoint) -> None:
+    """The checkpoint's weights into the sharded `model` (every rank calls it; DCP reshards for
+    another world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    sd = get_model_state_dict(model)
+    dcp.load({"model": sd}, checkpoint_id=str(checkpoint.path / SHARDS_DIR))
+    set_model_state_dict(model, sd)
+
+
+def load_sharded_optimizer_state(model, checkpoint: Checkpoint) -> dict[str, Any]:
+    """The checkpoint's optimizer state over `model`'s trainable parameters, in the form
+    `torch.optim.Optimizer.load_state_dict` takes (parameters by index, states as DTensor
+    shards): the state a `TrainState` restores from. The optimizer the method builds must be
+    AdamW over the same parameters in the same order (`model.parameters()`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    holder = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    osd = get_optimizer_state_dict(model, holder)
+    dcp.load({"optimizer": osd}, checkpoint_id=str(checkpoint.path / SHARDS_DIR))
+    set_optimizer_state_dict(model, holder, osd)
+    return holder.state_dict()
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor] | None:
+    """The whole of a sharded `model`'s state dict on rank 0 (CPU tensors), None on the other
+    ranks. Every rank calls it (the shards are gathered)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from rftengine import distributed
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if distributed.is_main_process() else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,18 +36,24 @@ import numpy as np
 import torch
 import yaml
 
+from rftengine import distributed
 from rftengine.checkpoint import (
     ADAPTER_CONFIG,
     PREFIX,
     Checkpoint,
     check_model_dir,
     check_tokenizer_dir,
+    check_world_size,
     export_model,
+    full_state_dict,
     latest_checkpoint,
     list_checkpoints,
     load_resume,
+    load_sharded_optimizer_state,
+    load_sharded_weights,
     quiet_transformers,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from rftengine.config import (
     RESUME_RUN_KEYS,
@@ -73,6 +79,7 @@ BENCH_SUITES = {
     "kernels": ("bench_logprobs", "bench_linear_logprobs", "bench_fused_heads"),
     "losses": ("bench_losses",),
     "generate": ("bench_generate",),
+    "train": ("bench_train_step",),
 }
 
 
@@ -157,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report_interruption(exc: TrainingInterrupted, args) -> None:
-    """What a stop by SIGINT/SIGTERM left on disk, and the exact command that resumes it."""
+    """What a stop by SIGINT/SIGTERM left on disk, and the exact command that resumes it (rank 0
+    says it, with the torchrun launch a run of several ranks resumes under)."""
+    if not getattr(exc, "main_rank", True):
+        return
     name = signal.Signals(exc.signum).name
     latest = latest_checkpoint(exc.output_dir)
     if exc.checkpointed:
@@ -168,6 +178,9 @@ def _report_interruption(exc: TrainingInterrupted, args) -> None:
         what = "before the first step; nothing was saved"
     print(f"rftengine train: stopped by {name} {what}", file=sys.stderr)
     command = shlex.join(["rftengine", "train", args.config, *args.overrides])
+    ranks = getattr(exc, "world_size", 1)
+    if ranks > 1:
+        command = f"torchrun [the same launch options: {ranks} ranks] $(which rftengine) " + command[len("rftengine "):]
     if latest is not None:
         print(f"resume with: {command} --resume", file=sys.stderr)
     else:
@@ -210,6 +223,8 @@ def stop_on_signals():
         if STOP.signum is not None:
             raise KeyboardInterrupt
         STOP.signum = signum
+        if not distributed.is_main_process():
+            return  # torchrun signals every rank: rank 0 says it once
         # os.write, not print: the handler may run in the middle of a print to stderr (tqdm).
         os.write(2, f"\nrftengine train: {signal.Signals(signum).name} received: stopping after the current "
                     "step and writing a checkpoint (send it again to abort at once)\n".encode())
@@ -244,17 +259,26 @@ class Run:
     dtype: torch.dtype | None
     tokenizer: object
     resume: Checkpoint | None
-    writer: MetricsWriter
+    writer: MetricsWriter | None  # None on the ranks other than 0 under torchrun: rank 0 logs
     config_text: str = ""  # run_config.yaml: saved into every checkpoint
+    rebuild: Callable[[], object] | None = None  # under torchrun: the trained model unsharded, on CPU (export)
 
     @property
     def resume_state(self):
         return self.resume.state if self.resume is not None else None
 
     def callback(self, step: int, metrics: dict) -> None:
-        self.writer.log(step, metrics)
+        if self.writer is not None:
+            self.writer.log(step, metrics)
 
     def checkpoint_fn(self, state) -> None:
+        if distributed.is_distributed():
+            save_sharded_checkpoint(
+                self.output_dir, step=state.step, method=self.cfg.method, model=state.model,
+                optimizer=state.optimizer, tokenizer=self.tokenizer, state=state.state_dict(),
+                keep_last=self.cfg.keep_last, files={RUN_CONFIG: self.config_text},
+            )
+            return
         save_checkpoint(
             self.output_dir, step=state.step, method=self.cfg.method, model=state.model,
             tokenizer=self.tokenizer, state=state.state_dict(), keep_last=self.cfg.keep_last,
@@ -262,8 +286,31 @@ class Run:
         )
 
     def policy_path(self) -> str:
-        """The weights to start from: the checkpoint's when resuming, else the configured model."""
-        return str(self.resume.path) if self.resume is not None else self.cfg.model
+        """The weights to start from: the checkpoint's when resuming, else the configured model
+        (also for a sharded checkpoint, whose weights `shard` then loads)."""
+        return str(self.resume.path) if self.resume is not None and not self.resume.sharded else self.cfg.model
+
+    def shard(self, model, *, trained: bool = False, rebuild: Callable[[], object] | None = None):
+        """Under torchrun: `model` sharded over the ranks with FSDP2 (`distributed.shard_model`),
+        and `rebuild()` (the same model, unsharded, on CPU) is what the export fills with the
+        final weights; in one process `model` stays as is. The `trained` model takes a resumed
+        sharded checkpoint's weights and optimizer state (under torchrun or not)."""
+        if distributed.is_distributed():
+            from rftengine.methods.common import cast_trainable, resolve_precision
+
+            precision = resolve_precision(getattr(self.method_config, "precision", None), self.device)
+            if trained:
+                # fp32 master weights before sharding: the method's own cast cannot re-type shards.
+                cast_trainable(model.parameters(), precision)
+            model = distributed.shard_model(model, precision=precision)
+        if trained:
+            self.rebuild = rebuild
+            # Any world size, one process included: the shards are resharded on load.
+            if self.resume is not None and self.resume.sharded:
+                with _as_user_error(f"checkpoint {self.resume.path}"):
+                    load_sharded_weights(model, self.resume)
+                    self.resume.state["optimizer"] = load_sharded_optimizer_state(model, self.resume)
+        return model
 
     def load_policy(self):
         """The policy to train: the configured model (or the resumed checkpoint's weights); with a
@@ -277,9 +324,10 @@ class Run:
                 f"{self.resume.path} holds LoRA adapters but this run's config has no lora section; "
                 "resume with the config that wrote it"
             )
-        path = check_model_dir(self.policy_path(), "checkpoint" if self.resume is not None else "model")
+        path = check_model_dir(self.policy_path(), "checkpoint" if self.policy_path() != self.cfg.model else "model")
         with _as_user_error(f"model {path}"):
-            return load_causal_lm(path, dtype=self.dtype, device=self.device)
+            model = load_causal_lm(path, dtype=self.dtype, device=self.device)
+        return self.shard(model, trained=True, rebuild=lambda: load_causal_lm(path, dtype=self.dtype, device="cpu"))
 
     def load_lora_policy(self):
         """`model` wrapped by `peft.get_peft_model`: only the adapters train. A LoRA checkpoint holds
@@ -309,7 +357,9 @@ class Run:
         the resumed weights."""
         if not needed:
             return None
-        if self.cfg.reference is not None or (self.resume is not None and self.cfg.lora is None):
+        # Under torchrun too: a sharded policy cannot be copied, the reference is loaded anew.
+        if (self.cfg.reference is not None or (self.resume is not None and self.cfg.lora is None)
+                or distributed.is_distributed()):
             return self.load_reference()
         return None
 
@@ -320,7 +370,7 @@ class Run:
 
         path = check_model_dir(self.cfg.reference_path, "reference")
         with _as_user_error(f"reference {path}"):
-            return load_causal_lm(path, dtype=self.dtype, device=self.device)
+            return self.shard(load_causal_lm(path, dtype=self.dtype, device=self.device))
 
 
 def require_peft():
@@ -411,13 +461,44 @@ def run_training(config_path: str | Path, overrides: list[str] = (), *, resume: 
     `resume`: None starts fresh (an output_dir that already holds checkpoints is an error),
     "" continues from the newest checkpoint in output_dir, a path from that checkpoint or
     output directory. Returns the method's summary (also printed).
+
+    Under `torchrun` (WORLD_SIZE > 1) every rank runs this: the process group is set up from
+    torchrun's environment and torn down at the end, the models are sharded with FSDP2, each
+    rank trains on its share of every global batch, and rank 0 alone prints, logs metrics,
+    plots and exports (`rftengine.distributed`).
     """
-    with quiet_transformers():
-        return _run_training(Path(config_path), list(overrides), resume)
+    with quiet_transformers(), ExitStack() as stack:
+        return _run_training(Path(config_path), list(overrides), resume, stack)
 
 
-def _run_training(config_path: Path, overrides: list[str], resume: str | None) -> dict:
+# Under torchrun: what the data-parallel path covers so far (the others copy the policy, train
+# a critic or LoRA adapters, which are not sharded yet).
+DISTRIBUTED_METHODS = ("reward", "dpo", "grpo", "rloo")
+
+
+def _start_ranks(cfg: RunConfig, config_path: Path, stack: ExitStack) -> torch.device | None:
+    """Under torchrun: the process group (for the rest of the run; `stack` tears it down) and
+    this rank's device; rank > 0 prints nothing. None in one process."""
+    with _as_user_error(str(config_path)):
+        device = stack.enter_context(distributed.process_group(cfg.device))
+    if device is None:
+        return None
+    if not distributed.is_main_process():
+        stack.enter_context(redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+    if cfg.method not in DISTRIBUTED_METHODS:
+        raise UserError(
+            f"{config_path}: method {cfg.method} does not run under torchrun yet (data-parallel methods: "
+            f"{', '.join(DISTRIBUTED_METHODS)}); run it in one process"
+        )
+    if cfg.lora is not None:
+        raise UserError(f"{config_path}: the lora section does not run under torchrun yet; run it in one process")
+    return device
+
+
+def _run_training(config_path: Path, overrides: list[str], resume: str | None, stack: ExitStack) -> dict:
     cfg = load_run_config(config_path, overrides, method_keys=_method_keys)
+    rank_device = _start_ranks(cfg, config_path, stack)
+    main_rank = distributed.is_main_process()
     spec = METHOD_RUNNERS[cfg.method]
     section = dict(cfg.train)
     if cfg.method in ("ppo", "grpo", "rloo"):
@@ -428,6 +509,9 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None) -
                 "set only method"
             )
     method_cfg = method_config(spec.config_class(), section, str(config_path))
+    if distributed.is_distributed():
+        with _as_user_error(f"{config_path}: train"):
+            distributed.require_divisible(method_cfg.batch_size)
     if cfg.lora is not None:
         require_peft()
     output_dir = Path(cfg.output_dir)
@@ -443,6 +527,7 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None) -
             )
     else:
         checkpoint = load_resume(resume or output_dir, cfg.method)  # skips damaged checkpoints, says which
+        check_world_size(checkpoint)
         changes = _resume_changes(checkpoint.path, resolved)
 
     # Every input is checked before anything heavy is loaded, so mistakes surface in seconds.
@@ -465,6 +550,8 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None) -
         raise UserError(
             f"{config_path}: device is {cfg.device!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s)"
         )
+    if rank_device is not None:
+        device = rank_device
     _seed_everything(getattr(method_cfg, "seed", 0))
     tok_dir = check_tokenizer_dir(cfg.tokenizer_path)
     from rftengine.methods.modeling import load_tokenizer
@@ -472,13 +559,18 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None) -
     with _as_user_error(f"tokenizer {tok_dir}"):
         tokenizer = load_tokenizer(tok_dir)
 
-    if checkpoint is not None:
-        _abandon_newer(output_dir, checkpoint)
+    distributed.barrier()  # every rank has read the checkpoint before rank 0 moves newer ones aside
     config_text = yaml.safe_dump(resolved, sort_keys=False)
-    _write_run_config(output_dir, config_text)
-    writer = MetricsWriter(
-        output_dir, resume_step=checkpoint.step if checkpoint is not None else None, tensorboard=cfg.tensorboard
-    )
+    writer = None
+    if main_rank:
+        if checkpoint is not None:
+            _abandon_newer(output_dir, checkpoint)
+        _write_run_config(output_dir, config_text)
+        writer = MetricsWriter(
+            output_dir, resume_step=checkpoint.step if checkpoint is not None else None, tensorboard=cfg.tensorboard
+        )
+    if not main_rank:
+        cfg = dataclasses.replace(cfg, progress=False)  # rank 0 shows the progress bars
     run = Run(cfg, config_path, method_cfg, output_dir, device, _torch_dtype(cfg.dtype), tokenizer,
               checkpoint, writer, config_text)
     start = f"resuming from {checkpoint.path} (step {checkpoint.step})" if checkpoint else "starting"
@@ -493,22 +585,37 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None) -
             model, summary = spec.run(run)
     except TrainingInterrupted as exc:
         exc.output_dir = output_dir  # for the message that says what was saved and how to resume
+        exc.world_size, exc.main_rank = distributed.world_size(), main_rank  # the group is gone by then
         raise
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
 
     if cfg.export:
-        final = export_model(model, tokenizer, output_dir / "final", merge_lora=cfg.merge_lora)
-        summary["final_model"] = str(final)
-    if cfg.plot:
+        summary["final_model"] = str(_export(run, model, output_dir / "final"))
+    if cfg.plot and main_rank:
         plot = plot_metrics(writer.rows, output_dir / "metrics.png", title=f"rftengine {cfg.method}")
         if plot is not None:
             summary["plot"] = str(plot)
-    summary["metrics"] = str(writer.jsonl_path)
+    summary["metrics"] = str(output_dir / JSONL_NAME)
     print("rftengine train: done")
     for key, value in summary.items():
         print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
     return summary
+
+
+def _export(run: Run, model, out: Path) -> Path:
+    """The final model directory: `export_model` in one process; under torchrun the shards are
+    gathered into a full state dict on rank 0, which writes it (the others wait)."""
+    if not distributed.is_distributed():
+        return export_model(model, run.tokenizer, out, merge_lora=run.cfg.merge_lora)
+    state = full_state_dict(model)
+    if distributed.is_main_process():
+        plain = run.rebuild()
+        plain.load_state_dict(state)
+        export_model(plain, run.tokenizer, out)
+    distributed.barrier()
+    return out
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -670,15 +777,20 @@ def _is_reward_model_dir(path: Path) -> bool:
 
 def _run_reward(run: Run):
     from rftengine.methods.modeling import load_causal_lm
-    from rftengine.methods.reward import RewardModel, train_reward_model
+    from rftengine.methods.reward import RewardModel, as_reward_model, train_reward_model
 
     pairs = load_preferences(run.cfg.data, run.tokenizer)
-    path = check_model_dir(run.policy_path(), "checkpoint" if run.resume else "model")
-    with _as_user_error(f"model {path}"):
+    path = check_model_dir(run.policy_path(), "checkpoint" if run.policy_path() != run.cfg.model else "model")
+
+    def load(device):
         if _is_reward_model_dir(path):
-            model = RewardModel.from_pretrained(path, dtype=run.dtype, device=run.device)
-        else:
-            model = load_causal_lm(path, dtype=run.dtype, device=run.device)
+            return RewardModel.from_pretrained(path, dtype=run.dtype, device=device)
+        # A new value head draws from the global RNG: seeded alike on every rank and in rebuild().
+        return as_reward_model(load_causal_lm(path, dtype=run.dtype, device=device))
+
+    with _as_user_error(f"model {path}"):
+        model = load(run.device)
+    model = run.shard(model, trained=True, rebuild=lambda: load("cpu"))
     with _as_user_error("method reward"):
         result = train_reward_model(
             model, run.tokenizer, pairs, run.method_config, callback=run.callback, state=run.resume_state,
@@ -774,6 +886,9 @@ def _run_ppo(run: Run):
     reward_fn = _reward_fn(run)
     policy = run.load_policy()
     cfg = run.method_config
+    if cfg.algorithm == "ppo" and distributed.is_distributed():
+        raise UserError(f"{run.config_path}: method ppo (its critic) does not run under torchrun yet; "
+                        "use grpo or rloo, or run ppo in one process")
     ref_model = run.reference_model(cfg.kl_coef > 0 or cfg.adaptive_kl)
     with _as_user_error(f"method {run.cfg.method}"):
         result = train_ppo(

@@ -561,7 +561,8 @@ def train_cai(
     if not isinstance(config, CAIConfig):
         raise ValueError(f"config must be a CAIConfig, got {type(config).__name__}")
     require_eos(tokenizer)
-    check_trainable_model(policy, tokenizer)
+    # refused before any generation: the first stage's precision decides (fp16 needs fp16-mixed)
+    check_trainable_model(policy, tokenizer, getattr(config, f"{config.stages[0]}_config").precision)
     if not isinstance(constitution, Constitution):
         constitution = load_constitution(constitution)
     texts, _ = split_prompt_data(prompts)

@@ -199,7 +199,47 @@ def validate_optim_fields(config) -> None:
     require_int(owner, "warmup_steps", config.warmup_steps, minimum=0)
     require_choice(owner, "lr_scheduler", config.lr_scheduler, ("constant", "linear", "cosine"))
     require_int(owner, "max_skipped_steps", config.max_skipped_steps, minimum=1)
+    require_choice(owner, "precision", config.precision, PRECISIONS, allow_none=True)
+    require_int(owner, "gradient_accumulation_steps", config.gradient_accumulation_steps, minimum=1)
+    require_int(owner, "micro_batch_size", config.micro_batch_size, minimum=1, allow_none=True)
+    require_bool(owner, "gradient_checkpointing", config.gradient_checkpointing)
+    require_bool(owner, "packing", config.packing)
     validate_loop_fields(config)
+
+
+def validate_micro_batches(config, step_rows: int, what: str = "batch_size") -> None:
+    """The accumulation convention: one optimizer step consumes ``step_rows`` examples (the
+    field ``what``: ``batch_size``, or PPO's ``minibatch_size``), split into
+    ``gradient_accumulation_steps`` micro-batches of ``micro_batch_size`` each. Give either
+    one (the other follows), or both with ``micro_batch_size * gradient_accumulation_steps ==
+    step_rows``; ValueError naming the fields otherwise."""
+    owner = type(config).__name__
+    micro, steps = config.micro_batch_size, config.gradient_accumulation_steps
+    if micro is None:
+        if step_rows % steps:
+            raise ValueError(
+                f"{owner}.{what} ({step_rows}) must be divisible by {owner}.gradient_accumulation_steps "
+                f"({steps}): the step is split into that many equal micro-batches"
+            )
+        return
+    if step_rows % micro or micro > step_rows:
+        raise ValueError(
+            f"{owner}.{what} ({step_rows}) must be a multiple of {owner}.micro_batch_size, got {micro}"
+        )
+    if steps != 1 and micro * steps != step_rows:
+        raise ValueError(
+            f"{owner}.micro_batch_size * gradient_accumulation_steps must equal {what} ({step_rows}), got "
+            f"{micro} * {steps}; set one of the two (the other follows)"
+        )
+
+
+def micro_batch_rows(config, step_rows: int) -> int:
+    """Examples per micro-batch for a step of ``step_rows`` examples (see
+    ``validate_micro_batches``): ``micro_batch_size``, else ``step_rows /
+    gradient_accumulation_steps`` (rounded up, for PPO's last, shorter minibatch)."""
+    if config.micro_batch_size is not None:
+        return min(config.micro_batch_size, max(step_rows, 1))
+    return max(1, -(-step_rows // config.gradient_accumulation_steps))
 
 
 def validate_sampling_fields(config) -> None:
@@ -287,6 +327,8 @@ class TrainState:
             or a separate critic), saved in ``state_dict()``.
         extra: method scalars/tensors that evolve (adaptive KL coefficient, cached reference
             log-probs for DPO, ...), saved in ``state_dict()``.
+        scaler: the ``torch.amp.GradScaler`` of "fp16-mixed" runs (None otherwise); its loss
+            scale is saved in ``state_dict()`` so a resumed run scales as the original did.
     """
 
     method: str
@@ -297,6 +339,7 @@ class TrainState:
     scheduler: Any = None
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    scaler: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data (tensors, numbers, strings, lists, dicts), which ``torch.load(weights_only=True)``
@@ -311,6 +354,7 @@ class TrainState:
             "modules": {name: m.state_dict() for name, m in self.modules.items()},
             "extra": dict(self.extra),
             "rng": capture_rng_state(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -337,6 +381,8 @@ class TrainState:
         for name, sd in state.get("modules", {}).items():
             self.modules[name].load_state_dict(sd)
         self.extra = dict(state.get("extra", {}))
+        if state.get("scaler") and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
         if "rng" in state:
             restore_rng_state(state["rng"])
 
@@ -359,7 +405,7 @@ def stage_state(method: str, sub: TrainState, *, offset: int = 0, **extra: Any) 
     return TrainState(
         method, step=offset + sub.step, data_position=sub.data_position, model=sub.model,
         optimizer=sub.optimizer, scheduler=sub.scheduler, modules=sub.modules,
-        extra={**sub.extra, **extra, "stage": sub.method, "stage_offset": offset},
+        extra={**sub.extra, **extra, "stage": sub.method, "stage_offset": offset}, scaler=sub.scaler,
     )
 
 
@@ -464,22 +510,98 @@ class NonFiniteStepError(ValueError):
     (a skipped step leaves the weights as they were)."""
 
 
+# ----------------------------------------------------------------------------- precision
+
+PRECISIONS = ("fp32", "bf16-mixed", "bf16", "fp16-mixed")
+"""The ``precision`` values: "fp32" (fp32 weights and compute), "bf16-mixed" (fp32 master
+weights and AdamW states, bf16 compute under ``torch.autocast``), "bf16" (bf16 weights and
+compute), "fp16-mixed" (fp32 master weights, fp16 autocast, dynamic loss scaling). None: the
+device's default (``resolve_precision``)."""
+
 FP16_TRAINING_MESSAGE = (
-    "fp16 training is not supported yet: load the model in float32 or bfloat16 (dtype=float32)"
+    "fp16 weights cannot be trained directly (AdamW on fp16 weights underflows and turns the "
+    "model to NaN/inf): set precision: fp16-mixed (fp32 master weights, fp16 compute, dynamic "
+    "loss scaling), or load the model in float32 or bfloat16"
 )
 
 
-def require_trainable_dtype(params) -> None:
-    """ValueError when a trainable parameter is fp16: AdamW on fp16 weights underflows its
-    epsilon and its updates, and turns the model to NaN/inf (mixed precision is not there yet)."""
+def resolve_precision(precision: str | None, device: torch.device | str) -> str:
+    """``precision`` as given, or the default for ``device``: "bf16-mixed" on CUDA, "fp32"
+    elsewhere (CPUs gain nothing from bf16 compute)."""
+    if precision is not None:
+        require_choice("precision", "value", precision, PRECISIONS)
+        return precision
+    return "bf16-mixed" if torch.device(device).type == "cuda" else "fp32"
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the forward and backward matmuls run in (FSDP2's ``param_dtype``)."""
+    return {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16,
+            "fp16-mixed": torch.float16}[precision]
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """The dtype of the trainable (master) weights and the optimizer states: fp32 except for
+    "bf16". Gradients are reduced in this dtype (FSDP2's ``reduce_dtype``)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def is_mixed(precision: str) -> bool:
+    return precision.endswith("-mixed")
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The context a training forward runs in: ``torch.autocast`` to the compute dtype for the
+    mixed precisions, a no-op otherwise. Backward runs outside it (autograd keeps the dtypes)."""
+    from contextlib import nullcontext
+
+    if not is_mixed(precision):
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=compute_dtype(precision))
+
+
+def require_trainable_dtype(params, precision: str = "fp32") -> None:
+    """ValueError (``FP16_TRAINING_MESSAGE``) when a trainable parameter is fp16 and
+    ``precision`` would train it as fp16 ("fp32", "bf16"); the mixed precisions upcast it."""
+    if is_mixed(precision):
+        return
     for p in params:
         if p.requires_grad and p.dtype == torch.float16:
             raise ValueError(FP16_TRAINING_MESSAGE)
 
 
+def cast_trainable(params, precision: str) -> None:
+    """Put every trainable floating parameter in ``param_dtype(precision)``, in place (the
+    Parameter objects stay, so tied weights stay tied): bf16/fp16 weights become fp32 master
+    weights under "fp32" and the mixed precisions, fp32 weights become bf16 under "bf16".
+    Frozen parameters (PEFT bases, references) keep their dtype. fp16 weights under "fp32" or
+    "bf16" are refused first (``require_trainable_dtype``)."""
+    params = [p for p in params if p.requires_grad]
+    require_trainable_dtype(params, precision)
+    dtype = param_dtype(precision)
+    for p in params:
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def frozen_dtype(config, device: torch.device | str) -> torch.dtype | None:
+    """The dtype of the frozen copies a run makes (the reference copy of the policy): the
+    compute dtype under the mixed precisions (no fp32 master weights needed), else None (the
+    policy's own dtype)."""
+    precision = resolve_precision(getattr(config, "precision", None), device)
+    return compute_dtype(precision) if is_mixed(precision) else None
+
+
+def make_grad_scaler(precision: str, device: torch.device | str):
+    """A ``torch.amp.GradScaler`` for "fp16-mixed" (dynamic loss scaling), None otherwise."""
+    if precision != "fp16-mixed":
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
 def clip_and_step(
     params, optimizer, scheduler, max_grad_norm: float | None, *, loss: torch.Tensor | None = None,
-    state: TrainState | None = None, max_skipped_steps: int = 3,
+    state: TrainState | None = None, max_skipped_steps: int = 3, scaler=None,
 ) -> torch.Tensor:
     """Measure (and, when ``max_grad_norm`` is set, clip) the gradient norm, step the optimizer
     when the step is finite, step the scheduler, zero the gradients. Returns the pre-clip norm.
@@ -491,15 +613,28 @@ def clip_and_step(
     scheduler steps even on a skipped step: the learning rate stays a function of the loop's
     step count (the skipped batch is consumed, like any other), so the schedule ends where it
     was planned and a resumed run sees the same rates. One host sync per call.
+
+    With a ``scaler`` (fp16-mixed; the gradients hold ``scale * grad``) the gradients are
+    unscaled before the norm and the scale is updated after. An overflow step is skipped and
+    counted in ``skipped_steps`` like any other, but it counts toward ``max_skipped_steps``
+    only when the loss scale was already <= 1 (or the loss itself is non-finite): halving a
+    large scale after an overflow is how dynamic loss scaling finds its scale, and early
+    overflows are expected.
     """
     params = list(params)
+    scale = None
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+        scale = float(scaler.get_scale())
     if max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     finite = torch.isfinite(grad_norm)
+    finite_loss = None
     if loss is not None:
-        finite = finite & torch.isfinite(loss.detach()).all()
+        finite_loss = torch.isfinite(loss.detach()).all().to(finite.device)
+        finite = finite & finite_loss
     extra = state.extra if state is not None else {}
     if bool(finite):
         optimizer.step()
@@ -507,7 +642,10 @@ def clip_and_step(
             extra["consecutive_skipped_steps"] = 0
     else:
         extra["skipped_steps"] = int(extra.get("skipped_steps", 0)) + 1
-        extra["consecutive_skipped_steps"] = int(extra.get("consecutive_skipped_steps", 0)) + 1
+        if scale is None or scale <= 1.0 or (finite_loss is not None and not bool(finite_loss)):
+            extra["consecutive_skipped_steps"] = int(extra.get("consecutive_skipped_steps", 0)) + 1
+    if scaler is not None:
+        scaler.update()
     step_scheduler(scheduler)
     optimizer.zero_grad(set_to_none=True)
     if extra.get("consecutive_skipped_steps", 0) >= max_skipped_steps:
@@ -552,11 +690,27 @@ def make_train_state(
 ) -> TrainState:
     """The TrainState a ``train_*`` function runs with: AdamW over the trainable ``params``
     (default ``model.parameters()``) and the LR schedule over ``schedule_steps`` optimizer
-    steps, both from ``config``, then updated from ``resume`` (``resume_state``)."""
-    optimizer = make_optimizer(model.parameters() if params is None else params, config)
+    steps, both from ``config``, then updated from ``resume`` (``resume_state``).
+
+    Before the optimizer is built, the trainable parameters are put in the dtype of
+    ``config.precision`` (``cast_trainable``: bf16/fp16 weights are upcast to fp32 master
+    weights under the mixed precisions, in place), a GradScaler is made for "fp16-mixed", and
+    ``config.gradient_checkpointing`` switches activation checkpointing on for ``model`` and
+    ``modules``."""
+    from rftengine.methods.modeling import enable_gradient_checkpointing
+
+    params = list(model.parameters() if params is None else params)
+    device = next(model.parameters()).device
+    precision = resolve_precision(getattr(config, "precision", None), device)
+    cast_trainable(params, precision)
+    if getattr(config, "gradient_checkpointing", False):
+        for module in (model, *(modules or {}).values()):
+            enable_gradient_checkpointing(module)
+    optimizer = make_optimizer(params, config)
     scheduler = make_scheduler(optimizer, config, schedule_steps)
     state = TrainState(method, model=model, optimizer=optimizer, scheduler=scheduler,
-                       modules=dict(modules or {}), extra=dict(extra or {}))
+                       modules=dict(modules or {}), extra=dict(extra or {}),
+                       scaler=make_grad_scaler(precision, device))
     state = resume_state(state, resume)
     if resume is not None:
         apply_optimizer_settings(optimizer, scheduler, config)
@@ -610,16 +764,101 @@ def optimizer_step(loss: torch.Tensor, stats: Mapping[str, Any], optimizer, sche
     Returns ``stats`` as plain floats plus ``grad_norm`` (before clipping), ``learning_rate``
     (read after the scheduler step) and ``train/skipped_steps`` (cumulative).
     """
-    loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     state = state if state is not None else TrainState("step")     # counts for this call only
-    grad_norm = clip_and_step(params, optimizer, scheduler, max_grad_norm, loss=loss, state=state,
-                              max_skipped_steps=max_skipped_steps)
-    stats = dict(stats)
-    stats["grad_norm"] = grad_norm
+    backward(loss, state.scaler)
+    return finish_step(dict(stats), optimizer, scheduler, max_grad_norm, loss=loss, state=state,
+                       max_skipped_steps=max_skipped_steps)
+
+
+def backward(loss: torch.Tensor, scaler=None) -> None:
+    """``loss.backward()``, through ``scaler.scale`` for fp16-mixed."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def finish_step(stats: dict[str, Any], optimizer, scheduler, max_grad_norm: float | None, *,
+                loss: torch.Tensor, state: TrainState, max_skipped_steps: int) -> dict[str, float]:
+    """``clip_and_step`` on the accumulated gradients, then ``stats`` as floats plus
+    ``grad_norm``, ``learning_rate``, ``train/skipped_steps`` and, for fp16-mixed,
+    ``train/loss_scale`` (the scale the next step uses)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    stats["grad_norm"] = clip_and_step(params, optimizer, scheduler, max_grad_norm, loss=loss, state=state,
+                                       max_skipped_steps=max_skipped_steps, scaler=state.scaler)
     stats["learning_rate"] = optimizer.param_groups[0]["lr"]
     stats["train/skipped_steps"] = skipped_steps(state)
+    if state.scaler is not None:
+        stats["train/loss_scale"] = float(state.scaler.get_scale())
     return to_floats(stats)
+
+
+MicroLoss = Callable[[Any], "tuple[torch.Tensor, Mapping[str, Any]]"]
+"""``micro_loss(micro_batch) -> (loss, stats)``: the micro-batch's share of the step's loss (see
+``accumulate_gradients``)."""
+
+
+def global_count(count: torch.Tensor | float) -> torch.Tensor:
+    """A count summed over the micro-batches' ranks (``all_reduce_sum``), as fp32, >= 1: the
+    normaliser of an optimizer step's token-mean, sequence-mean or pair-mean."""
+    from rftengine.distributed import all_reduce_sum
+
+    count = torch.as_tensor(count, dtype=torch.float32)
+    return all_reduce_sum(count).clamp(min=1.0)
+
+
+def accumulate_gradients(
+    micro_batches, micro_loss: MicroLoss, *, precision: str, device: torch.device, scaler=None,
+    max_keys: Sequence[str] = (),
+) -> dict[str, torch.Tensor]:
+    """Forward (under ``autocast(precision, device)``) and backward of every micro-batch of one
+    optimizer step, gradients accumulating in ``.grad``; returns the step's stats.
+
+    ``micro_loss(mb)`` returns the micro-batch's share of the step: its loss already divided by
+    the step's global normaliser (``global_count`` of the tokens, sequences or pairs of every
+    micro-batch on every rank: the op's own normalisation is multiplied by ``local / global``),
+    and stats weighted the same way, so that the sum over micro-batches (and ranks) is exactly
+    the value one batch gives. Stats named in ``max_keys`` combine by max (rank-local).
+    Returns detached fp32 0-d tensors, sums all-reduced across ranks.
+    """
+    from rftengine.distributed import all_reduce_sum, is_distributed
+
+    sums: dict[str, torch.Tensor] = {}
+    for mb in micro_batches:
+        with autocast(precision, device):
+            loss, stats = micro_loss(mb)
+        backward(loss, scaler)
+        for key, value in stats.items():
+            value = torch.as_tensor(value).detach().float().to(device)
+            if key not in sums:
+                sums[key] = value
+            else:
+                sums[key] = torch.maximum(sums[key], value) if key in max_keys else sums[key] + value
+    if is_distributed():
+        keys = [k for k in sums if k not in max_keys]
+        if keys:
+            total = all_reduce_sum(torch.stack([sums[k] for k in keys]))
+            sums.update(zip(keys, total.unbind(0)))
+    return sums
+
+
+def accumulated_step(
+    micro_batches, micro_loss: MicroLoss, optimizer, scheduler, config, *, device: torch.device,
+    state: TrainState | None = None, max_keys: Sequence[str] = (),
+) -> dict[str, float]:
+    """One optimizer step over ``micro_batches`` (``accumulate_gradients``, then
+    ``finish_step``) in ``config.precision``; ``micro_loss`` must report ``loss`` in its stats.
+    A non-finite step is skipped and counted in ``state``."""
+    state = state if state is not None else TrainState("step")     # counts for this call only
+    precision = resolve_precision(config.precision, device)
+    if state.scaler is None:
+        state.scaler = make_grad_scaler(precision, device)
+    stats = accumulate_gradients(micro_batches, micro_loss, precision=precision, device=device,
+                                 scaler=state.scaler, max_keys=max_keys)
+    return finish_step(stats, optimizer, scheduler, config.max_grad_norm, loss=stats["loss"], state=state,
+                       max_skipped_steps=config.max_skipped_steps)
+
+
+def split_rows(n: int, size: int) -> list[torch.Tensor]:
+    """Row indices ``[0, n)`` in consecutive micro-batches of ``size`` (the last may be shorter)."""
+    return [torch.arange(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -690,15 +929,26 @@ def train_loop(
     ``should_checkpoint(config, ...)``, ``checkpoint_fn(state)``. ``postfix`` maps progress-bar
     labels to the metric names they show.
 
+    Under torchrun (``rftengine.distributed``), ``config.batch_size`` is the global batch:
+    rank ``r`` of ``N`` runs ``run_step`` on its contiguous ``batch_size / N`` share of
+    ``indices`` (so GRPO/RLOO groups, sampled per prompt, stay whole on one rank), and the
+    metrics are averaged over the ranks; the data order stays a function of (seed, position).
+    ``batch_size`` not divisible by the world size is a ValueError naming both.
+
     When ``STOP`` is set (checked before the first step and after each), the loop writes a
     checkpoint of the last step done unless it just did (or ran no step), and raises
     ``TrainingInterrupted``; it propagates out of every stage of a multi-stage method.
     """
+    from rftengine import distributed
+
+    distributed.require_divisible(config.batch_size)
     history: list[dict[str, float]] = []
-    bar = progress_bar(progress, total=num_steps, initial=state.step, desc=desc)
+    bar = progress_bar(progress and distributed.is_main_process(), total=num_steps, initial=state.step, desc=desc)
     saved = True  # nothing new to save before the first step: it is the resumed/previous stage's checkpoint
     try:
         while True:
+            # Every rank stops at the same step (a signal may reach the ranks between two steps).
+            STOP.signum = distributed.max_over_ranks(STOP.signum)
             if STOP.signum is not None:
                 if checkpoint_fn is not None and not saved:
                     checkpoint_fn(state)
@@ -708,7 +958,9 @@ def train_loop(
                 break
             index = state.step
             idx = batch_indices(num_examples, config.batch_size, state.data_position, config.seed, config.shuffle)
-            metrics = run_step(idx)
+            # Under torchrun each rank runs its contiguous share of the global batch; the
+            # metrics are then means over the global batch, the same on every rank.
+            metrics = distributed.mean_over_ranks(run_step(distributed.shard_batch(idx)))
             state.step = index + 1
             state.data_position += len(idx)
             history.append(metrics)

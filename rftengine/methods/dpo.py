@@ -30,15 +30,20 @@ from rftengine.methods.common import (
     Callback,
     CheckpointFn,
     TrainState,
+    accumulated_step,
     config_from_dict,
+    frozen_dtype,
+    global_count,
     make_train_state,
-    optimizer_step,
+    micro_batch_rows,
     require_bool,
     require_choice,
     require_float,
     require_int,
+    split_rows,
     total_steps,
     train_loop,
+    validate_micro_batches,
     validate_optim_fields,
 )
 from rftengine.methods.data import (
@@ -61,6 +66,7 @@ from rftengine.methods.modeling import (
     response_hidden,
     response_logprobs,
 )
+from rftengine.methods.packed import padding_fraction
 from rftengine.ops.preference import DPO_LOSS_TYPES
 
 
@@ -82,7 +88,10 @@ class DPOConfig:
     "simpo" only; "ipo" accepts either, TRL's IPO uses True).
     precompute_ref: cache reference sequence log-probs once before training (True) or run
     the reference every step (False).
-    batch_size: pairs per optimizer step.
+    batch_size: pairs per optimizer step (per process), split into micro-batches of
+    ``micro_batch_size`` pairs or into ``gradient_accumulation_steps`` equal ones.
+    precision, gradient_checkpointing: see ``rftengine.methods.common.PRECISIONS`` and
+    ``enable_gradient_checkpointing``.
     max_skipped_steps: optimizer steps with a non-finite loss or gradient norm are skipped and
     counted (``train/skipped_steps``); this many in a row stop the run (``NonFiniteStepError``).
     """
@@ -101,6 +110,13 @@ class DPOConfig:
     max_skipped_steps: int = 3
     warmup_steps: int = 0
     lr_scheduler: str = "constant"
+    # precision and memory (see validate_micro_batches and PRECISIONS in methods.common)
+    precision: str | None = None
+    gradient_accumulation_steps: int = 1
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool = False
+    # padding-free trunk forwards (methods.packed); off by default, see its module docstring
+    packing: bool = False
     # data and loop
     batch_size: int = 8
     num_epochs: int = 1
@@ -128,6 +144,7 @@ class DPOConfig:
             )
         require_float(owner, "simpo_gamma", self.simpo_gamma, minimum=0.0)
         validate_optim_fields(self)
+        validate_micro_batches(self, self.batch_size)
         require_int(owner, "ref_batch_size", self.ref_batch_size, minimum=1)
         require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1, allow_none=True)
         require_int(owner, "max_response_length", self.max_response_length, minimum=1, allow_none=True)
@@ -172,11 +189,13 @@ def precompute_reference_logps(
     batch_size: int = 16,
     chunk_size: int | None = None,
     progress: bool = False,
+    packing: bool = False,
 ) -> torch.Tensor:
     """Reference sequence log-probs of every pair: ``[N, 2]`` fp32 on CPU, columns (chosen,
-    rejected), each the sum over response tokens (EOS included)."""
+    rejected), each the sum over response tokens (EOS included); ``packing``: padding-free
+    reference forwards (``modeling.final_hidden``)."""
     return pair_values(
-        examples, pad_id, lambda batch: reference.logprobs(batch, chunk_size=chunk_size).sum(-1),
+        examples, pad_id, lambda batch: reference.logprobs(batch, chunk_size=chunk_size, packing=packing).sum(-1),
         batch_size=batch_size, device=device_of(reference.model), progress=progress, desc="reference log-probs",
     )
 
@@ -198,7 +217,7 @@ def dpo_batch_loss(
     """
     from rftengine.ops import fused_dpo_loss
 
-    hidden = response_hidden(policy, batch)
+    hidden = response_hidden(policy, batch, packing=config.packing)
     weight, bias = output_head(policy)
     kwargs: dict[str, Any] = {}
     if config.uses_reference:
@@ -206,7 +225,7 @@ def dpo_batch_loss(
             ref = ref_logps.to(hidden.device, torch.float32)
             kwargs["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])
         elif reference is not None:
-            ref_hidden, ref_weight, ref_bias = reference.hidden_and_head(batch)
+            ref_hidden, ref_weight, ref_bias = reference.hidden_and_head(batch, packing=config.packing)
             kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
         else:
             raise ValueError(f"loss_type={config.loss_type!r} needs ref_logps or a reference model")
@@ -236,12 +255,29 @@ def dpo_step(
     state: TrainState | None = None,
 ) -> dict[str, float]:
     """One optimizer step of DPO on a pair batch; returns float metrics (see
-    ``dpo_batch_loss``) plus ``grad_norm``, ``learning_rate`` and ``train/skipped_steps`` (a
-    non-finite step is skipped and counted in ``state``)."""
+    ``dpo_batch_loss``) plus ``grad_norm``, ``learning_rate``, ``train/skipped_steps`` (a
+    non-finite step is skipped and counted in ``state``) and ``train/padding_fraction`` (of
+    the padded batch: what ``config.packing`` saves).
+
+    The pairs go through in micro-batches (``config.micro_batch_size`` pairs, or
+    ``gradient_accumulation_steps`` of them) under ``config.precision``; each micro-batch's
+    pair-mean loss and stats are weighted by its share of the step's pairs (all ranks), so the
+    step equals one pass over the whole batch."""
     policy.train()
-    loss, stats = dpo_batch_loss(policy, batch, config, ref_logps=ref_logps, reference=reference)
-    return optimizer_step(loss, stats, optimizer, scheduler, config.max_grad_norm, state=state,
-                          max_skipped_steps=config.max_skipped_steps)
+    pairs = batch.num_rows // 2
+    total = global_count(pairs)
+
+    def micro_loss(rows: torch.Tensor):
+        both = torch.cat([rows, rows + pairs]).to(batch.input_ids.device)
+        loss, stats = dpo_batch_loss(policy, batch.select(both), config, reference=reference,
+                                     ref_logps=ref_logps[rows.to(ref_logps.device)] if ref_logps is not None else None)
+        share = len(rows) / total
+        return loss * share, {k: v * share for k, v in stats.items()}
+
+    stats = accumulated_step(split_rows(pairs, micro_batch_rows(config, pairs)), micro_loss, optimizer, scheduler,
+                             config, device=batch.input_ids.device, state=state)
+    stats["train/padding_fraction"] = float(padding_fraction(batch.attention_mask))
+    return stats
 
 
 def train_dpo(
@@ -259,7 +295,8 @@ def train_dpo(
     """Train ``policy`` in place with DPO on ``[{"prompt", "chosen", "rejected"}, ...]``.
 
     Args:
-        policy: causal LM (dropout switched off).
+        policy: causal LM (dropout switched off); its trainable weights are first cast to the
+            dtype of ``config.precision`` (fp32 master weights under the mixed precisions).
         tokenizer: needs an EOS token; chat-message pairs need a chat template.
         pairs: preference pairs, plain strings or chat messages.
         config: ``DPOConfig`` (defaults if None).
@@ -274,7 +311,7 @@ def train_dpo(
     """
     config = config or DPOConfig()
     require_eos(tokenizer)
-    check_trainable_model(policy, tokenizer)
+    check_trainable_model(policy, tokenizer, config.precision)
     disable_dropout(policy)
     examples = encode_preferences(tokenizer, pairs, max_prompt_length=config.max_prompt_length,
                                   max_response_length=config.max_response_length)
@@ -290,11 +327,12 @@ def train_dpo(
         )
     reference = None
     if config.uses_reference and (ref_logps is None or not config.precompute_ref):
-        reference = Reference(policy, ref_model, resumed=train_state.step > 0)
+        reference = Reference(policy, ref_model, resumed=train_state.step > 0,
+                              dtype=frozen_dtype(config, device_of(policy)))
         if config.precompute_ref:
             ref_logps = precompute_reference_logps(
                 reference, examples, pad, batch_size=config.ref_batch_size,
-                chunk_size=config.logprob_chunk_size, progress=progress,
+                chunk_size=config.logprob_chunk_size, progress=progress, packing=config.packing,
             )
             train_state.extra["ref_logps"] = ref_logps
             reference = None  # the copy is no longer needed; free it

@@ -170,12 +170,13 @@ def vocab_size_of(model: nn.Module) -> int | None:
     return min(sizes) if sizes else None
 
 
-def check_trainable_model(model: nn.Module, tokenizer) -> None:
-    """The checks every ``train_*`` runs before any work: no fp16 trainable weights (see
-    ``require_trainable_dtype``) and a vocabulary that holds every id of ``tokenizer``."""
-    from rftengine.methods.common import require_trainable_dtype
+def check_trainable_model(model: nn.Module, tokenizer, precision: str | None = None) -> None:
+    """The checks every ``train_*`` runs before any work: no fp16 trainable weights unless
+    ``precision`` (None: the device's default) upcasts them (``require_trainable_dtype``), and
+    a vocabulary that holds every id of ``tokenizer``."""
+    from rftengine.methods.common import require_trainable_dtype, resolve_precision
 
-    require_trainable_dtype(model.parameters())
+    require_trainable_dtype(model.parameters(), resolve_precision(precision, device_of(model)))
     vocab = vocab_size_of(model)
     if vocab is not None and len(tokenizer) > vocab:
         raise ValueError(
@@ -222,6 +223,43 @@ def require_example_positions(model: nn.Module, examples, fields: str = "max_pro
                       f"the longest encoded prompt + response, {prompt} + {response}", fields)
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant activation checkpointing) in
+    every Hugging Face model inside ``model`` (a causal LM, a PEFT model, a critic or reward
+    model wrapper). Only train-mode forwards checkpoint: rollouts and no-grad passes run in
+    eval mode and are unaffected; the fused heads read the final hidden states as before.
+    ValueError when no model inside supports it."""
+    from transformers import PreTrainedModel
+
+    found = False
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            # transformers >= 5.x names it activation checkpointing; the old name warns there
+            enable = getattr(module, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            found = True
+    if not found:
+        raise ValueError(
+            f"gradient_checkpointing: {type(model).__name__} holds no Hugging Face model that supports "
+            "activation checkpointing"
+        )
+
+
+def rollout_dtype(model: nn.Module, precision: str) -> torch.dtype | None:
+    """The dtype a ``Generator`` samples ``model`` in: the compute dtype of ``precision`` (a
+    bf16/fp16 copy of fp32 master weights under the mixed precisions), or None (the model's
+    own dtype) where the Generator falls back to the model's eager forward, which cannot cast."""
+    from rftengine.generation.weights import unsupported_reason
+    from rftengine.methods.common import compute_dtype
+
+    if unsupported_reason(model) is not None:
+        return None
+    return compute_dtype(precision)
+
+
 def device_of(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter."""
     return next(model.parameters()).device
@@ -243,23 +281,64 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states ``[N, L, H]`` of the trunk (no lm head, no logits materialised)."""
-    out = decoder_of(model)(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+Columns = slice | torch.Tensor | None
 
 
-def response_hidden(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
-    """Hidden states that score the response tokens: ``[N, T, H]`` = ``hidden[:, P-1:-1]``."""
+def _take_columns(values: torch.Tensor, columns: Columns) -> torch.Tensor:
+    """``values [N, L, ...]`` at ``columns``: all (None), a slice, or ``[N, K]`` per-row positions."""
+    if columns is None:
+        return values
+    if isinstance(columns, slice):
+        return values[:, columns]
+    rows = torch.arange(values.shape[0], device=values.device)[:, None]
+    return values[rows, columns]
+
+
+def _trunk_hidden(
+    model: nn.Module, trunk: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    packing: bool, columns: Columns,
+) -> torch.Tensor:
+    """``trunk``'s last hidden states at ``columns`` of the padded layout; with ``packing``, the
+    trunk runs on the packed real tokens (``methods.packed``; ``model``'s config decides whether
+    that is exact) and the hidden states are gathered back to the padded positions read."""
+    from rftengine.methods.packed import pack_for
+
+    packed = pack_for(model, input_ids, attention_mask) if packing else None
+    if packed is None:
+        out = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return _take_columns(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0], columns)
+    # attention_mask=None: the attention reads the sequence boundaries from position_ids
+    # (block-diagonal causal mask) or, for flash-attn varlen, from cu_seqlens.
+    out = trunk(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                **packed.attention_kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden.flatten(0, 1)[_take_columns(packed.index, columns)]
+
+
+def final_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+    packing: bool = False, columns: Columns = None,
+) -> torch.Tensor:
+    """Final hidden states of the trunk (no lm head, no logits materialised): ``[N, L, H]``, or
+    ``[N, K, H]`` at ``columns`` (a slice of positions, or ``[N, K]`` int64 per-row positions).
+
+    packing: run the trunk padding-free (``rftengine.methods.packed``); the states at real
+    (``attention_mask`` 1) positions equal the padded ones, those at pad positions are another
+    real token's (every caller masks them out). A model family for which packing is not exact
+    runs padded with a warning.
+    """
+    return _trunk_hidden(model, decoder_of(model), input_ids, attention_mask, packing, columns)
+
+
+def response_hidden(model: nn.Module, batch: SequenceBatch, *, packing: bool = False) -> torch.Tensor:
+    """Hidden states that score the response tokens: ``[N, T, H]`` = ``hidden[:, P-1:-1]``
+    (logits at t score token t+1); with ``packing`` only these positions are gathered from the
+    packed trunk output."""
     if batch.prompt_length < 1:
         raise ValueError("batch.prompt_length must be >= 1: the first response token needs a context")
-    hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
-    return hidden[:, batch.prompt_length - 1:-1]
+    return final_hidden(model, batch.input_ids, batch.attention_mask, packing=packing,
+                        columns=slice(batch.prompt_length - 1, -1))
 
 
 def response_logprobs(
@@ -269,14 +348,15 @@ def response_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    packing: bool = False,
 ):
     """Per-token log-probs ``[N, T]`` fp32 of the response tokens under softmax(logits / T),
     through the fused lm-head op (no ``[N, T, V]`` logits stored); 0 on masked positions.
-    Returns ``(logp, entropy)`` when ``return_entropy``."""
+    Returns ``(logp, entropy)`` when ``return_entropy``. ``packing``: see ``final_hidden``."""
     from rftengine.ops import linear_token_logprobs
 
-    weight, bias = output_head(model)
-    hidden = response_hidden(model, batch)
+    hidden = response_hidden(model, batch, packing=packing)
+    weight, bias = output_head(model)  # after the trunk: under FSDP2 its forward gathers the head
     kwargs = {"chunk_size": chunk_size} if chunk_size is not None else {}
     return linear_token_logprobs(
         hidden, weight, batch.response_ids, bias=bias, temperature=temperature,
@@ -298,14 +378,17 @@ class Reference:
 
     Either an explicit ``ref_model``, a frozen deep copy of ``policy`` taken at construction
     (before any update), or, for a PEFT model, the policy itself with adapters disabled (no
-    second copy in memory).
+    second copy in memory). ``dtype`` casts the reference model, copy or ``ref_model``, in
+    place (the compute dtype of a mixed-precision run; None keeps its dtype); a PEFT policy's
+    shared base is never cast.
 
     ``resumed=True`` says ``policy`` holds resumed weights: a copy of it would not be the
     policy the run started from, so a non-PEFT policy then needs ``ref_model`` (the original
     model) and a ValueError says so instead of silently using the wrong reference.
     """
 
-    def __init__(self, policy: nn.Module, ref_model: nn.Module | None = None, *, resumed: bool = False):
+    def __init__(self, policy: nn.Module, ref_model: nn.Module | None = None, *, resumed: bool = False,
+                 dtype: torch.dtype | None = None):
         self.policy = policy
         if ref_model is None and resumed and not is_peft_model(policy):
             raise ValueError(
@@ -322,6 +405,10 @@ class Reference:
         else:
             self.model = freeze(disable_dropout(copy.deepcopy(policy)))
             self.shared = False
+        if dtype is not None and not self.shared:
+            # A frozen model needs no fp32 master weights; and a resumed run (given the initial
+            # model as ref_model) must compute the reference as the fresh run's copy did.
+            self.model.to(dtype)
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:
@@ -333,18 +420,20 @@ class Reference:
             yield self.model
 
     @torch.no_grad()
-    def logprobs(self, batch: SequenceBatch, *, temperature: float = 1.0, chunk_size: int | None = None):
+    def logprobs(self, batch: SequenceBatch, *, temperature: float = 1.0, chunk_size: int | None = None,
+                 packing: bool = False):
         """Reference per-token log-probs ``[N, T]`` fp32 of the response tokens (no grad)."""
         with self.active() as model:
-            return response_logprobs(model, batch, temperature=temperature, chunk_size=chunk_size)
+            return response_logprobs(model, batch, temperature=temperature, chunk_size=chunk_size,
+                                     packing=packing)
 
     @torch.no_grad()
-    def hidden_and_head(self, batch: SequenceBatch):
+    def hidden_and_head(self, batch: SequenceBatch, *, packing: bool = False):
         """``(hidden [N, T, H], weight [V, H], bias)`` of the reference, for fused DPO's
         on-the-fly reference path."""
         with self.active() as model:
-            weight, bias = output_head(model)
-            hidden = response_hidden(model, batch)
+            hidden = response_hidden(model, batch, packing=packing)
+            weight, bias = output_head(model)  # after the trunk: under FSDP2 its forward gathers the head
         return hidden, weight.detach(), bias.detach() if bias is not None else None
 
 
@@ -377,7 +466,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+        # fp32 under autocast too: values feed GAE and the value loss
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.linear(hidden.float()).squeeze(-1)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -386,17 +477,12 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), positions, -1).amax(-1).clamp(min=0)
 
 
-def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``values [N, L, ...]`` at each row's last non-pad position -> ``[N, ...]``."""
-    idx = last_token_index(attention_mask)
-    return values[torch.arange(values.shape[0], device=values.device), idx]
-
-
 class CausalLMWithValueHead(nn.Module):
     """A causal LM trunk with a scalar ``ValueHead``: the separate PPO critic, or a reward
     model built from a causal LM. The lm head itself is not run.
 
-    ``forward(input_ids [N, L], attention_mask [N, L]) -> values [N, L]`` fp32.
+    ``forward(input_ids [N, L], attention_mask [N, L]) -> values [N, L]`` fp32 (``[N, K]`` at
+    ``columns``, see ``final_hidden``, which also describes ``packing``).
     """
 
     def __init__(self, model: nn.Module, value_head: ValueHead | None = None):
@@ -406,13 +492,14 @@ class CausalLMWithValueHead(nn.Module):
         weight, _ = output_head(model)
         self.v_head.to(weight.device)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.v_head(final_hidden(self.model, input_ids, attention_mask))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, packing: bool = False,
+                columns: Columns = None) -> torch.Tensor:
+        return self.v_head(final_hidden(self.model, input_ids, attention_mask, packing=packing, columns=columns))
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, packing: bool = False) -> torch.Tensor:
         """``[N]`` value at the last non-pad token."""
-        hidden = final_hidden(self.model, input_ids, attention_mask)
-        return self.v_head(gather_last(hidden, attention_mask))
+        last = last_token_index(attention_mask)[:, None]
+        return self.v_head(final_hidden(self.model, input_ids, attention_mask, packing=packing, columns=last)[:, 0])
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
         from safetensors.torch import save_file
@@ -479,14 +566,13 @@ class RewardModel(nn.Module):
         """The underlying Hugging Face model (causal LM for value_head, the classifier otherwise)."""
         return self.model.model if self.kind == "value_head" else self.model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, packing: bool = False) -> torch.Tensor:
+        """``[N]`` fp32 scores; ``packing``: see ``final_hidden``."""
         if self.kind == "value_head":
-            return self.model.score(input_ids, attention_mask)
-        trunk = self.model.base_model
-        out = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return _classifier_head(self.model)(gather_last(hidden, attention_mask)).float().squeeze(-1)
+            return self.model.score(input_ids, attention_mask, packing=packing)
+        last = last_token_index(attention_mask)[:, None]
+        hidden = _trunk_hidden(self.model, self.model.base_model, input_ids, attention_mask, packing, last)[:, 0]
+        return _classifier_head(self.model)(hidden).float().squeeze(-1)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
         """A Hugging Face directory (plus value_head.safetensors for kind value_head)."""

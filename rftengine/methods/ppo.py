@@ -38,26 +38,35 @@ from typing import Any
 import torch
 from torch import nn
 
+from rftengine import distributed
 from rftengine.methods.common import (
     Callback,
     CheckpointFn,
     RewardFn,
     TrainState,
     call_reward_fn,
+    accumulate_gradients,
+    autocast,
     clip_and_step,
     config_from_dict,
+    frozen_dtype,
+    global_count,
     make_train_state,
+    micro_batch_rows,
     require_bool,
     require_choice,
     require_float,
     require_int,
     skipped_steps,
     step_scheduler,
+    split_rows,
     step_seed,
     to_floats,
     total_steps,
     track,
     train_loop,
+    resolve_precision,
+    validate_micro_batches,
     validate_optim_fields,
     validate_sampling_fields,
 )
@@ -82,7 +91,9 @@ from rftengine.methods.modeling import (
     output_head,
     require_positions,
     response_hidden,
+    rollout_dtype,
 )
+from rftengine.methods.packed import padding_fraction
 from rftengine.methods.rollout import Rollout, sample_rollout
 from rftengine.ops.advantages import GROUP_SCALES
 from rftengine.ops.kl import KL_ESTIMATORS
@@ -100,7 +111,11 @@ class PPOConfig:
     Rollout: ``batch_size`` prompts per step, ``group_size`` responses each (N = product),
     sampled with temperature/top_k/top_p up to ``max_new_tokens``.
     Update: ``ppo_epochs`` passes over the N rollouts in minibatches of ``minibatch_size``
-    sequences (None = all N), one optimizer step per minibatch.
+    sequences (None = all N), one optimizer step per minibatch, each accumulated over
+    micro-batches of ``micro_batch_size`` sequences (or ``gradient_accumulation_steps`` equal
+    ones) with the step's global normalisers; ``rollout_micro_batch_size`` (None = all N)
+    chunks the no-grad old/ref log-prob and value passes. precision, gradient_checkpointing:
+    see ``rftengine.methods.common.PRECISIONS`` and ``enable_gradient_checkpointing``.
     KL: coefficient ``kl_coef`` (β ≥ 0), estimator k1/k2/k3 (default k1 for "ppo", k3 for
     "grpo"/"rloo"), in the reward (default for "ppo": per token for "ppo", the sequence sum
     subtracted from each score for "grpo"/"rloo") or in the loss (default otherwise);
@@ -127,6 +142,13 @@ class PPOConfig:
     max_skipped_steps: int = 3
     warmup_steps: int = 0
     lr_scheduler: str = "constant"
+    # precision and memory (see validate_micro_batches and PRECISIONS in methods.common)
+    precision: str | None = None
+    gradient_accumulation_steps: int = 1
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool = False
+    # padding-free trunk forwards (methods.packed); off by default, see its module docstring
+    packing: bool = False
     # data and loop
     batch_size: int = 8
     group_size: int = 1
@@ -142,6 +164,7 @@ class PPOConfig:
     # update
     ppo_epochs: int = 4
     minibatch_size: int | None = None
+    rollout_micro_batch_size: int | None = None
     clip_range: float = 0.2
     clip_range_high: float | None = None
     dual_clip: float | None = None
@@ -185,11 +208,14 @@ class PPOConfig:
         validate_sampling_fields(self)
         require_int(owner, "ppo_epochs", self.ppo_epochs, minimum=1)
         require_int(owner, "minibatch_size", self.minibatch_size, minimum=1, allow_none=True)
+        require_int(owner, "rollout_micro_batch_size", self.rollout_micro_batch_size, minimum=1, allow_none=True)
         if self.minibatch_size is not None and self.minibatch_size > self.batch_size * self.group_size:
             raise ValueError(
                 f"{owner}.minibatch_size must be <= batch_size * group_size "
                 f"({self.batch_size * self.group_size}), got {self.minibatch_size}"
             )
+        validate_micro_batches(self, self.minibatch_size or self.rollouts_per_step,
+                               "minibatch_size" if self.minibatch_size else "batch_size * group_size")
         require_float(owner, "clip_range", self.clip_range, minimum=0.0, strict_min=True)
         require_float(owner, "clip_range_high", self.clip_range_high, minimum=0.0, strict_min=True,
                       allow_none=True)
@@ -376,7 +402,7 @@ def make_ppo_context(
 
     if not isinstance(config, PPOConfig):
         raise ValueError(f"config must be a PPOConfig, got {type(config).__name__}")
-    check_trainable_model(policy, tokenizer)
+    check_trainable_model(policy, tokenizer, config.precision)
     eos = require_eos(tokenizer)
     pad = pad_token_id(tokenizer)
     disable_dropout(policy)
@@ -409,13 +435,15 @@ def make_ppo_context(
         params=params, modules=modules, extra={"kl_coef": float(config.kl_coef)},
     )
     needs_ref = config.kl_coef > 0 or config.adaptive_kl
-    reference = Reference(policy, ref_model, resumed=train_state.step > 0) if needs_ref else None
+    reference = Reference(policy, ref_model, resumed=train_state.step > 0,
+                          dtype=frozen_dtype(config, device)) if needs_ref else None
     kl = KLController(float(train_state.extra.get("kl_coef", config.kl_coef)), config.adaptive_kl,
                       config.target_kl, config.kl_horizon)
     generator = Generator(
         policy,
         max_batch_size=config.rollouts_per_step,
         max_seq_len=config.max_prompt_length + config.max_new_tokens,
+        dtype=rollout_dtype(policy, resolve_precision(config.precision, device)),
     )
     return PPOContext(policy, tokenizer, config, reference, critic, generator, train_state.optimizer,
                       train_state.scheduler, kl, train_state, eos, pad)
@@ -481,8 +509,47 @@ def _critic_values(ctx: PPOContext, batch: SequenceBatch, hidden: torch.Tensor |
     """Values ``[N, T]`` at the positions that score each response token."""
     if isinstance(ctx.critic, ValueHead):
         return ctx.critic(hidden)
-    values = ctx.critic(batch.input_ids, batch.attention_mask)
-    return values[:, batch.prompt_length - 1:-1]
+    return ctx.critic(batch.input_ids, batch.attention_mask, packing=ctx.config.packing,
+                      columns=slice(batch.prompt_length - 1, -1))
+
+
+@torch.no_grad()
+def _rollout_passes(ctx: PPOContext, ro: Rollout):
+    """``(old_logp [N, T], ref_logp [N, T] or None, values [N, T] or None)``: the no-grad
+    passes over a rollout batch, in row chunks of ``rollout_micro_batch_size`` (None: all N at
+    once), the policy and critic under the run's precision. ``old_logp`` is the rollout's own
+    unless ``recompute_logprobs``; ``values`` only for "ppo"."""
+    from rftengine.ops import linear_token_logprobs
+
+    cfg = ctx.config
+    batch = ro.batch
+    device = batch.input_ids.device
+    precision = resolve_precision(cfg.precision, device)
+    shared_critic = isinstance(ctx.critic, ValueHead)
+    ctx.policy.eval()
+    if ctx.critic is not None:
+        ctx.critic.eval()
+    old, ref, values = [], [], []
+    for rows in split_rows(batch.num_rows, cfg.rollout_micro_batch_size or max(batch.num_rows, 1)):
+        sub = batch.select(rows.to(device))
+        with autocast(precision, device):
+            hidden = None
+            if cfg.recompute_logprobs or shared_critic:
+                hidden = response_hidden(ctx.policy, sub, packing=cfg.packing)
+            if cfg.recompute_logprobs:
+                weight, bias = output_head(ctx.policy)
+                old.append(linear_token_logprobs(
+                    hidden, weight, sub.response_ids, bias=bias, temperature=cfg.temperature,
+                    mask=sub.response_mask,
+                    **({"chunk_size": cfg.logprob_chunk_size} if cfg.logprob_chunk_size else {}),
+                ))
+            if cfg.algorithm == "ppo":
+                values.append(_critic_values(ctx, sub, hidden).float())
+        if ctx.reference is not None:
+            ref.append(ctx.reference.logprobs(sub, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size,
+                                              packing=cfg.packing))
+    old_logp = torch.cat(old) if cfg.recompute_logprobs else ro.logprobs
+    return old_logp, torch.cat(ref) if ref else None, torch.cat(values) if values else None
 
 
 @torch.no_grad()
@@ -494,35 +561,23 @@ def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PP
     "grpo"/"rloo": per-sequence group advantages from ``scores`` (minus ``β·Σ_t KL_t``, the
     sequence KL, unless ``kl_in_loss``).
     Stats: ``reward/mean``, ``reward/std`` (of ``scores``), ``kl`` (mean sequence KL, summed
-    over tokens, of the chosen estimator), ``kl_coef``, ``response_length``, ``eos_fraction``.
+    over tokens, of the chosen estimator), ``kl_coef``, ``response_length``, ``eos_fraction``,
+    ``train/padding_fraction`` (the rollout batch's padded share: what ``packing`` saves).
     """
-    from rftengine.ops import gae, group_advantages, kl_penalty, linear_token_logprobs, whiten
+    from rftengine.ops import gae, group_advantages, kl_penalty, whiten
 
     cfg = ctx.config
     batch = ro.batch
     mask = batch.response_mask
-    hidden = None
-    if cfg.recompute_logprobs or isinstance(ctx.critic, ValueHead):
-        ctx.policy.eval()
-        hidden = response_hidden(ctx.policy, batch)
-    if cfg.recompute_logprobs:
-        weight, bias = output_head(ctx.policy)
-        old_logp = linear_token_logprobs(
-            hidden, weight, batch.response_ids, bias=bias, temperature=cfg.temperature, mask=mask,
-            **({"chunk_size": cfg.logprob_chunk_size} if cfg.logprob_chunk_size else {}),
-        )
-    else:
-        old_logp = ro.logprobs
-    ref_logp = None
+    old_logp, ref_logp, values = _rollout_passes(ctx, ro)
     seq_kl = torch.zeros_like(scores)
-    if ctx.reference is not None:
-        ref_logp = ctx.reference.logprobs(batch, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+    if ref_logp is not None:
         token_kl = kl_penalty(old_logp, ref_logp, estimator=cfg.kl_estimator, mask=mask)
         seq_kl = token_kl.sum(-1)
 
     returns = old_values = None
     if cfg.algorithm == "ppo":
-        old_values = _critic_values(ctx, batch, hidden) * mask
+        old_values = values * mask
         rewards = torch.zeros_like(old_logp)
         if ref_logp is not None and not cfg.kl_in_loss:
             rewards = -ctx.kl.value * token_kl
@@ -541,13 +596,15 @@ def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PP
         advantages = group_advantages(sample_scores, ro.group_size, mode=cfg.algorithm, scale=cfg.group_scale)
 
     lengths = mask.sum(-1).float()
+    # Over the global batch (every rank's rollouts): the adaptive KL controller reads "kl".
     stats = {
-        "reward/mean": scores.mean(),
-        "reward/std": scores.std(unbiased=False),
-        "kl": seq_kl.mean(),
+        "reward/mean": distributed.global_mean(scores),
+        "reward/std": distributed.global_std(scores),
+        "kl": distributed.global_mean(seq_kl),
         "kl_coef": ctx.kl.value,
-        "response_length": lengths.mean(),
-        "eos_fraction": ro.eos.float().mean(),
+        "response_length": distributed.global_mean(lengths),
+        "eos_fraction": distributed.global_mean(ro.eos),
+        "train/padding_fraction": padding_fraction(batch.attention_mask),
     }
     return PPOBatch(
         batch=batch,
@@ -569,17 +626,43 @@ def aggregation_constant(config: PPOConfig) -> float | None:
     return float(config.loss_constant if config.loss_constant is not None else config.max_new_tokens)
 
 
-def ppo_loss(ctx: PPOContext, mb: PPOBatch):
+@dataclass(frozen=True)
+class StepCounts:
+    """The normalisers of one optimizer step (every micro-batch of the minibatch, every rank),
+    0-d fp32 tensors >= 1: valid response ``tokens`` ("token_mean", and every token-mean
+    stat), ``sequences`` with at least one valid token ("seq_mean_token_mean") and ``rows``
+    ("token_sum_norm")."""
+
+    tokens: torch.Tensor
+    sequences: torch.Tensor
+    rows: torch.Tensor
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> StepCounts:
+        """From the ``[N, T]`` response mask of this process's part of the step."""
+        valid = mask.float().sum(-1)
+        return cls(global_count(valid.sum()), global_count((valid > 0).float().sum()),
+                   global_count(float(mask.shape[0])))
+
+
+def ppo_loss(ctx: PPOContext, mb: PPOBatch, *, counts: StepCounts | None = None):
     """Loss of one minibatch: fused clipped policy loss (+ KL and entropy terms) and, for
     "ppo", ``vf_coef`` · clipped value loss. Returns ``(loss, stats)`` (stats detached):
     ``loss`` (the total), ``policy_loss`` (the clipped term), ``clipfrac``, ``entropy``,
     ``approx_kl``, ``ratio_mean``, ``ratio_max``, ``kl/policy`` (KL-in-loss), ``value_loss``
-    and ``value/*`` ("ppo")."""
+    and ``value/*`` ("ppo").
+
+    ``counts``: the step's global normalisers when ``mb`` is one micro-batch of it (default:
+    ``mb`` is the whole step). The ops normalise over ``mb``; their loss is multiplied by
+    ``mb``'s share of the step's normaliser (tokens, sequences or rows, as the aggregation
+    divides by) and the stats by its share of the tokens, so micro-batch results sum to the
+    whole step's (``ratio_max`` combines by max).
+    """
     from rftengine.ops import fused_ppo_loss, value_loss
 
     cfg = ctx.config
     batch = mb.batch
-    hidden = response_hidden(ctx.policy, batch)
+    hidden = response_hidden(ctx.policy, batch, packing=cfg.packing)
     weight, bias = output_head(ctx.policy)
     kl_coef = ctx.kl.value if (cfg.kl_in_loss and mb.ref_logprobs is not None) else 0.0
     loss, op_stats = fused_ppo_loss(
@@ -596,14 +679,25 @@ def ppo_loss(ctx: PPOContext, mb: PPOBatch):
         aggregation=cfg.aggregation,
         loss_constant=aggregation_constant(cfg),
     )
-    stats = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in dict(op_stats).items()}
+    counts = counts if counts is not None else StepCounts.of(batch.response_mask)
+    valid = batch.response_mask.float().sum(-1)
+    token_share = valid.sum() / counts.tokens.to(valid.device)
+    policy_share = {
+        "token_mean": token_share,
+        "seq_mean_token_mean": (valid > 0).float().sum() / counts.sequences.to(valid.device),
+        "token_sum_norm": valid.shape[0] / counts.rows.to(valid.device),
+    }[cfg.aggregation]
+    loss = loss * policy_share
+    stats = {k: v.detach() * (policy_share if k in ("loss", "policy_loss") else
+                              1.0 if k == "ratio_max" else token_share)
+             for k, v in dict(op_stats).items()}
     if "kl" in stats:  # token-mean KL of the current policy (KL-in-loss); "kl" names the rollout's
         stats["kl/policy"] = stats.pop("kl")
     if cfg.algorithm == "ppo":
         values = _critic_values(ctx, batch, hidden)
         v_loss, v_stats = value_loss(values, mb.old_values, mb.returns, batch.response_mask, clip=cfg.value_clip)
-        stats.update({f"value/{k}": (v.detach() if isinstance(v, torch.Tensor) else v)
-                      for k, v in dict(v_stats).items() if k != "loss"})
+        v_loss = v_loss * token_share      # value_loss is a token mean
+        stats.update({f"value/{k}": v.detach() * token_share for k, v in dict(v_stats).items() if k != "loss"})
         stats["value_loss"] = v_loss.detach()
         loss = loss + cfg.vf_coef * v_loss
     stats["loss"] = loss.detach()
@@ -626,15 +720,22 @@ def step(ctx: PPOContext, exp: PPOBatch) -> dict[str, float]:
     if ctx.critic is not None:
         ctx.critic.train()
     params = ctx.trainable_parameters()
+    device = exp.old_logprobs.device
+    precision = resolve_precision(cfg.precision, device)
+    scaler = ctx.state.scaler
     for epoch in range(cfg.ppo_epochs):
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, ctx.state.step, salt=epoch + 1))
-        order = torch.randperm(n, generator=gen).to(exp.old_logprobs.device)
+        order = torch.randperm(n, generator=gen).to(device)
         for start in range(0, n, mb_size):
             mb = exp.select(order[start:start + mb_size])
-            loss, stats = ppo_loss(ctx, mb)
-            loss.backward()
-            stats["grad_norm"] = clip_and_step(params, ctx.optimizer, None, cfg.max_grad_norm, loss=loss,
-                                               state=ctx.state, max_skipped_steps=cfg.max_skipped_steps)
+            # one optimizer step per minibatch, accumulated over its micro-batches
+            counts = StepCounts.of(mb.batch.response_mask)
+            micro = [mb.select(rows.to(device)) for rows in split_rows(mb.num_rows, micro_batch_rows(cfg, mb.num_rows))]
+            stats = accumulate_gradients(micro, lambda m, counts=counts: ppo_loss(ctx, m, counts=counts),
+                                         precision=precision, device=device, scaler=scaler, max_keys=("ratio_max",))
+            stats["grad_norm"] = clip_and_step(params, ctx.optimizer, None, cfg.max_grad_norm, loss=stats["loss"],
+                                               state=ctx.state, max_skipped_steps=cfg.max_skipped_steps,
+                                               scaler=scaler)
             for k, v in stats.items():
                 sums[k] = sums[k] + v if k in sums else v
             count += 1
@@ -643,7 +744,9 @@ def step(ctx: PPOContext, exp: PPOBatch) -> dict[str, float]:
     metrics.update(exp.stats)
     metrics["learning_rate"] = ctx.optimizer.param_groups[0]["lr"]
     metrics["train/skipped_steps"] = skipped_steps(ctx.state)
-    ctx.kl.update(exp.stats.get("kl", 0.0), n)
+    if scaler is not None:
+        metrics["train/loss_scale"] = float(scaler.get_scale())
+    ctx.kl.update(exp.stats.get("kl", 0.0), n * distributed.world_size())  # the global batch's rollouts
     ctx.state.extra["kl_coef"] = ctx.kl.value
     ctx.state.step += 1
     ctx.policy.eval()
@@ -684,7 +787,8 @@ def train_ppo(
     """Optimise ``policy`` against ``reward_fn`` with PPO, GRPO or RLOO (``config.algorithm``).
 
     Args:
-        policy: causal LM, trained in place.
+        policy: causal LM, trained in place; its trainable weights are first cast to the
+            dtype of ``config.precision`` (fp32 master weights under the mixed precisions).
         tokenizer: its tokenizer (needs an EOS token).
         prompts: strings, chat-message lists, or dicts ``{"prompt", "reference"?}`` (references
             are passed to ``reward_fn`` as ``references=``).

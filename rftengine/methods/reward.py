@@ -25,14 +25,18 @@ from rftengine.methods.common import (
     Callback,
     CheckpointFn,
     TrainState,
+    accumulated_step,
     config_from_dict,
+    global_count,
     make_train_state,
-    optimizer_step,
+    micro_batch_rows,
     require_bool,
     require_float,
     require_int,
+    split_rows,
     total_steps,
     train_loop,
+    validate_micro_batches,
     validate_optim_fields,
 )
 from rftengine.methods.data import (
@@ -54,6 +58,7 @@ from rftengine.methods.modeling import (
     eval_mode,
     require_example_positions,
 )
+from rftengine.methods.packed import padding_fraction
 
 
 @dataclass
@@ -61,7 +66,10 @@ class RewardConfig:
     """Options of ``train_reward_model`` (validated on construction; ``from_dict`` rejects
     unknown keys).
 
-    batch_size counts preference pairs per optimizer step (2·batch_size sequences).
+    batch_size counts preference pairs per optimizer step (2·batch_size sequences, per
+    process), split into micro-batches of ``micro_batch_size`` pairs or into
+    ``gradient_accumulation_steps`` equal ones. precision, gradient_checkpointing: see
+    ``rftengine.methods.common.PRECISIONS`` and ``enable_gradient_checkpointing``.
     use_margin: subtract each pair's ``"margin"`` field inside the sigmoid (pairs without one
     get 0). center_coef: weight of the ``mean((r_c + r_r)²)`` centering term (None = off).
     max_skipped_steps: optimizer steps with a non-finite loss or gradient norm are skipped and
@@ -75,6 +83,13 @@ class RewardConfig:
     max_skipped_steps: int = 3
     warmup_steps: int = 0
     lr_scheduler: str = "constant"
+    # precision and memory (see validate_micro_batches and PRECISIONS in methods.common)
+    precision: str | None = None
+    gradient_accumulation_steps: int = 1
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool = False
+    # padding-free trunk forwards (methods.packed); off by default, see its module docstring
+    packing: bool = False
     batch_size: int = 8
     num_epochs: int = 1
     max_steps: int | None = None
@@ -89,6 +104,7 @@ class RewardConfig:
     def __post_init__(self):
         owner = type(self).__name__
         validate_optim_fields(self)
+        validate_micro_batches(self, self.batch_size)
         require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1, allow_none=True)
         require_int(owner, "max_response_length", self.max_response_length, minimum=1, allow_none=True)
         require_float(owner, "center_coef", self.center_coef, minimum=0.0, allow_none=True)
@@ -125,8 +141,10 @@ def reward_loss(
     *,
     margin: torch.Tensor | None = None,
     center_coef: float | None = None,
+    packing: bool = False,
 ):
-    """Bradley-Terry loss on a pair batch (rows ``[0:B]`` chosen, ``[B:2B]`` rejected).
+    """Bradley-Terry loss on a pair batch (rows ``[0:B]`` chosen, ``[B:2B]`` rejected);
+    ``packing``: padding-free trunk forward.
 
     Returns ``(loss, stats)``; stats (detached) hold ``loss``, ``accuracy`` (fraction of pairs
     with r_c > r_r), ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` and what the
@@ -134,7 +152,7 @@ def reward_loss(
     """
     from rftengine.ops import bradley_terry_loss
 
-    scores = model(batch.input_ids, batch.attention_mask)
+    scores = model(batch.input_ids, batch.attention_mask, packing=packing)
     half = scores.shape[0] // 2
     r_chosen, r_rejected = scores[:half], scores[half:]
     loss, op_stats = bradley_terry_loss(r_chosen, r_rejected, margin=margin, center_coef=center_coef)
@@ -160,12 +178,25 @@ def reward_step(
     margin: torch.Tensor | None = None,
     state: TrainState | None = None,
 ) -> dict[str, float]:
-    """One optimizer step of Bradley-Terry training; returns float metrics (plus grad_norm and
-    ``train/skipped_steps``: a non-finite step is skipped and counted in ``state``)."""
+    """One optimizer step of Bradley-Terry training; returns float metrics (plus grad_norm,
+    ``train/skipped_steps``: a non-finite step is skipped and counted in ``state``, and
+    ``train/padding_fraction`` of the padded batch)."""
     model.train()
-    loss, stats = reward_loss(model, batch, margin=margin, center_coef=config.center_coef)
-    return optimizer_step(loss, stats, optimizer, scheduler, config.max_grad_norm, state=state,
-                          max_skipped_steps=config.max_skipped_steps)
+    pairs = batch.num_rows // 2
+    total = global_count(pairs)
+
+    def micro_loss(rows: torch.Tensor):
+        both = torch.cat([rows, rows + pairs]).to(batch.input_ids.device)
+        mb_margin = margin[rows.to(margin.device)] if isinstance(margin, torch.Tensor) else margin
+        loss, stats = reward_loss(model, batch.select(both), margin=mb_margin, center_coef=config.center_coef,
+                                  packing=config.packing)
+        share = len(rows) / total     # every term is a mean over pairs
+        return loss * share, {k: v * share for k, v in stats.items()}
+
+    stats = accumulated_step(split_rows(pairs, micro_batch_rows(config, pairs)), micro_loss, optimizer, scheduler,
+                             config, device=batch.input_ids.device, state=state)
+    stats["train/padding_fraction"] = float(padding_fraction(batch.attention_mask))
+    return stats
 
 
 @torch.no_grad()
@@ -206,7 +237,8 @@ def train_reward_model(
 
     Args:
         model: a ``RewardModel``, a causal LM (gets a new value head) or an
-            ``AutoModelForSequenceClassification`` with ``num_labels=1``.
+            ``AutoModelForSequenceClassification`` with ``num_labels=1``; its trainable weights
+            are first cast to the dtype of ``config.precision`` (fp32 under the mixed precisions).
         tokenizer: its tokenizer (needs an EOS token; chat-message pairs need a chat template).
         pairs: preference pairs, plain strings or chat messages.
         config: ``RewardConfig`` (defaults if None).
@@ -221,7 +253,7 @@ def train_reward_model(
     config = config or RewardConfig()
     require_eos(tokenizer)
     model = as_reward_model(model)
-    check_trainable_model(model, tokenizer)
+    check_trainable_model(model, tokenizer, config.precision)
     examples = encode_preferences(tokenizer, pairs, max_prompt_length=config.max_prompt_length,
                                   max_response_length=config.max_response_length)
     require_example_positions(model, examples)

@@ -33,10 +33,12 @@ from rftengine.methods.common import (
     TrainState,
     config_from_dict,
     config_to_dict,
+    frozen_dtype,
     make_train_state,
     require_choice,
     require_float,
     require_int,
+    resolve_precision,
     stage_state,
     step_seed,
     total_steps,
@@ -62,6 +64,7 @@ from rftengine.methods.modeling import (
     check_trainable_model,
     device_of,
     disable_dropout,
+    rollout_dtype,
 )
 from rftengine.methods.ppo import ALGORITHMS as PPO_ALGORITHMS
 from rftengine.methods.ppo import PPOConfig, require_prompt_positions, train_ppo
@@ -324,7 +327,8 @@ def rlaif_dpo_round(
         if reference is None:
             raise ValueError(f"loss_type={dpo_cfg.loss_type!r} needs a reference model")
         ref_logps = precompute_reference_logps(reference, examples, pad, batch_size=dpo_cfg.ref_batch_size,
-                                               chunk_size=dpo_cfg.logprob_chunk_size, progress=progress)
+                                               chunk_size=dpo_cfg.logprob_chunk_size, progress=progress,
+                                               packing=dpo_cfg.packing)
     for _ in range(cfg.updates_per_round):
         step_metrics = dpo_step(policy, optimizer, batch, dpo_cfg, ref_logps=ref_logps, scheduler=scheduler,
                                 state=state)
@@ -338,7 +342,7 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
     from rftengine.generation import Generator
 
     cfg = config
-    check_trainable_model(policy, tokenizer)
+    check_trainable_model(policy, tokenizer, cfg.dpo_config.precision)
     require_prompt_positions(policy, tokenizer, prompts, cfg)
     disable_dropout(policy)
     num_steps = total_steps(cfg, len(prompts), cfg.batch_size)
@@ -352,9 +356,12 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
             )
     train_state = make_train_state("rlaif", policy, dpo_cfg, num_steps * cfg.updates_per_round, state,
                                    extra={"stage": "dpo"})
-    reference = Reference(policy, ref_model, resumed=train_state.step > 0) if dpo_cfg.uses_reference else None
+    device = device_of(policy)
+    reference = Reference(policy, ref_model, resumed=train_state.step > 0,
+                          dtype=frozen_dtype(dpo_cfg, device)) if dpo_cfg.uses_reference else None
     generator = Generator(policy, max_batch_size=cfg.batch_size * cfg.num_samples,
-                          max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens)
+                          max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens,
+                          dtype=rollout_dtype(policy, resolve_precision(dpo_cfg.precision, device)))
 
     def run_step(idx: list[int]) -> dict[str, float]:
         metrics, _ = rlaif_dpo_round(

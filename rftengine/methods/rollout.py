@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from rftengine import distributed
 from rftengine.methods.data import (
     PromptLike,
     SampledText,
@@ -95,10 +96,19 @@ def sample_rollout(
         longest = max(len(p) for p in prompt_ids)
         require_positions(model, longest + max_new_tokens,
                           f"the longest prompt + max_new_tokens, {longest} + {max_new_tokens}", length_fields)
-    out = generator.generate(
-        prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, eos_token_ids=[eos], pad_token_id=pad, seed=seed,
-    )
+    # Under torchrun each rank samples its own prompts with its own noise (rank 0 keeps the seed):
+    # the responses of a global batch then depend on the world size, each rank's on (seed, step).
+    if distributed.rank() > 0:
+        seed = (seed + distributed.rank() * 104_729) % (2**31 - 1)
+    # A model sharded over the ranks (FSDP2) rolls out over its gathered full weights, and the
+    # Generator's cache and graphs, which point into them, are freed before training.
+    with distributed.gathered(model) as sharded:
+        out = generator.generate(
+            prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, eos_token_ids=[eos], pad_token_id=pad, seed=seed,
+        )
+        if sharded:
+            generator.free()
     batch = SequenceBatch(
         input_ids=out.sequences,
         attention_mask=out.attention_mask.long(),

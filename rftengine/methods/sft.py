@@ -25,12 +25,16 @@ from rftengine.methods.common import (
     Callback,
     CheckpointFn,
     TrainState,
+    accumulated_step,
     config_from_dict,
+    global_count,
     make_train_state,
-    optimizer_step,
+    micro_batch_rows,
     require_int,
+    split_rows,
     total_steps,
     train_loop,
+    validate_micro_batches,
     validate_optim_fields,
 )
 from rftengine.methods.data import (
@@ -49,13 +53,17 @@ from rftengine.methods.modeling import (
     require_example_positions,
     response_logprobs,
 )
+from rftengine.methods.packed import padding_fraction
 
 
 @dataclass
 class SFTConfig:
     """Options of ``train_sft`` (validated on construction; ``from_dict`` rejects unknown keys).
 
-    batch_size counts (prompt, response) examples per optimizer step.
+    batch_size counts (prompt, response) examples per optimizer step (per process), split into
+    micro-batches of ``micro_batch_size`` or into ``gradient_accumulation_steps`` equal ones;
+    the loss stays the token mean of the whole step. precision, gradient_checkpointing: see
+    ``rftengine.methods.common.PRECISIONS`` and ``enable_gradient_checkpointing``.
     max_skipped_steps: optimizer steps with a non-finite loss or gradient norm are skipped and
     counted (``train/skipped_steps``); this many in a row stop the run (``NonFiniteStepError``).
     """
@@ -67,6 +75,13 @@ class SFTConfig:
     max_skipped_steps: int = 3
     warmup_steps: int = 0
     lr_scheduler: str = "constant"
+    # precision and memory (see validate_micro_batches and PRECISIONS in methods.common)
+    precision: str | None = None
+    gradient_accumulation_steps: int = 1
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool = False
+    # padding-free trunk forwards (methods.packed); off by default, see its module docstring
+    packing: bool = False
     batch_size: int = 8
     num_epochs: int = 1
     max_steps: int | None = None
@@ -80,6 +95,7 @@ class SFTConfig:
     def __post_init__(self):
         owner = type(self).__name__
         validate_optim_fields(self)
+        validate_micro_batches(self, self.batch_size)
         require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1, allow_none=True)
         require_int(owner, "max_response_length", self.max_response_length, minimum=1, allow_none=True)
         require_int(owner, "logprob_chunk_size", self.logprob_chunk_size, minimum=1, allow_none=True)
@@ -121,13 +137,13 @@ def encode_sft_examples(
     return out
 
 
-def sft_loss(policy: nn.Module, batch: SequenceBatch, *, chunk_size: int | None = None):
-    """Token-mean NLL of the response tokens of ``batch``.
+def sft_loss(policy: nn.Module, batch: SequenceBatch, *, chunk_size: int | None = None, packing: bool = False):
+    """Token-mean NLL of the response tokens of ``batch`` (``packing``: padding-free trunk).
 
     Returns ``(loss, stats)``; stats (detached): ``loss``, ``logps/mean`` (mean per-token
     log-prob), ``response_length`` (mean response tokens per row).
     """
-    logp = response_logprobs(policy, batch, chunk_size=chunk_size)      # [N, T] fp32, 0 at pads
+    logp = response_logprobs(policy, batch, chunk_size=chunk_size, packing=packing)  # [N, T] fp32, 0 at pads
     mask = batch.response_mask
     n_tokens = mask.sum().clamp(min=1)
     loss = -(logp * mask).sum() / n_tokens
@@ -144,12 +160,25 @@ def sft_step(
     *, scheduler=None, state: TrainState | None = None,
 ) -> dict[str, float]:
     """One optimizer step of SFT on ``batch``; returns float metrics (plus grad_norm,
-    learning_rate and ``train/skipped_steps``: a non-finite step is skipped and counted in
-    ``state``)."""
+    learning_rate, ``train/skipped_steps``: a non-finite step is skipped and counted in
+    ``state``, and ``train/padding_fraction`` of the padded batch)."""
     policy.train()
-    loss, stats = sft_loss(policy, batch, chunk_size=config.logprob_chunk_size)
-    return optimizer_step(loss, stats, optimizer, scheduler, config.max_grad_norm, state=state,
-                          max_skipped_steps=config.max_skipped_steps)
+    tokens = global_count(batch.response_mask.sum())
+    rows_total = global_count(batch.num_rows)
+
+    def micro_loss(rows: torch.Tensor):
+        mb = batch.select(rows.to(batch.input_ids.device))
+        loss, stats = sft_loss(policy, mb, chunk_size=config.logprob_chunk_size, packing=config.packing)
+        # token-mean over the whole step: each micro-batch's mean weighted by its token share
+        share = mb.response_mask.sum() / tokens.to(loss.device)
+        stats = {k: v * share for k, v in stats.items() if k != "response_length"}
+        stats["response_length"] = mb.response_mask.sum(-1).float().sum() / rows_total.to(loss.device)
+        return loss * share, stats
+
+    stats = accumulated_step(split_rows(batch.num_rows, micro_batch_rows(config, batch.num_rows)), micro_loss,
+                             optimizer, scheduler, config, device=batch.input_ids.device, state=state)
+    stats["train/padding_fraction"] = float(padding_fraction(batch.attention_mask))
+    return stats
 
 
 def train_sft(
@@ -166,7 +195,8 @@ def train_sft(
     """Finetune ``policy`` in place on ``[{"prompt", "response"}, ...]``.
 
     Args:
-        policy: causal LM (dropout switched off).
+        policy: causal LM (dropout switched off); its trainable weights are first cast to the
+            dtype of ``config.precision`` (fp32 master weights under the mixed precisions).
         tokenizer: needs an EOS token (appended to every response).
         data: examples, plain strings or chat messages.
         config: ``SFTConfig`` (defaults if None).
@@ -179,7 +209,7 @@ def train_sft(
     if not isinstance(config, SFTConfig):
         raise ValueError(f"config must be an SFTConfig, got {type(config).__name__}")
     require_eos(tokenizer)
-    check_trainable_model(policy, tokenizer)
+    check_trainable_model(policy, tokenizer, config.precision)
     disable_dropout(policy)
     examples = encode_sft_examples(tokenizer, data, max_prompt_length=config.max_prompt_length,
                                    max_response_length=config.max_response_length)

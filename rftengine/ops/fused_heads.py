@@ -48,7 +48,7 @@ from rftengine.ops.linear_logprobs import (
     prepare_head_inputs,
     to_rows,
 )
-from rftengine.ops._precision import accumulation_dtype
+from rftengine.ops._precision import accumulation_dtype, autocast_operands
 from rftengine.ops.ppo import (
     LOG_RATIO_CLAMP,
     aggregation_weights,
@@ -149,6 +149,7 @@ class _FusedSingleSweep(torch.autograd.Function):
         return (_scaled(dh, grad_loss), _scaled(dw, grad_loss), _scaled(db, grad_loss)) + (None,) * 7
 
 
+@autocast_operands("hidden", "weight", "bias")
 def fused_ppo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -359,6 +360,7 @@ def _pair_ordered(inp: HeadInputs, targets, keep, pairs: int, seq_len: int):
     return ordered, segment.index_select(0, order)
 
 
+@autocast_operands("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
 def fused_dpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -46,7 +46,7 @@ from rftengine.ops._checks import (
     check_tensor,
 )
 from rftengine.ops._dispatch import use_triton
-from rftengine.ops._precision import accumulation_dtype
+from rftengine.ops._precision import accumulation_dtype, autocast_operands
 from rftengine.ops.logprobs import logprob_grads_reference_, logprob_stats_reference
 
 # Bytes of one chunk of logits. On CUDA that is the op's whole extra memory; the torch
@@ -434,6 +434,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         return dh, dw, db, None, None, None, None
 
 
+@autocast_operands("hidden", "weight", "bias")
 def linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,

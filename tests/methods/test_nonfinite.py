@@ -103,7 +103,7 @@ def test_optimizer_step_without_a_state_still_skips(make_lm):
 @pytest.mark.parametrize("entry", ["sft", "dpo", "reward", "ppo", "rlaif", "cai"])
 def test_fp16_training_is_refused(make_lm, tokenizer, entry):
     model = make_lm().half()
-    match = r"fp16 training is not supported yet: load the model in float32 or bfloat16 \(dtype=float32\)"
+    match = r"fp16 weights cannot be trained directly .* set precision: fp16-mixed"
     with pytest.raises(ValueError, match=match):
         if entry == "sft":
             train_sft(model, tokenizer, DATA, SFTConfig(max_steps=1))
@@ -130,7 +130,7 @@ def test_cli_refuses_fp16_training(capsys, tmp_path):
     code = main(["train", str(cfg), "dtype=float16"])
     err = capsys.readouterr().err
     assert code == 1, err
-    assert "Traceback" not in err and "fp16 training is not supported yet" in err
+    assert "Traceback" not in err and "fp16 weights cannot be trained directly" in err and "fp16-mixed" in err
     assert not (tmp_path / "out" / "final").exists()
 
 

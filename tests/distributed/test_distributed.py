@@ -1,0 +1,49 @@
+"""``rftengine.distributed``: the identity in one process, the global values under torchrun."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rftengine import distributed
+
+from .launch import run_torchrun
+
+
+def test_one_process_is_the_identity(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not distributed.launched_by_torchrun()
+    with distributed.process_group("auto") as device:
+        assert device is None and not distributed.is_distributed()
+    assert distributed.shard_batch([3, 1, 2]) == [3, 1, 2]
+    x = torch.tensor([1.0, 2.0, 6.0])
+    assert distributed.global_mean(x) == x.mean()
+    assert distributed.global_std(x) == x.std(unbiased=False)
+    assert distributed.mean_over_ranks({"loss": 1.5}) == {"loss": 1.5}
+    assert distributed.max_over_ranks(None) is None and distributed.max_over_ranks(2) == 2
+    distributed.require_divisible(7)  # any batch divides over one rank
+
+
+def test_torchrun_device_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"device must be auto, cpu or cuda under torchrun .*got 'cuda:1'"):
+        with distributed.process_group("cuda:1"):
+            pass
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_global_values(tmp_path):
+    out = tmp_path / "result.json"
+    proc = run_torchrun([str(Path(__file__).with_name("collectives_worker.py")), str(out)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(out.read_text())
+    everything = torch.tensor([0.0, 1.0, 2.0, 5.0, -1.0])  # rank 0's three values, rank 1's two
+    assert got["device"] == "cpu" and got["world_size"] == 2
+    assert got["shards"] == [[7, 3], [9, 1]]  # contiguous halves of the global batch
+    assert got["global_mean"] == pytest.approx(float(everything.mean()))
+    assert got["global_std"] == pytest.approx(float(everything.std(unbiased=False)))
+    assert got["mean_over_ranks"] == {"a": 0.5, "b": 4.0, "ratio_max": 2.0}
+    assert got["max_over_ranks"] == 15 and got["max_none"] is None
+    assert got["broadcast"] == "from 0"
+    assert "batch_size must be a multiple of the world size 2" in got["error"] and "got 3" in got["error"]
