@@ -572,8 +572,14 @@ def save_sharded_checkpoint(
     state: dict[str, Any],
     keep_last: int = 2,
     files: Mapping[str, str] | None = None,
+    modules: Mapping[str, torch.nn.Module] | None = None,
 ) -> Path:
     """`save_checkpoint` for a run sharded over the ranks of a process group (every rank calls it).
+
+    `modules`: trainable modules outside `model` that `optimizer` also steps (PPO's critic):
+    their shards and optimizer states go into the DCP shards too, under `policy.`/`<name>.`
+    prefixes (the optimizer's state is keyed by parameter names, which only a module holding
+    all of them gives); `state["modules"]` is then recorded as `sharded_modules` (their names).
 
     `output_dir/checkpoint-<step>` holds `shards/` (torch.distributed.checkpoint: each rank
     writes its shards of the weights and of the optimizer state), and, written by rank 0,
@@ -590,9 +596,11 @@ def save_sharded_checkpoint(
     from rftengine.methods.modeling import _hf_model
 
     output_dir = Path(output_dir)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    holder = torch.nn.ModuleDict({"policy": model, **modules}) if modules else model
+    model_sd, optim_sd = get_state_dict(holder, optimizer)
     _require_finite_sharded(model_sd, f"{PREFIX}{step}")
-    plain_state, fixed = _split_fixed({**state, "optimizer": None})
+    extra = {"modules": {}, "sharded_modules": sorted(modules)} if modules else {}
+    plain_state, fixed = _split_fixed({**state, "optimizer": None, **extra})
     payload = {"state": plain_state, "rng": capture_rng_state(), "step": step, "method": method}
     _require_plain(payload, "payload")
     marker = {"method": method, "step": step, "format_version": FORMAT_VERSION,

@@ -56,6 +56,7 @@ from rftengine.checkpoint import (
     save_sharded_checkpoint,
 )
 from rftengine.config import (
+    METHODS,
     RESUME_RUN_KEYS,
     RESUME_TRAIN_KEYS,
     RunConfig,
@@ -83,6 +84,17 @@ BENCH_SUITES = {
 }
 
 
+class _HelpConfig(argparse.Action):
+    """``rftengine train --help-config METHOD``: every field of the method's train section
+    (type, default, limits, help), then exit."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from rftengine.methods.config_base import describe_config
+
+        print(describe_config(METHOD_RUNNERS[values].config_class()))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rftengine", description="Reinforcement finetuning of language models: train, bench, demo."
@@ -105,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "progress and prints the command that resumes")
     # SUPPRESS: an unset flag here must not overwrite `rftengine --debug train ...`.
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    train.add_argument("--help-config", action=_HelpConfig, choices=METHODS, metavar="METHOD",
+                       help="list every setting of METHOD's train section (type, default, limits) and exit")
     train.set_defaults(func=cmd_train)
 
     bench = sub.add_parser("bench", help="run the kernel, loss and generation benchmarks and print their tables")
@@ -276,7 +290,7 @@ class Run:
             save_sharded_checkpoint(
                 self.output_dir, step=state.step, method=self.cfg.method, model=state.model,
                 optimizer=state.optimizer, tokenizer=self.tokenizer, state=state.state_dict(),
-                keep_last=self.cfg.keep_last, files={RUN_CONFIG: self.config_text},
+                keep_last=self.cfg.keep_last, files={RUN_CONFIG: self.config_text}, modules=state.modules,
             )
             return
         save_checkpoint(
@@ -306,11 +320,29 @@ class Run:
         if trained:
             self.rebuild = rebuild
             # Any world size, one process included: the shards are resharded on load.
-            if self.resume is not None and self.resume.sharded:
+            # A checkpoint that also holds other trained modules (PPO's critic) is restored by
+            # `restore_with_modules` once they are built.
+            if self.resume is not None and self.resume.sharded and not self.resume.state.get("sharded_modules"):
                 with _as_user_error(f"checkpoint {self.resume.path}"):
                     load_sharded_weights(model, self.resume)
                     self.resume.state["optimizer"] = load_sharded_optimizer_state(model, self.resume)
         return model
+
+    def restore_with_modules(self, model, modules: dict) -> None:
+        """Resuming a sharded checkpoint of `model` and `modules` (what `save_sharded_checkpoint`
+        wrote for them together): their weights, and the optimizer state over all of their
+        parameters, into the resume state the method restores."""
+        if self.resume is None or not self.resume.sharded:
+            return
+        saved = self.resume.state.get("sharded_modules") or []
+        if sorted(modules) != saved:
+            raise UserError(f"checkpoint {self.resume.path} holds modules {saved}, this run trains {sorted(modules)}; "
+                            "resume with the config that wrote it")
+        holder = torch.nn.ModuleDict({"policy": model, **modules})
+        with _as_user_error(f"checkpoint {self.resume.path}"):
+            load_sharded_weights(holder, self.resume)
+            self.resume.state["optimizer"] = load_sharded_optimizer_state(holder, self.resume)
+        self.resume.state["modules"] = {name: m.state_dict() for name, m in modules.items()}
 
     def load_policy(self):
         """The policy to train: the configured model (or the resumed checkpoint's weights); with a
@@ -345,9 +377,22 @@ class Run:
         # Adapter directories (checkpoints, the export) name their base absolutely, so peft's
         # AutoPeftModelForCausalLM finds it from any working directory.
         model.peft_config["default"].base_model_name_or_path = str(path.resolve())
-        if self.resume is not None:
+        if self.resume is not None and not self.resume.sharded:
             _load_adapters(model, self.resume.path)
-        return model
+        if not distributed.is_distributed() and (self.resume is None or not self.resume.sharded):
+            return model
+
+        def rebuild():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                plain = peft.get_peft_model(load_causal_lm(path, dtype=self.dtype, device="cpu"),
+                                            self.cfg.lora.peft_config())
+            plain.peft_config["default"].base_model_name_or_path = str(path.resolve())
+            return plain
+
+        # Under torchrun: sharded per decoder layer of the base (adapters inside their layers'
+        # units) plus the root; a sharded checkpoint holds base and adapters, restored by `shard`.
+        return self.shard(model, trained=True, rebuild=rebuild)
 
     def reference_model(self, needed: bool = True):
         """The reference to hand the method, or None where the method makes its own: a frozen copy
@@ -357,11 +402,20 @@ class Run:
         the resumed weights."""
         if not needed:
             return None
-        # Under torchrun too: a sharded policy cannot be copied, the reference is loaded anew.
+        # Under torchrun too: a sharded policy cannot be copied, the reference is loaded anew
+        # (LoRA: its adapters disabled, which works on the sharded policy as on one process's).
         if (self.cfg.reference is not None or (self.resume is not None and self.cfg.lora is None)
-                or distributed.is_distributed()):
+                or (distributed.is_distributed() and self.cfg.lora is None)):
             return self.load_reference()
         return None
+
+    def load_initial_model(self):
+        """The configured model as it starts training (not a resumed checkpoint's), unsharded."""
+        from rftengine.methods.modeling import load_causal_lm
+
+        path = check_model_dir(self.cfg.model, "model")
+        with _as_user_error(f"model {path}"):
+            return load_causal_lm(path, dtype=self.dtype, device=self.device)
 
     def load_reference(self):
         """The frozen reference: always the configured reference (or the initial model), never the
@@ -471,9 +525,10 @@ def run_training(config_path: str | Path, overrides: list[str] = (), *, resume: 
         return _run_training(Path(config_path), list(overrides), resume, stack)
 
 
-# Under torchrun: what the data-parallel path covers so far (the others copy the policy, train
-# a critic or LoRA adapters, which are not sharded yet).
-DISTRIBUTED_METHODS = ("reward", "dpo", "grpo", "rloo")
+# Under torchrun: what the data-parallel path covers so far. Not yet: cai (its stages copy the
+# policy for the stage reference and the default judge) and rlaif's online DPO (each rank's
+# judged pairs vary in number, and FSDP needs every rank in every step), refused in one line.
+DISTRIBUTED_METHODS = ("reward", "dpo", "ppo", "grpo", "rloo", "rlaif")
 
 
 def _start_ranks(cfg: RunConfig, config_path: Path, stack: ExitStack) -> torch.device | None:
@@ -490,8 +545,6 @@ def _start_ranks(cfg: RunConfig, config_path: Path, stack: ExitStack) -> torch.d
             f"{config_path}: method {cfg.method} does not run under torchrun yet (data-parallel methods: "
             f"{', '.join(DISTRIBUTED_METHODS)}); run it in one process"
         )
-    if cfg.lora is not None:
-        raise UserError(f"{config_path}: the lora section does not run under torchrun yet; run it in one process")
     return device
 
 
@@ -510,6 +563,9 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None, s
             )
     method_cfg = method_config(spec.config_class(), section, str(config_path))
     if distributed.is_distributed():
+        if cfg.method == "rlaif" and method_cfg.algorithm == "dpo":
+            raise UserError(f"{config_path}: rlaif with algorithm dpo does not run under torchrun yet "
+                            "(algorithms ppo, grpo and rloo do); run it in one process")
         with _as_user_error(f"{config_path}: train"):
             distributed.require_divisible(method_cfg.batch_size)
     if cfg.lora is not None:
@@ -613,7 +669,7 @@ def _export(run: Run, model, out: Path) -> Path:
     if distributed.is_main_process():
         plain = run.rebuild()
         plain.load_state_dict(state)
-        export_model(plain, run.tokenizer, out)
+        export_model(plain, run.tokenizer, out, merge_lora=run.cfg.merge_lora)
     distributed.barrier()
     return out
 
@@ -880,19 +936,23 @@ def _prompt_data(run: Run) -> list:
 
 def _run_ppo(run: Run):
     """ppo, grpo and rloo: PPOConfig.algorithm is the method."""
-    from rftengine.methods.ppo import train_ppo
+    from rftengine.methods.ppo import make_critic, train_ppo
 
     prompts = _prompt_data(run)
     reward_fn = _reward_fn(run)
     policy = run.load_policy()
     cfg = run.method_config
-    if cfg.algorithm == "ppo" and distributed.is_distributed():
-        raise UserError(f"{run.config_path}: method ppo (its critic) does not run under torchrun yet; "
-                        "use grpo or rloo, or run ppo in one process")
     ref_model = run.reference_model(cfg.kl_coef > 0 or cfg.adaptive_kl)
+    critic = None
+    if cfg.algorithm == "ppo" and (distributed.is_sharded(policy) or (run.resume and run.resume.sharded)):
+        # Built (sharded) here, so that a sharded checkpoint restores it with the policy; a sharded
+        # policy cannot be copied: a separate critic's trunk is loaded anew.
+        with _as_user_error(f"method {run.cfg.method}"):
+            critic = make_critic(policy, cfg, run.load_initial_model() if cfg.critic == "separate" else None)
+        run.restore_with_modules(policy, {"critic": critic})
     with _as_user_error(f"method {run.cfg.method}"):
         result = train_ppo(
-            policy, run.tokenizer, prompts, cfg, reward_fn=reward_fn, ref_model=ref_model,
+            policy, run.tokenizer, prompts, cfg, reward_fn=reward_fn, ref_model=ref_model, critic=critic,
             callback=run.callback, state=run.resume_state, checkpoint_fn=run.checkpoint_fn,
             progress=run.cfg.progress,
         )
@@ -919,12 +979,22 @@ def _run_rlaif(run: Run):
     from rftengine.methods.rlaif import train_rlaif
 
     prompts = _prompt_data(run)
+    # Under torchrun the judge is replicated, not sharded: each rank judges its own rollouts in
+    # no-grad forwards whose number varies per rank (FSDP would need every rank in each one),
+    # at the cost of one full judge per rank in its load dtype.
     judge = _make_judge(run, run.cfg.judge)
     policy = run.load_policy()
     ref_model = run.reference_model()
+    cfg = run.method_config
+    if run.resume is not None and run.resume.state.get("sharded_modules"):
+        raise UserError(f"{run.resume.path}: a torchrun rlaif checkpoint with a critic cannot be resumed yet "
+                        "(its critic's shards are not restored); start a new output_dir")
+    value_model = None
+    if (distributed.is_distributed() and cfg.algorithm == "ppo" and cfg.ppo_config.critic == "separate"):
+        value_model = run.load_initial_model()  # a sharded policy cannot be copied (see _run_ppo)
     with _as_user_error("method rlaif"):
         result = train_rlaif(
-            policy, run.tokenizer, prompts, judge, run.method_config, ref_model=ref_model,
+            policy, run.tokenizer, prompts, judge, run.method_config, ref_model=ref_model, value_model=value_model,
             callback=run.callback, state=run.resume_state, checkpoint_fn=run.checkpoint_fn,
             progress=run.cfg.progress,
         )

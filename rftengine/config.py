@@ -20,13 +20,14 @@ Unknown keys are errors that suggest the closest valid key; nothing is silently 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from rftengine.methods.config_base import LoopFields, OptimFields, closest_name, resumable_fields
 
 METHODS = ("reward", "ppo", "grpo", "rloo", "dpo", "rlaif", "cai")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -62,8 +63,8 @@ class UserError(Exception):
 
 def closest(key: str, valid) -> str:
     """' (did you mean X?)' for the closest valid key, or '' when nothing is close."""
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    match = closest_name(key, valid, cutoff=0.5)
+    return f" (did you mean '{match}'?)" if match else ""
 
 
 LORA_ALL_LINEAR = "all-linear"
@@ -255,8 +256,7 @@ RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
 # restored optimizer and schedule). Everything else changes what the checkpoint's training means
 # or is held in its state, so a change is refused rather than half applied.
 RESUME_RUN_KEYS = ("output_dir", "device", "keep_last", "export", "merge_lora", "tensorboard", "plot", "progress")
-RESUME_TRAIN_KEYS = ("max_steps", "num_epochs", "save_every", "learning_rate", "weight_decay", "adam_betas",
-                     "max_grad_norm", "warmup_steps", "lr_scheduler", "max_skipped_steps")
+RESUME_TRAIN_KEYS = resumable_fields(LoopFields, OptimFields)   # the fields declared with resume=True
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -204,12 +204,15 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
         layers = getattr(trunk, name, None)
         if isinstance(layers, torch.nn.ModuleList) and len(layers):
             return layers
-    raise ValueError(f"cannot find the decoder layers of {type(hf).__name__} to shard (no .layers or .h)")
+    raise ValueError(f"cannot find the decoder layers of {type(trunk).__name__} to shard (no .layers or .h)")
 
 
 def shard_model(model: torch.nn.Module, *, precision: str = "fp32") -> torch.nn.Module:
     """Shard ``model`` over the process group with FSDP2: ``fully_shard`` on each decoder layer
-    and on ``model`` itself (the root unit: embeddings, final norm, lm head, value heads).
+    and on ``model`` itself (the root unit: embeddings, final norm, lm head), each ``ValueHead``
+    inside (a critic's, a reward model's) its own fp32 unit. A PEFT model's decoder layers are
+    its base's (``decoder_of`` reaches them through peft's wrappers): the adapters live in their
+    layers' units, trainable over the frozen base.
     Returns ``model`` (now an FSDP module; its parameters are DTensor shards). Frozen models
     (the reference) are sharded the same way and stay frozen.
 
@@ -234,6 +237,10 @@ def shard_model(model: torch.nn.Module, *, precision: str = "fp32") -> torch.nn.
         return model
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=_mp_policy(precision))
+    for head in _value_heads(model):
+        # Its own fp32 unit: a ValueHead computes in fp32 (hidden.float()), which the root's
+        # bf16/fp16 param_dtype would break.
+        fully_shard(head)
     shard_module(model, precision=precision)
     hf = _hf_model(model)
     if hasattr(hf, "get_output_embeddings") and hf.get_output_embeddings() is not None:
@@ -255,6 +262,19 @@ def shard_module(module: torch.nn.Module, *, precision: str = "fp32") -> torch.n
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM; a factor of 1 needs none
     return module
+
+
+def is_sharded(model: torch.nn.Module | None) -> bool:
+    """True when ``model`` (or a submodule) is sharded with FSDP2 (``shard_model``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return model is not None and any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _value_heads(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from rftengine.methods.modeling import ValueHead
+
+    return [m for m in model.modules() if isinstance(m, ValueHead) and m is not model]
 
 
 def _mp_policy(precision: str):

@@ -3,8 +3,8 @@
 Each graph replays forward + sampling + log-prob + bookkeeping on the fixed buffers of
 `RolloutState` and `StaticKVCache`; it keeps no output tensor of its own (everything is written
 into those buffers), so the graphs can share one memory pool and be replayed in any order.
-The sampling generator is registered with every graph, so reseeding it between rollouts
-changes the draws of the replays.
+The sampling noise is keyed by device tensors of `RolloutState` (seed, sequence ids, step),
+so a new seed or offset reaches the replays without recapture.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ def bucket_for(rows: int, buckets: list[int]) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
+    def __init__(self):
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
 
@@ -45,7 +44,6 @@ class DecodeGraphs:
             step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph, pool=self.pool):
             step()
         self.graphs[key] = graph

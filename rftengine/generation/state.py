@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from rftengine.generation.sampling import SamplingParams, sample
+from rftengine.generation.sampling import SamplingParams, noise_keys, sample
 
 
 class RolloutState:
@@ -19,7 +19,11 @@ class RolloutState:
         tokens: ``[rows]`` int64, the last sampled token (the next step's input).
         slot: ``[1]`` int64, the cache column the next decode step writes.
         positions: ``[rows]`` int64, the RoPE position of the next step's input token.
-        step: ``[1]`` int64, the output column the next sampled token goes to.
+        step: ``[1]`` int64, the output column the next sampled token goes to (also the decode
+            step that keys the sampling noise).
+        seed: ``[1]`` int64, the rollout's seed.
+        sequence_ids: ``[rows]`` int64, each row's global sequence index: with ``seed`` and
+            ``step`` it alone decides the row's sampling noise (``sampling.noise_keys``).
         done: ``[rows]`` bool, True once a row has sampled an EOS token.
         pad: ``[1]`` int64, the id written after EOS.
         eos: ``[n_eos]`` int64 ids that end a sequence (may be empty).
@@ -37,6 +41,8 @@ class RolloutState:
         self.slot = zeros(1)
         self.positions = zeros(rows)
         self.step = zeros(1)
+        self.seed = zeros(1)
+        self.sequence_ids = zeros(rows)
         self.done = zeros(rows, dtype=torch.bool)
         self.pad = zeros(1)
         self.eos = zeros(n_eos)
@@ -54,14 +60,20 @@ class RolloutState:
     def with_truncated(self) -> bool:
         return self.out_truncated is not None
 
-    def start(self, rows_used: int, slot: int, positions: torch.Tensor, pad: int, eos: torch.Tensor) -> None:
+    def start(
+        self, rows_used: int, slot: int, positions: torch.Tensor, pad: int, eos: torch.Tensor,
+        seed: int, sequence_offset: int,
+    ) -> None:
         """Reset for a rollout whose first decode step writes cache column ``slot``.
 
-        ``positions`` ``[rows_used]`` is each row's prompt length. Rows past ``rows_used`` (CUDA-graph
-        bucket padding) start done, so they only ever write pad tokens.
+        ``positions`` ``[rows_used]`` is each row's prompt length. Row i is global sequence
+        ``sequence_offset + i``. Rows past ``rows_used`` (CUDA-graph bucket padding) start done,
+        so they only ever write pad tokens (their noise, keyed by the indices that follow, is unused).
         """
         self.slot.fill_(slot)
         self.step.zero_()
+        self.seed.fill_(seed)
+        torch.arange(sequence_offset, sequence_offset + self.rows, out=self.sequence_ids)
         self.positions.zero_()
         self.positions[:rows_used].copy_(positions)
         self.tokens.fill_(pad)
@@ -73,16 +85,18 @@ class RolloutState:
         self.nonfinite.zero_()
 
 
-def record_token(
-    state: RolloutState, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> None:
+def record_token(state: RolloutState, logits: torch.Tensor, params: SamplingParams) -> None:
     """Sample from ``logits`` ``[n, V]`` for rows ``0 .. n-1`` and write column ``state.step``.
+
+    Row i's noise is keyed by (``seed``, ``sequence_ids[i]``, ``step``), so its token does not
+    depend on which rows share the step.
 
     Rows already done get the pad id, log-prob 0 and mask False; a sampled EOS is kept (mask True)
     and marks its row done. No host sync: capturable in a CUDA graph.
     """
     n = logits.shape[0]
-    tokens, logp, truncated = sample(logits, params, generator, state.with_truncated)
+    keys = noise_keys(state.seed, state.sequence_ids[:n], state.step)
+    tokens, logp, truncated = sample(logits, params, keys, state.with_truncated)
     alive = ~state.done[:n]
     tokens = torch.where(alive, tokens, state.pad)
     column = state.step

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -34,13 +34,15 @@ from rftengine.methods.common import (
     CheckpointFn,
     FixedTensors,
     TrainState,
-    config_from_dict,
-    require_bool,
-    require_choice,
-    require_int,
+    ConfigBase,
+    LoopFields,
+    SamplingFields,
+    option,
+    redefault,
+    stage,
+    stage_config,
     stage_state,
     unwrap_stage_state,
-    validate_sampling_fields,
 )
 from rftengine.methods.data import (
     PromptLike,
@@ -205,22 +207,8 @@ def principle_judge(model: nn.Module, tokenizer, constitution: Constitution, **j
 # ----------------------------------------------------------------------------- config
 
 
-def _nested(owner: str, name: str, cls: type, value, default: dict[str, Any]):
-    if value is None:
-        return cls(**default)
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, Mapping):
-        try:
-            return config_from_dict(cls, {**default, **value})
-        except ValueError as exc:
-            raise ValueError(f"{owner}.{name}: {exc}") from None
-    raise ValueError(f"{owner}.{name} must be a {cls.__name__}, a mapping of its options or None, "
-                     f"got {type(value).__name__}")
-
-
 @dataclass
-class CAIConfig:
+class CAIConfig(ConfigBase, SamplingFields):
     """Options of ``train_cai`` (validated on construction; ``from_dict`` rejects unknown keys).
 
     mode: "sft_dpo" (SFT on revisions, then DPO on revision ≻ original), "sft", "dpo", or "rl"
@@ -240,36 +228,25 @@ class CAIConfig:
     scores ("pointwise" or "pairwise").
     """
 
-    mode: str = "sft_dpo"
-    max_prompt_length: int = 256
-    max_new_tokens: int = 64
-    critique_max_new_tokens: int = 64
-    revision_max_new_tokens: int | None = None
-    max_context_length: int = 1024
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    generation_batch_size: int = 16
-    critique_template: str = CRITIQUE_TEMPLATE
-    revision_template: str = REVISION_TEMPLATE
-    sft: SFTConfig | Mapping[str, Any] | None = None
-    dpo: DPOConfig | Mapping[str, Any] | None = None
-    rl: PPOConfig | Mapping[str, Any] | None = None
-    sft_before_rl: bool = True
-    judge_mode: str = "pointwise"
-    seed: int = 0
+    mode: Literal[CAI_MODES] = option("sft_dpo", "sft_dpo, sft, dpo or rl (RL-CAI)")
+    critique_max_new_tokens: int = option(64, "tokens per critique", min=1)
+    revision_max_new_tokens: int | None = option(None, "tokens per revision (null: max_new_tokens)", min=1)
+    max_context_length: int = option(1024, "critique/revision contexts are cut to this many tokens", min=1)
+    generation_batch_size: int = option(16, "sequences per Generator call", min=1)
+    critique_template: str = option(CRITIQUE_TEMPLATE, "critique prompt: {prompt}, {response}, "
+                                                       "{critique_request}")
+    revision_template: str = option(REVISION_TEMPLATE, "revision prompt: the critique's placeholders plus "
+                                                       "{critique}, {revision_request}")
+    sft: SFTConfig | Mapping[str, Any] | None = stage(SFTConfig, "SFTConfig options of the SFT stage")
+    dpo: DPOConfig | Mapping[str, Any] | None = stage(DPOConfig, "DPOConfig options of the DPO stage")
+    rl: PPOConfig | Mapping[str, Any] | None = stage(PPOConfig, "PPOConfig options of RL-CAI "
+                                                     "(default: grpo, 4 samples per prompt)")
+    sft_before_rl: bool = option(True, "rl mode: SFT on revisions before the RL stage")
+    judge_mode: Literal[JUDGE_MODES] = option("pointwise", "how the RL-CAI judge scores")
+    seed: int = redefault(LoopFields, "seed", 0)
 
-    def __post_init__(self):
+    def validate(self):
         owner = type(self).__name__
-        require_choice(owner, "mode", self.mode, CAI_MODES)
-        validate_sampling_fields(self)
-        require_int(owner, "critique_max_new_tokens", self.critique_max_new_tokens, minimum=1)
-        require_int(owner, "revision_max_new_tokens", self.revision_max_new_tokens, minimum=1, allow_none=True)
-        require_int(owner, "max_context_length", self.max_context_length, minimum=1)
-        require_int(owner, "generation_batch_size", self.generation_batch_size, minimum=1)
-        require_choice(owner, "judge_mode", self.judge_mode, JUDGE_MODES)
-        require_int(owner, "seed", self.seed, minimum=0)
-        require_bool(owner, "sft_before_rl", self.sft_before_rl)
         for name, template, required in (("critique_template", self.critique_template, _CRITIQUE_FIELDS),
                                          ("revision_template", self.revision_template, _REVISION_FIELDS)):
             fields = _template_fields(f"{owner}.{name}", template)
@@ -292,23 +269,21 @@ class CAIConfig:
     @property
     def sft_config(self) -> SFTConfig:
         """The SFTConfig of the SFT stage (``sft`` over defaults sized by this config)."""
-        return _nested(type(self).__name__, "sft", SFTConfig, self.sft,
-                       {"max_prompt_length": self.max_prompt_length,
-                        "max_response_length": self.revision_new_tokens + 1})
+        return stage_config(self, "sft", {"max_prompt_length": self.max_prompt_length,
+                                          "max_response_length": self.revision_new_tokens + 1})
 
     @property
     def dpo_config(self) -> DPOConfig:
         """The DPOConfig of the DPO stage (``dpo`` over defaults sized by this config)."""
-        return _nested(type(self).__name__, "dpo", DPOConfig, self.dpo,
-                       {"max_prompt_length": self.max_prompt_length,
-                        "max_response_length": max(self.max_new_tokens, self.revision_new_tokens) + 1})
+        return stage_config(self, "dpo", {
+            "max_prompt_length": self.max_prompt_length,
+            "max_response_length": max(self.max_new_tokens, self.revision_new_tokens) + 1})
 
     @property
     def rl_config(self) -> PPOConfig:
         """The PPOConfig of RL-CAI (``rl`` over GRPO with 4 samples per prompt)."""
-        return _nested(type(self).__name__, "rl", PPOConfig, self.rl,
-                       {"algorithm": "grpo", "group_size": 4, "max_new_tokens": self.max_new_tokens,
-                        "max_prompt_length": self.max_prompt_length})
+        return stage_config(self, "rl", {"algorithm": "grpo", "group_size": 4, "max_new_tokens": self.max_new_tokens,
+                                         "max_prompt_length": self.max_prompt_length})
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -322,10 +297,6 @@ class CAIConfig:
     @property
     def revision_new_tokens(self) -> int:
         return self.revision_max_new_tokens or self.max_new_tokens
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CAIConfig:
-        return config_from_dict(cls, data)
 
 
 # ----------------------------------------------------------------------------- data generation

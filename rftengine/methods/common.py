@@ -19,17 +19,37 @@ checkpoint writes to disk once per stage).
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
 import random
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+
+# One declarative base (config_base): the field groups, check_fields, from_dict and the stage
+# merger; re-exported here, where the methods have always imported them from.
+from rftengine.methods.config_base import (  # noqa: F401
+    LR_SCHEDULERS,
+    PRECISIONS,
+    ConfigBase,
+    LengthFields,
+    LogprobFields,
+    LoopFields,
+    OptimFields,
+    SamplingFields,
+    check_fields,
+    check_value,
+    config_from_dict,
+    config_to_dict,
+    describe_config,
+    option,
+    redefault,
+    stage,
+    stage_config,
+)
 
 Callback = Callable[[int, dict[str, float]], None]
 """``callback(step, metrics)``: called once per optimizer step with plain float metrics."""
@@ -104,107 +124,8 @@ def call_reward_fn(reward_fn: RewardFn, prompts: Sequence[Any], responses: Seque
 # ----------------------------------------------------------------------------- configs
 
 
-def config_from_dict(cls: type, data: Mapping[str, Any]):
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with the closest valid key.
-
-    Values go through ``cls.__init__``, so ``__post_init__`` validation applies.
-    """
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{cls.__name__} expects a mapping of options, got {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
-        raise ValueError(f"unknown {cls.__name__} key {key!r}{hint}")
-    return cls(**dict(data))
-
-
-def config_to_dict(config) -> dict[str, Any]:
-    """A plain-dict copy of a config dataclass (tuples become lists, for YAML/JSON)."""
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def require_int(owner: str, name: str, value, *, minimum: int | None = None, allow_none=False):
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{owner}.{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{owner}.{name} must be >= {minimum}, got {value}")
-
-
-def require_float(
-    owner: str, name: str, value, *, minimum: float | None = None, maximum: float | None = None,
-    strict_min: bool = False, allow_none: bool = False,
-):
-    if value is None and allow_none:
-        return
-    if not _is_number(value) or not math.isfinite(value):
-        raise ValueError(f"{owner}.{name} must be a finite number, got {value!r}")
-    if minimum is not None and (value <= minimum if strict_min else value < minimum):
-        op = ">" if strict_min else ">="
-        raise ValueError(f"{owner}.{name} must be {op} {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{owner}.{name} must be <= {maximum}, got {value}")
-
-
-def require_choice(owner: str, name: str, value, choices, *, allow_none: bool = False):
-    if value is None and allow_none:
-        return
-    if value not in choices:
-        raise ValueError(
-            f"{owner}.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
-        )
-
-
-def require_bool(owner: str, name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}.{name} must be true or false, got {value!r}")
-
-
-def validate_loop_fields(config) -> None:
-    """Checks for the loop fields of every ``train_*`` config: batch_size, num_epochs,
-    max_steps, shuffle, seed and save_every."""
-    owner = type(config).__name__
-    require_int(owner, "batch_size", config.batch_size, minimum=1)
-    require_int(owner, "num_epochs", config.num_epochs, minimum=1)
-    require_int(owner, "max_steps", config.max_steps, minimum=1, allow_none=True)
-    require_bool(owner, "shuffle", config.shuffle)
-    require_int(owner, "seed", config.seed, minimum=0)
-    require_int(owner, "save_every", config.save_every, minimum=0)
-
-
-def validate_optim_fields(config) -> None:
-    """Checks for the optimizer/schedule fields of every config that owns an optimizer
-    (learning_rate, weight_decay, adam_betas, max_grad_norm, warmup_steps, lr_scheduler,
-    max_skipped_steps), plus ``validate_loop_fields``; ``adam_betas`` becomes a tuple (YAML
-    gives lists)."""
-    owner = type(config).__name__
-    config.adam_betas = tuple(config.adam_betas)
-    require_float(owner, "learning_rate", config.learning_rate, minimum=0.0, strict_min=True)
-    require_float(owner, "weight_decay", config.weight_decay, minimum=0.0)
-    if len(config.adam_betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in config.adam_betas):
-        raise ValueError(f"{owner}.adam_betas must be two numbers in [0, 1), got {config.adam_betas!r}")
-    require_float(owner, "max_grad_norm", config.max_grad_norm, minimum=0.0, strict_min=True, allow_none=True)
-    require_int(owner, "warmup_steps", config.warmup_steps, minimum=0)
-    require_choice(owner, "lr_scheduler", config.lr_scheduler, ("constant", "linear", "cosine"))
-    require_int(owner, "max_skipped_steps", config.max_skipped_steps, minimum=1)
-    require_choice(owner, "precision", config.precision, PRECISIONS, allow_none=True)
-    require_int(owner, "gradient_accumulation_steps", config.gradient_accumulation_steps, minimum=1)
-    require_int(owner, "micro_batch_size", config.micro_batch_size, minimum=1, allow_none=True)
-    require_bool(owner, "gradient_checkpointing", config.gradient_checkpointing)
-    require_bool(owner, "packing", config.packing)
-    validate_loop_fields(config)
 
 
 def validate_micro_batches(config, step_rows: int, what: str = "batch_size") -> None:
@@ -240,17 +161,6 @@ def micro_batch_rows(config, step_rows: int) -> int:
     if config.micro_batch_size is not None:
         return min(config.micro_batch_size, max(step_rows, 1))
     return max(1, -(-step_rows // config.gradient_accumulation_steps))
-
-
-def validate_sampling_fields(config) -> None:
-    """Checks for the generation fields of the configs that sample (PPO, RLAIF, CAI):
-    max_prompt_length, max_new_tokens, temperature, top_k and top_p."""
-    owner = type(config).__name__
-    require_int(owner, "max_prompt_length", config.max_prompt_length, minimum=1)
-    require_int(owner, "max_new_tokens", config.max_new_tokens, minimum=1)
-    require_float(owner, "temperature", config.temperature, minimum=0.0, strict_min=True)
-    require_int(owner, "top_k", config.top_k, minimum=0)
-    require_float(owner, "top_p", config.top_p, minimum=0.0, maximum=1.0, strict_min=True)
 
 
 # ----------------------------------------------------------------------------- state
@@ -486,21 +396,16 @@ def make_optimizer(params, config) -> torch.optim.AdamW:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config, num_steps: int):
-    """Linear warmup over ``config.warmup_steps``, then constant, linear or cosine decay to 0."""
-    warmup = config.warmup_steps
-    kind = config.lr_scheduler
+    """transformers' ``get_scheduler``: linear warmup over ``config.warmup_steps`` (factor
+    ``step / warmup_steps``), then ``config.lr_scheduler`` ("constant", "linear" or "cosine"
+    decay to 0 at ``num_steps``). A ``LambdaLR`` whose factors are module-level functions, so
+    its state_dict is plain data (``torch.load(weights_only=True)``)."""
+    from transformers.optimization import get_scheduler
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, num_steps - warmup))
-        if kind == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    name = config.lr_scheduler
+    if name == "constant" and config.warmup_steps:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=num_steps)
 
 
 class NonFiniteStepError(ValueError):
@@ -511,12 +416,6 @@ class NonFiniteStepError(ValueError):
 
 
 # ----------------------------------------------------------------------------- precision
-
-PRECISIONS = ("fp32", "bf16-mixed", "bf16", "fp16-mixed")
-"""The ``precision`` values: "fp32" (fp32 weights and compute), "bf16-mixed" (fp32 master
-weights and AdamW states, bf16 compute under ``torch.autocast``), "bf16" (bf16 weights and
-compute), "fp16-mixed" (fp32 master weights, fp16 autocast, dynamic loss scaling). None: the
-device's default (``resolve_precision``)."""
 
 FP16_TRAINING_MESSAGE = (
     "fp16 weights cannot be trained directly (AdamW on fp16 weights underflows and turns the "
@@ -529,7 +428,7 @@ def resolve_precision(precision: str | None, device: torch.device | str) -> str:
     """``precision`` as given, or the default for ``device``: "bf16-mixed" on CUDA, "fp32"
     elsewhere (CPUs gain nothing from bf16 compute)."""
     if precision is not None:
-        require_choice("precision", "value", precision, PRECISIONS)
+        check_value("precision", Literal[PRECISIONS], precision)
         return precision
     return "bf16-mixed" if torch.device(device).type == "cuda" else "fp32"
 

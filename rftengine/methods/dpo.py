@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,20 +31,21 @@ from rftengine.methods.common import (
     CheckpointFn,
     TrainState,
     accumulated_step,
-    config_from_dict,
+    ConfigBase,
+    LengthFields,
+    LogprobFields,
+    LoopFields,
+    OptimFields,
     frozen_dtype,
     global_count,
     make_train_state,
     micro_batch_rows,
-    require_bool,
-    require_choice,
-    require_float,
-    require_int,
+    option,
+    redefault,
     split_rows,
     total_steps,
     train_loop,
     validate_micro_batches,
-    validate_optim_fields,
 )
 from rftengine.methods.data import (
     PreferenceExample,
@@ -76,7 +77,7 @@ def dpo_loss_types() -> tuple[str, ...]:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(ConfigBase, LogprobFields, LengthFields, LoopFields, OptimFields):
     """Options of ``train_dpo`` (validated on construction; ``from_dict`` rejects unknown keys).
 
     beta: β > 0, the inverse temperature of the implicit reward ``β·(π - ref)``.
@@ -92,48 +93,22 @@ class DPOConfig:
     ``micro_batch_size`` pairs or into ``gradient_accumulation_steps`` equal ones.
     precision, gradient_checkpointing: see ``rftengine.methods.common.PRECISIONS`` and
     ``enable_gradient_checkpointing``.
-    max_skipped_steps: optimizer steps with a non-finite loss or gradient norm are skipped and
-    counted (``train/skipped_steps``); this many in a row stop the run (``NonFiniteStepError``).
+    The shared fields (optimizer, loop, precision, memory) are declared once in
+    ``methods.config_base``; ``rftengine train --help-config METHOD`` lists every field.
     """
 
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    length_normalized: bool | None = None
-    precompute_ref: bool = True
-    # optimisation
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float | None = 1.0
-    max_skipped_steps: int = 3
-    warmup_steps: int = 0
-    lr_scheduler: str = "constant"
-    # precision and memory (see validate_micro_batches and PRECISIONS in methods.common)
-    precision: str | None = None
-    gradient_accumulation_steps: int = 1
-    micro_batch_size: int | None = None
-    gradient_checkpointing: bool = False
-    # padding-free trunk forwards (methods.packed); off by default, see its module docstring
-    packing: bool = False
-    # data and loop
-    batch_size: int = 8
-    num_epochs: int = 1
-    max_steps: int | None = None
-    shuffle: bool = True
-    max_prompt_length: int | None = 256
-    max_response_length: int | None = 256
-    ref_batch_size: int = 16
-    logprob_chunk_size: int | None = None
-    seed: int = 0
-    save_every: int = 0
+    beta: float = option(0.1, "inverse temperature β of the implicit reward", min=0.0, exclusive_min=True)
+    loss_type: Literal[DPO_LOSS_TYPES] = option("sigmoid", "the preference loss")
+    label_smoothing: float = option(0.0, "assumed label-noise rate ε (cDPO, robust)", min=0.0, max=0.5)
+    simpo_gamma: float = option(0.5, "SimPO target margin γ", min=0.0)
+    length_normalized: bool | None = option(None, "divide sequence log-probs by their token counts "
+                                            "(null: true for simpo only)")
+    precompute_ref: bool = option(True, "cache reference log-probs once before training")
+    learning_rate: float = redefault(OptimFields, "learning_rate", 1e-6)
+    ref_batch_size: int = option(16, "pairs per reference forward when precomputing", min=1)
 
-    def __post_init__(self):
+    def validate(self):
         owner = type(self).__name__
-        require_float(owner, "beta", self.beta, minimum=0.0, strict_min=True)
-        require_choice(owner, "loss_type", self.loss_type, dpo_loss_types())
-        require_float(owner, "label_smoothing", self.label_smoothing, minimum=0.0, maximum=0.5)
         if self.loss_type in ("ipo", "hinge") and self.label_smoothing != 0:
             raise ValueError(
                 f"{owner}.label_smoothing must be 0 for loss_type={self.loss_type!r}, got {self.label_smoothing}"
@@ -142,28 +117,13 @@ class DPOConfig:
             raise ValueError(
                 f"{owner}.label_smoothing must be < 0.5 for loss_type='robust', got {self.label_smoothing}"
             )
-        require_float(owner, "simpo_gamma", self.simpo_gamma, minimum=0.0)
-        validate_optim_fields(self)
         validate_micro_batches(self, self.batch_size)
-        require_int(owner, "ref_batch_size", self.ref_batch_size, minimum=1)
-        require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1, allow_none=True)
-        require_int(owner, "max_response_length", self.max_response_length, minimum=1, allow_none=True)
-        require_int(owner, "logprob_chunk_size", self.logprob_chunk_size, minimum=1, allow_none=True)
-        if self.length_normalized is not None:
-            if not isinstance(self.length_normalized, bool):
-                raise ValueError(
-                    f"{owner}.length_normalized must be true, false or null, got {self.length_normalized!r}"
-                )
-            if self.length_normalized != (self.loss_type == "simpo") and self.loss_type != "ipo":
-                raise ValueError(
-                    f"{owner}.length_normalized={self.length_normalized} is not available for "
-                    f"loss_type={self.loss_type!r} (only 'ipo' accepts both)"
-                )
-        require_bool(owner, "precompute_ref", self.precompute_ref)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DPOConfig:
-        return config_from_dict(cls, data)
+        if self.length_normalized is not None and (
+                self.length_normalized != (self.loss_type == "simpo") and self.loss_type != "ipo"):
+            raise ValueError(
+                f"{owner}.length_normalized={self.length_normalized} is not available for "
+                f"loss_type={self.loss_type!r} (only 'ipo' accepts both)"
+            )
 
     @property
     def uses_reference(self) -> bool:

@@ -33,7 +33,7 @@ import copy
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -46,17 +46,20 @@ from rftengine.methods.common import (
     TrainState,
     call_reward_fn,
     accumulate_gradients,
+    cast_trainable,
     autocast,
     clip_and_step,
-    config_from_dict,
+    ConfigBase,
+    LogprobFields,
+    LoopFields,
+    OptimFields,
+    SamplingFields,
     frozen_dtype,
     global_count,
     make_train_state,
     micro_batch_rows,
-    require_bool,
-    require_choice,
-    require_float,
-    require_int,
+    option,
+    redefault,
     skipped_steps,
     step_scheduler,
     split_rows,
@@ -67,8 +70,6 @@ from rftengine.methods.common import (
     train_loop,
     resolve_precision,
     validate_micro_batches,
-    validate_optim_fields,
-    validate_sampling_fields,
 )
 from rftengine.methods.data import (
     PromptLike,
@@ -104,7 +105,7 @@ CRITICS = ("shared", "separate")
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(ConfigBase, LogprobFields, SamplingFields, LoopFields, OptimFields):
     """Options of PPO / GRPO / RLOO (validated on construction; ``from_dict`` rejects unknown
     keys with the closest valid one).
 
@@ -129,86 +130,60 @@ class PPOConfig:
     default for "grpo"), the batch std ("batch") or nothing ("none", the default for "rloo").
     Critic ("ppo" only): "shared" = a value head on the policy's final hidden states (one
     forward for both), "separate" = its own trunk (a copy of the policy, or ``value_model``).
-    max_skipped_steps: optimizer steps with a non-finite loss or gradient norm are skipped and
-    counted (``train/skipped_steps``); this many in a row stop the run (``NonFiniteStepError``).
+    The shared fields (optimizer, loop, precision, memory) are declared once in
+    ``methods.config_base``; ``rftengine train --help-config METHOD`` lists every field.
     """
 
-    algorithm: str = "ppo"
-    # optimisation
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float | None = 1.0
-    max_skipped_steps: int = 3
-    warmup_steps: int = 0
-    lr_scheduler: str = "constant"
-    # precision and memory (see validate_micro_batches and PRECISIONS in methods.common)
-    precision: str | None = None
-    gradient_accumulation_steps: int = 1
-    micro_batch_size: int | None = None
-    gradient_checkpointing: bool = False
-    # padding-free trunk forwards (methods.packed); off by default, see its module docstring
-    packing: bool = False
-    # data and loop
-    batch_size: int = 8
-    group_size: int = 1
-    num_epochs: int = 1
-    max_steps: int | None = None
-    shuffle: bool = True
-    # rollout
-    max_prompt_length: int = 256
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    algorithm: Literal[ALGORITHMS] = option("ppo", "ppo (critic and GAE), grpo or rloo (group baselines)")
+    learning_rate: float = redefault(OptimFields, "learning_rate", 1e-6)
+    group_size: int = option(1, "responses sampled per prompt (>= 2 for grpo/rloo)", min=1)
     # update
-    ppo_epochs: int = 4
-    minibatch_size: int | None = None
-    rollout_micro_batch_size: int | None = None
-    clip_range: float = 0.2
-    clip_range_high: float | None = None
-    dual_clip: float | None = None
-    aggregation: str = "token_mean"
-    loss_constant: float | None = None
-    entropy_coef: float = 0.0
+    ppo_epochs: int = option(4, "passes over each step's rollouts", min=1)
+    minibatch_size: int | None = option(None, "sequences per optimizer step (null: all rollouts of the step)",
+                                        min=1)
+    rollout_micro_batch_size: int | None = option(None, "sequences per no-grad log-prob/value pass (null: all)",
+                                                  min=1)
+    clip_range: float = option(0.2, "PPO ratio clip ε", min=0.0, exclusive_min=True)
+    clip_range_high: float | None = option(None, "upper clip ε_high (DAPO clip-higher; null: clip_range)",
+                                           min=0.0, exclusive_min=True)
+    dual_clip: float | None = option(None, "dual-clip c for negative advantages (null: off)",
+                                     min=1.0, exclusive_min=True)
+    aggregation: Literal[AGGREGATIONS] = option("token_mean", "how token losses become the step's loss")
+    loss_constant: float | None = option(None, "token_sum_norm divisor (null: max_new_tokens)",
+                                         min=0.0, exclusive_min=True)
+    entropy_coef: float = option(0.0, "entropy bonus weight", min=0.0)
     # KL
-    kl_coef: float = 0.05
-    kl_estimator: str | None = None
-    kl_in_loss: bool | None = None
-    adaptive_kl: bool = False
-    target_kl: float = 6.0
-    kl_horizon: int = 10000
+    kl_coef: float = option(0.05, "KL penalty β", min=0.0)
+    kl_estimator: Literal[KL_ESTIMATORS] | None = option(None, "k1, k2 or k3 (null: k1 for ppo, k3 otherwise)")
+    kl_in_loss: bool | None = option(None, "KL in the loss rather than the reward (null: false for ppo, "
+                                           "true otherwise)")
+    adaptive_kl: bool = option(False, "steer β toward target_kl (needs the KL in the reward)")
+    target_kl: float = option(6.0, "adaptive KL target, sequence-level nats", min=0.0, exclusive_min=True)
+    kl_horizon: int = option(10000, "adaptive KL horizon", min=1)
     # reward
-    missing_eos_penalty: float | None = None
+    missing_eos_penalty: float | None = option(None, "subtracted from the score of responses without EOS")
     # critic and GAE ("ppo")
-    critic: str = "shared"
-    vf_coef: float = 0.1
-    value_clip: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
+    critic: Literal[CRITICS] = option("shared", "value head on the policy (shared) or its own trunk (separate)")
+    vf_coef: float = option(0.1, "value loss weight", min=0.0)
+    value_clip: float = option(0.2, "value clip range", min=0.0, exclusive_min=True)
+    gamma: float = option(1.0, "GAE discount", min=0.0, max=1.0)
+    lam: float = option(0.95, "GAE λ", min=0.0, max=1.0)
+    whiten_advantages: bool = option(True, "whiten advantages over the batch")
     # critic-free ("grpo", "rloo")
-    group_scale: str | None = None
+    group_scale: Literal[GROUP_SCALES] | None = option(None, "divide group-centred scores by the group std, "
+                                                       "the batch std or none (null: group for grpo, "
+                                                       "none for rloo)")
     # misc
-    recompute_logprobs: bool = False
-    logprob_chunk_size: int | None = None
-    seed: int = 0
-    save_every: int = 0
+    recompute_logprobs: bool = option(False, "old log-probs from a training forward pass instead of the "
+                                             "sampler's own")
 
-    def __post_init__(self):
+    def validate(self):
         owner = type(self).__name__
-        require_choice(owner, "algorithm", self.algorithm, ALGORITHMS)
-        validate_optim_fields(self)
-        require_int(owner, "group_size", self.group_size, minimum=1)
         if self.algorithm != "ppo" and self.group_size < 2:
             raise ValueError(
                 f"{owner}.group_size must be >= 2 for algorithm={self.algorithm!r} (advantages "
                 f"compare responses within a prompt's group), got {self.group_size}"
             )
-        validate_sampling_fields(self)
-        require_int(owner, "ppo_epochs", self.ppo_epochs, minimum=1)
-        require_int(owner, "minibatch_size", self.minibatch_size, minimum=1, allow_none=True)
-        require_int(owner, "rollout_micro_batch_size", self.rollout_micro_batch_size, minimum=1, allow_none=True)
         if self.minibatch_size is not None and self.minibatch_size > self.batch_size * self.group_size:
             raise ValueError(
                 f"{owner}.minibatch_size must be <= batch_size * group_size "
@@ -216,25 +191,18 @@ class PPOConfig:
             )
         validate_micro_batches(self, self.minibatch_size or self.rollouts_per_step,
                                "minibatch_size" if self.minibatch_size else "batch_size * group_size")
-        require_float(owner, "clip_range", self.clip_range, minimum=0.0, strict_min=True)
-        require_float(owner, "clip_range_high", self.clip_range_high, minimum=0.0, strict_min=True,
-                      allow_none=True)
-        require_float(owner, "dual_clip", self.dual_clip, minimum=1.0, strict_min=True, allow_none=True)
-        require_choice(owner, "aggregation", self.aggregation, AGGREGATIONS)
-        require_float(owner, "loss_constant", self.loss_constant, minimum=0.0, strict_min=True, allow_none=True)
         if self.loss_constant is not None and self.aggregation != "token_sum_norm":
             raise ValueError(
                 f"{owner}.loss_constant is only used with aggregation='token_sum_norm', got "
                 f"aggregation={self.aggregation!r}"
             )
-        require_float(owner, "entropy_coef", self.entropy_coef, minimum=0.0)
-        require_float(owner, "kl_coef", self.kl_coef, minimum=0.0)
+        # Defaults that follow the algorithm (kept as given otherwise).
         if self.kl_estimator is None:
             self.kl_estimator = "k1" if self.algorithm == "ppo" else "k3"
-        require_choice(owner, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         if self.kl_in_loss is None:
             self.kl_in_loss = self.algorithm != "ppo"
-        require_bool(owner, "kl_in_loss", self.kl_in_loss)
+        if self.group_scale is None:
+            self.group_scale = "group" if self.algorithm == "grpo" else "none"
         if self.adaptive_kl:
             if self.kl_in_loss:
                 raise ValueError(
@@ -242,24 +210,6 @@ class PPOConfig:
                 )
             if self.kl_coef <= 0:
                 raise ValueError(f"{owner}.kl_coef must be > 0 with adaptive_kl (it scales β), got {self.kl_coef}")
-        require_float(owner, "target_kl", self.target_kl, minimum=0.0, strict_min=True)
-        require_int(owner, "kl_horizon", self.kl_horizon, minimum=1)
-        require_float(owner, "missing_eos_penalty", self.missing_eos_penalty, allow_none=True)
-        require_choice(owner, "critic", self.critic, CRITICS)
-        require_float(owner, "vf_coef", self.vf_coef, minimum=0.0)
-        require_float(owner, "value_clip", self.value_clip, minimum=0.0, strict_min=True)
-        require_float(owner, "gamma", self.gamma, minimum=0.0, maximum=1.0)
-        require_float(owner, "lam", self.lam, minimum=0.0, maximum=1.0)
-        if self.group_scale is None:
-            self.group_scale = "group" if self.algorithm == "grpo" else "none"
-        require_choice(owner, "group_scale", self.group_scale, GROUP_SCALES)
-        require_int(owner, "logprob_chunk_size", self.logprob_chunk_size, minimum=1, allow_none=True)
-        for name in ("whiten_advantages", "recompute_logprobs", "adaptive_kl"):
-            require_bool(owner, name, getattr(self, name))
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PPOConfig:
-        return config_from_dict(cls, data)
 
     @property
     def rollouts_per_step(self) -> int:
@@ -373,6 +323,48 @@ class PPOResult:
 # ----------------------------------------------------------------------------- setup
 
 
+def make_critic(policy: nn.Module, config: PPOConfig, value_model: nn.Module | None = None) -> nn.Module | None:
+    """The critic of algorithm "ppo" (None otherwise): a ``ValueHead`` on the policy's hidden
+    states (critic "shared") or a ``CausalLMWithValueHead`` (critic "separate": over
+    ``value_model``, default a copy of ``policy``), on the policy's device. With a policy
+    sharded over the ranks (``distributed.shard_model``) the critic is sharded too: the value
+    head as its own fp32 unit, a separate critic like the policy (over fp32 master weights);
+    a sharded policy cannot be copied, so "separate" then needs ``value_model``."""
+    device = device_of(policy)
+    critic = None
+    if config.algorithm == "ppo":
+        if config.critic == "shared":
+            if value_model is not None:
+                raise ValueError("value_model is only used with critic='separate'")
+            critic = ValueHead(hidden_size_of(policy), seed=config.seed).to(device)
+            if distributed.is_sharded(policy):
+                # fp32 (ValueHead computes in fp32); its gradient summed over the ranks
+                critic = distributed.shard_module(critic)
+        else:
+            if value_model is None and distributed.is_sharded(policy):
+                raise ValueError(
+                    "critic='separate' with a policy sharded over the ranks needs value_model (a sharded "
+                    "policy cannot be copied): pass the initial model, unsharded, as value_model"
+                )
+            base = value_model if value_model is not None else copy.deepcopy(policy)
+            if isinstance(base, RewardModel):
+                if base.kind != "value_head":
+                    raise ValueError("value_model must be a causal LM or a value-head reward model, "
+                                     "got a sequence-classification reward model")
+                base = base.model
+            critic = base if isinstance(base, CausalLMWithValueHead) else CausalLMWithValueHead(
+                base, ValueHead(hidden_size_of(base), seed=config.seed))
+            critic.to(device)
+            if distributed.is_sharded(policy) and not distributed.is_sharded(critic):
+                # sharded like the policy, over fp32 master weights (shards cannot be re-typed later)
+                precision = resolve_precision(config.precision, device)
+                cast_trainable(critic.parameters(), precision)
+                critic = distributed.shard_model(critic, precision=precision)
+    elif value_model is not None:
+        raise ValueError(f"value_model is not used by algorithm={config.algorithm!r} (critic-free)")
+    return critic
+
+
 def make_ppo_context(
     policy: nn.Module,
     tokenizer,
@@ -380,6 +372,7 @@ def make_ppo_context(
     *,
     ref_model: nn.Module | None = None,
     value_model: nn.Module | None = None,
+    critic: nn.Module | None = None,
     num_training_steps: int | None = None,
     state: TrainState | Mapping[str, Any] | None = None,
 ) -> PPOContext:
@@ -395,6 +388,8 @@ def make_ppo_context(
         value_model: for critic "separate": a causal LM, a ``CausalLMWithValueHead`` or a
             value-head ``RewardModel`` (the usual critic init); default a copy of ``policy``
             with a new value head.
+        critic: a critic built by ``make_critic`` (its weights restored by the caller, as the
+            CLI does for a sharded checkpoint); default ``make_critic(policy, config, value_model)``.
         num_training_steps: for the LR schedule (default ``config.max_steps`` or 1).
         state: resume from a ``TrainState`` or its ``state_dict()``.
     """
@@ -408,26 +403,11 @@ def make_ppo_context(
     disable_dropout(policy)
     device = device_of(policy)
 
-    modules: dict[str, nn.Module] = {}
-    critic = None
-    if config.algorithm == "ppo":
-        if config.critic == "shared":
-            if value_model is not None:
-                raise ValueError("value_model is only used with critic='separate'")
-            critic = ValueHead(hidden_size_of(policy), seed=config.seed).to(device)
-        else:
-            base = value_model if value_model is not None else copy.deepcopy(policy)
-            if isinstance(base, RewardModel):
-                if base.kind != "value_head":
-                    raise ValueError("value_model must be a causal LM or a value-head reward model, "
-                                     "got a sequence-classification reward model")
-                base = base.model
-            critic = base if isinstance(base, CausalLMWithValueHead) else CausalLMWithValueHead(
-                base, ValueHead(hidden_size_of(base), seed=config.seed))
-            critic.to(device)
-        modules["critic"] = critic
-    elif value_model is not None:
-        raise ValueError(f"value_model is not used by algorithm={config.algorithm!r} (critic-free)")
+    if critic is None:
+        critic = make_critic(policy, config, value_model)
+    elif config.algorithm != "ppo" or value_model is not None:
+        raise ValueError("critic is only used with algorithm='ppo', and replaces value_model")
+    modules = {"critic": critic} if critic is not None else {}
 
     params = list(policy.parameters()) + (list(critic.parameters()) if critic is not None else [])
     train_state = make_train_state(
@@ -585,7 +565,9 @@ def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PP
         rewards = rewards.scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1))
         advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
         if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            # over every rank's valid tokens: N ranks whiten as one process whitens the global batch
+            advantages = whiten(advantages, mask,
+                                reduce=distributed.all_reduce_sum if distributed.is_distributed() else None)
         advantages = advantages * mask
     else:
         sample_scores = scores
@@ -779,6 +761,7 @@ def train_ppo(
     reward_fn: RewardFn,
     ref_model: nn.Module | None = None,
     value_model: nn.Module | None = None,
+    critic: nn.Module | None = None,
     callback: Callback | None = None,
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
@@ -795,7 +778,7 @@ def train_ppo(
         config: ``PPOConfig`` (defaults if None).
         reward_fn: ``reward_fn(prompts, responses) -> Tensor[N] | list[float]`` (a
             ``RewardScorer``, a Judge, any function).
-        ref_model, value_model: see ``make_ppo_context``.
+        ref_model, value_model, critic: see ``make_ppo_context``.
         callback: ``callback(step, metrics)`` after each step.
         state: a ``TrainState`` or its ``state_dict()`` to resume from (``policy`` must hold the
             checkpoint's weights; pass the original model as ``ref_model``, see above).
@@ -807,7 +790,7 @@ def train_ppo(
     require_prompt_positions(policy, tokenizer, texts, config)
     num_steps = total_steps(config, len(texts), config.batch_size)
     ctx = make_ppo_context(policy, tokenizer, config, ref_model=ref_model, value_model=value_model,
-                           num_training_steps=num_steps, state=state)
+                           critic=critic, num_training_steps=num_steps, state=state)
 
     def run_step(idx: list[int]) -> dict[str, float]:
         ro = rollout(ctx, [texts[i] for i in idx],

@@ -26,18 +26,18 @@ from rftengine.methods.common import (
     CheckpointFn,
     TrainState,
     accumulated_step,
-    config_from_dict,
+    ConfigBase,
+    LengthFields,
+    LoopFields,
+    OptimFields,
     global_count,
     make_train_state,
     micro_batch_rows,
-    require_bool,
-    require_float,
-    require_int,
+    option,
     split_rows,
     total_steps,
     train_loop,
     validate_micro_batches,
-    validate_optim_fields,
 )
 from rftengine.methods.data import (
     PreferenceExample,
@@ -62,7 +62,7 @@ from rftengine.methods.packed import padding_fraction
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(ConfigBase, LengthFields, LoopFields, OptimFields):
     """Options of ``train_reward_model`` (validated on construction; ``from_dict`` rejects
     unknown keys).
 
@@ -72,47 +72,16 @@ class RewardConfig:
     ``rftengine.methods.common.PRECISIONS`` and ``enable_gradient_checkpointing``.
     use_margin: subtract each pair's ``"margin"`` field inside the sigmoid (pairs without one
     get 0). center_coef: weight of the ``mean((r_c + r_r)²)`` centering term (None = off).
-    max_skipped_steps: optimizer steps with a non-finite loss or gradient norm are skipped and
-    counted (``train/skipped_steps``); this many in a row stop the run (``NonFiniteStepError``).
+    The shared fields (optimizer, loop, precision, memory) are declared once in
+    ``methods.config_base``; ``rftengine train --help-config METHOD`` lists every field.
     """
 
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float | None = 1.0
-    max_skipped_steps: int = 3
-    warmup_steps: int = 0
-    lr_scheduler: str = "constant"
-    # precision and memory (see validate_micro_batches and PRECISIONS in methods.common)
-    precision: str | None = None
-    gradient_accumulation_steps: int = 1
-    micro_batch_size: int | None = None
-    gradient_checkpointing: bool = False
-    # padding-free trunk forwards (methods.packed); off by default, see its module docstring
-    packing: bool = False
-    batch_size: int = 8
-    num_epochs: int = 1
-    max_steps: int | None = None
-    max_prompt_length: int | None = 256
-    max_response_length: int | None = 256
-    use_margin: bool = False
-    center_coef: float | None = None
-    shuffle: bool = True
-    seed: int = 0
-    save_every: int = 0
+    use_margin: bool = option(False, "subtract each pair's \"margin\" field inside the sigmoid")
+    center_coef: float | None = option(None, "weight of the mean((r_c + r_r)^2) centering term (null: off)",
+                                       min=0.0)
 
-    def __post_init__(self):
-        owner = type(self).__name__
-        validate_optim_fields(self)
+    def validate(self):
         validate_micro_batches(self, self.batch_size)
-        require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1, allow_none=True)
-        require_int(owner, "max_response_length", self.max_response_length, minimum=1, allow_none=True)
-        require_float(owner, "center_coef", self.center_coef, minimum=0.0, allow_none=True)
-        require_bool(owner, "use_margin", self.use_margin)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RewardConfig:
-        return config_from_dict(cls, data)
 
 
 @dataclass

@@ -19,10 +19,9 @@ Three lines::
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,22 +30,21 @@ from rftengine.methods.common import (
     Callback,
     CheckpointFn,
     TrainState,
-    config_from_dict,
-    config_to_dict,
+    ConfigBase,
+    LoopFields,
+    SamplingFields,
     frozen_dtype,
     make_train_state,
-    require_choice,
-    require_float,
-    require_int,
+    option,
     resolve_precision,
     stage_state,
     step_seed,
     total_steps,
     track,
     train_loop,
+    stage,
+    stage_config,
     unwrap_stage_state,
-    validate_loop_fields,
-    validate_sampling_fields,
 )
 from rftengine.methods.data import (
     PromptLike,
@@ -88,49 +86,8 @@ _DPO_LOOP_FIELDS = {
 }
 
 
-def _merge_nested(owner: str, name: str, cls: type, given, loop: dict[str, Any], defaults_here: dict[str, Any]):
-    """``given`` (None, a mapping or a ``cls``) with the loop fields set from the outer config
-    and ``defaults_here`` filling fields left at their class defaults.
-
-    A loop field given in the nested config with a non-default value that disagrees with the
-    outer config is an error naming both fields; so is any invalid or unknown nested option.
-    """
-    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    if given is None:
-        data: dict[str, Any] = {}
-    elif isinstance(given, cls):
-        data = config_to_dict(given)
-        if cls is PPOConfig and given.algorithm != loop["algorithm"]:
-            # KL defaults resolved for the object's own algorithm follow the outer one instead.
-            resolved = {"kl_estimator": "k1" if given.algorithm == "ppo" else "k3",
-                        "kl_in_loss": given.algorithm != "ppo"}
-            for key, value in resolved.items():
-                if data[key] == value:
-                    data[key] = None
-    elif isinstance(given, Mapping):
-        data = dict(given)
-    else:
-        raise ValueError(f"{owner}.{name} must be a {cls.__name__}, a mapping of its options or None, "
-                         f"got {type(given).__name__}")
-    outer_names = {**_PPO_LOOP_FIELDS, **_DPO_LOOP_FIELDS}
-    for key, value in loop.items():
-        if key in data and data[key] != defaults.get(key) and data[key] != value:
-            raise ValueError(
-                f"{owner}.{name}.{key}={data[key]!r} conflicts with {owner}.{outer_names[key]}={value!r}; "
-                f"set {owner}.{outer_names[key]} (it drives the RLAIF loop)"
-            )
-        data[key] = value
-    for key, value in defaults_here.items():
-        if data.get(key, defaults.get(key)) == defaults.get(key):
-            data[key] = value
-    try:
-        return config_from_dict(cls, data)
-    except ValueError as exc:
-        raise ValueError(f"{owner}.{name}: {exc}") from None
-
-
 @dataclass
-class RLAIFConfig:
+class RLAIFConfig(ConfigBase, SamplingFields, LoopFields):
     """Options of ``train_rlaif`` (validated on construction; ``from_dict`` rejects unknown keys).
 
     algorithm: "ppo", "grpo", "rloo" (the judge is the reward) or "dpo" (judged pairs).
@@ -148,38 +105,21 @@ class RLAIFConfig:
     of ``config_to_dict`` round-trips).
     """
 
-    algorithm: str = "grpo"
-    judge_mode: str = "pointwise"
-    num_samples: int = 2
-    batch_size: int = 8
-    num_epochs: int = 1
-    max_steps: int | None = None
-    shuffle: bool = True
-    max_prompt_length: int = 256
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_margin: float = 0.0
-    updates_per_round: int = 1
-    ppo: PPOConfig | Mapping[str, Any] | None = None
-    dpo: DPOConfig | Mapping[str, Any] | None = None
-    seed: int = 0
-    save_every: int = 0
+    algorithm: Literal[RLAIF_ALGORITHMS] = option("grpo", "ppo, grpo, rloo (the judge is the reward) or dpo "
+                                                  "(judged pairs)")
+    judge_mode: Literal[JUDGE_MODES] = option("pointwise", "pointwise (expected rating) or pairwise "
+                                              "(both-order comparisons)")
+    num_samples: int = option(2, "responses sampled per prompt", min=2,
+                              why="the judge compares responses to the same prompt")
+    min_margin: float = option(0.0, "dpo: prompts whose best and worst responses differ by at most this "
+                                    "judge margin give no pair", min=0.0)
+    updates_per_round: int = option(1, "dpo: optimizer steps on each round's pairs", min=1)
+    ppo: PPOConfig | Mapping[str, Any] | None = stage(PPOConfig, "PPOConfig options for ppo/grpo/rloo",
+                                                      _PPO_LOOP_FIELDS)
+    dpo: DPOConfig | Mapping[str, Any] | None = stage(DPOConfig, "DPOConfig options for dpo", _DPO_LOOP_FIELDS)
 
-    def __post_init__(self):
+    def validate(self):
         owner = type(self).__name__
-        require_choice(owner, "algorithm", self.algorithm, RLAIF_ALGORITHMS)
-        require_choice(owner, "judge_mode", self.judge_mode, JUDGE_MODES)
-        if not isinstance(self.num_samples, int) or isinstance(self.num_samples, bool) or self.num_samples < 2:
-            raise ValueError(
-                f"{owner}.num_samples must be an integer >= 2 (the judge compares responses to the "
-                f"same prompt), got {self.num_samples!r}"
-            )
-        validate_loop_fields(self)
-        validate_sampling_fields(self)
-        require_float(owner, "min_margin", self.min_margin, minimum=0.0)
-        require_int(owner, "updates_per_round", self.updates_per_round, minimum=1)
         if self.algorithm == "dpo" and self.ppo is not None:
             raise ValueError(f"{owner}.ppo is only used with algorithm 'ppo', 'grpo' or 'rloo'; "
                              f"algorithm is 'dpo' (use {owner}.dpo)")
@@ -193,22 +133,14 @@ class RLAIFConfig:
         """The PPOConfig ``train_ppo`` runs with: ``ppo`` plus this config's loop fields."""
         if self.algorithm == "dpo":
             raise ValueError("RLAIFConfig.ppo_config: algorithm is 'dpo', which trains with dpo_config")
-        return _merge_nested(type(self).__name__, "ppo", PPOConfig, self.ppo, self._loop(_PPO_LOOP_FIELDS), {})
+        return stage_config(self, "ppo")
 
     @property
     def dpo_config(self) -> DPOConfig:
         """The DPOConfig of each online round: ``dpo`` plus this config's loop fields."""
         if self.algorithm != "dpo":
             raise ValueError(f"RLAIFConfig.dpo_config: algorithm is {self.algorithm!r}, which trains with ppo_config")
-        return _merge_nested(type(self).__name__, "dpo", DPOConfig, self.dpo, self._loop(_DPO_LOOP_FIELDS),
-                             {"max_response_length": self.max_new_tokens + 1})
-
-    def _loop(self, fields: dict[str, str]) -> dict[str, Any]:
-        return {inner: getattr(self, outer) for inner, outer in fields.items()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RLAIFConfig:
-        return config_from_dict(cls, data)
+        return stage_config(self, "dpo", {"max_response_length": self.max_new_tokens + 1})
 
 
 @dataclass

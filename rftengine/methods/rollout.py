@@ -77,6 +77,7 @@ def sample_rollout(
     seed: int,
     references: Sequence[Any] | None = None,
     length_fields: str = "max_prompt_length or max_new_tokens",
+    sequence_offset: int | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt in one ``generator.generate`` call.
 
@@ -84,6 +85,14 @@ def sample_rollout(
     from the left to ``max_prompt_length``. A prompt + ``max_new_tokens`` longer than the
     model's ``max_position_embeddings`` is refused before sampling (the message names
     ``length_fields``, the config fields to lower).
+
+    Each response's sampling noise is keyed by (``seed``, its global sequence index, step):
+    response s of prompt p is sequence ``sequence_offset + p * num_samples + s``. The default
+    offset takes ``prompts`` as this rank's contiguous share of a global batch, every rank
+    holding as many (``distributed.shard_batch``): rank r starts at ``r * len(prompts) *
+    num_samples``, so N ranks sample exactly the responses one process samples for the whole
+    batch with the same seed (up to the logits' last bits, see ``Generator``). Pass 0 for
+    prompts that are not such a share (every rank sampling the same prompts).
     """
     if len(prompts) == 0:
         raise ValueError("prompts must hold at least one prompt, got 0")
@@ -96,16 +105,15 @@ def sample_rollout(
         longest = max(len(p) for p in prompt_ids)
         require_positions(model, longest + max_new_tokens,
                           f"the longest prompt + max_new_tokens, {longest} + {max_new_tokens}", length_fields)
-    # Under torchrun each rank samples its own prompts with its own noise (rank 0 keeps the seed):
-    # the responses of a global batch then depend on the world size, each rank's on (seed, step).
-    if distributed.rank() > 0:
-        seed = (seed + distributed.rank() * 104_729) % (2**31 - 1)
+    if sequence_offset is None:
+        sequence_offset = distributed.rank() * len(prompts) * num_samples
     # A model sharded over the ranks (FSDP2) rolls out over its gathered full weights, and the
     # Generator's cache and graphs, which point into them, are freed before training.
     with distributed.gathered(model) as sharded:
         out = generator.generate(
             prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_token_ids=[eos], pad_token_id=pad, seed=seed,
+            sequence_offset=sequence_offset,
         )
         if sharded:
             generator.free()

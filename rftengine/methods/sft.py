@@ -26,16 +26,19 @@ from rftengine.methods.common import (
     CheckpointFn,
     TrainState,
     accumulated_step,
-    config_from_dict,
+    ConfigBase,
+    LengthFields,
+    LogprobFields,
+    LoopFields,
+    OptimFields,
     global_count,
     make_train_state,
     micro_batch_rows,
-    require_int,
+    option,
     split_rows,
     total_steps,
     train_loop,
     validate_micro_batches,
-    validate_optim_fields,
 )
 from rftengine.methods.data import (
     SequenceBatch,
@@ -57,52 +60,20 @@ from rftengine.methods.packed import padding_fraction
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(ConfigBase, LogprobFields, LengthFields, LoopFields, OptimFields):
     """Options of ``train_sft`` (validated on construction; ``from_dict`` rejects unknown keys).
 
     batch_size counts (prompt, response) examples per optimizer step (per process), split into
     micro-batches of ``micro_batch_size`` or into ``gradient_accumulation_steps`` equal ones;
     the loss stays the token mean of the whole step. precision, gradient_checkpointing: see
     ``rftengine.methods.common.PRECISIONS`` and ``enable_gradient_checkpointing``.
-    max_skipped_steps: optimizer steps with a non-finite loss or gradient norm are skipped and
-    counted (``train/skipped_steps``); this many in a row stop the run (``NonFiniteStepError``).
+    The shared fields (optimizer, loop, precision, memory) are declared once in
+    ``methods.config_base``; ``rftengine train --help-config METHOD`` lists every field.
     """
 
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float | None = 1.0
-    max_skipped_steps: int = 3
-    warmup_steps: int = 0
-    lr_scheduler: str = "constant"
-    # precision and memory (see validate_micro_batches and PRECISIONS in methods.common)
-    precision: str | None = None
-    gradient_accumulation_steps: int = 1
-    micro_batch_size: int | None = None
-    gradient_checkpointing: bool = False
-    # padding-free trunk forwards (methods.packed); off by default, see its module docstring
-    packing: bool = False
-    batch_size: int = 8
-    num_epochs: int = 1
-    max_steps: int | None = None
-    shuffle: bool = True
-    max_prompt_length: int | None = 256
-    max_response_length: int | None = 256
-    logprob_chunk_size: int | None = None
-    seed: int = 0
-    save_every: int = 0
 
-    def __post_init__(self):
-        owner = type(self).__name__
-        validate_optim_fields(self)
+    def validate(self):
         validate_micro_batches(self, self.batch_size)
-        require_int(owner, "max_prompt_length", self.max_prompt_length, minimum=1, allow_none=True)
-        require_int(owner, "max_response_length", self.max_response_length, minimum=1, allow_none=True)
-        require_int(owner, "logprob_chunk_size", self.logprob_chunk_size, minimum=1, allow_none=True)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SFTConfig:
-        return config_from_dict(cls, data)
 
 
 @dataclass

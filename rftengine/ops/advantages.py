@@ -8,6 +8,8 @@ compose with anything upstream.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rftengine.ops._checks import (
@@ -252,22 +254,100 @@ def _whiten_backward_triton(x, keep, stats, grad, shift_mean: bool):
     return kernel.whiten_backward_apply(x, keep, bwd_stats, grad, shift_mean)
 
 
+def _local_moments(x, keep, triton_path: bool) -> torch.Tensor:
+    """(count, mean, M2) [3] float64 of this process's valid entries of flat x [N], from the
+    power-of-two-scaled statistics of either backend (float64 holds M2 of any fp32 x)."""
+    acc = torch.float32 if triton_path else accumulation_dtype(x)
+    scale = power_of_two_scale(x, keep, acc)
+    if triton_path:
+        from rftengine.kernels import gae as kernel
+
+        count, means, m2 = kernel.masked_moments(x, keep, scale).double()
+        n = count.sum()
+        mean = (count * means).sum() / n.clamp(min=1.0)
+        m2 = m2.sum() + (count * (means - mean) ** 2).sum()
+    else:
+        xv = _zeros_where_masked(x, keep, acc) / scale
+        k = torch.ones_like(xv) if keep is None else keep.to(acc)
+        n = k.sum()
+        mean = xv.sum() / n.clamp(min=1.0)
+        m2 = (((xv - mean) * k) ** 2).sum()
+        n, mean, m2 = n.double(), mean.double(), m2.double()
+    s = scale.double()
+    return torch.stack([n, mean * s, m2 * s * s])
+
+
+def _global_whiten_stats(x, keep, eps: float, triton_path: bool, reduce) -> torch.Tensor:
+    """(mean, inv_std, count) [3] over every process's valid entries (``reduce`` sums a tensor
+    over the processes): the count-weighted mean first, then each process's M2 about it
+    (Chan et al.: ``M2_r + n_r·(mean_r - mean)²``), so no Σx² - (Σx)²/n cancellation."""
+    n_r, mean_r, m2_r = _local_moments(x, keep, triton_path).unbind()
+    n, total = reduce(torch.stack([n_r, n_r * mean_r])).unbind()
+    mean = total / n.clamp(min=1.0)
+    m2 = reduce((m2_r + n_r * (mean_r - mean) ** 2).reshape(1))[0]
+    inv_std = torch.rsqrt(m2 / (n - 1).clamp(min=1.0) + eps)
+    acc = torch.float32 if triton_path else accumulation_dtype(x)
+    return torch.stack([mean, inv_std, n]).to(acc)
+
+
+def _global_whiten_apply(x, keep, stats, shift_mean: bool, triton_path: bool) -> torch.Tensor:
+    if triton_path:
+        from rftengine.kernels import gae as kernel
+
+        return kernel.whiten_apply(x, keep, stats, shift_mean)
+    mean, inv_std, _ = stats.unbind()
+    k = torch.ones(x.shape, dtype=stats.dtype, device=x.device) if keep is None else keep.to(stats.dtype)
+    xv = _zeros_where_masked(x, keep, stats.dtype)
+    return ((xv - mean) * inv_std + (0.0 if shift_mean else mean)) * k
+
+
+def _global_whiten_backward(x, keep, stats, grad, shift_mean: bool, triton_path: bool, reduce):
+    """The backward of whiten over every process's entries: the two sums it reads (Σg and
+    Σg·y over valid entries) are summed over the processes, the rest is elementwise."""
+    mean, inv_std, n = stats.unbind()
+    if triton_path:
+        from rftengine.kernels import gae as kernel
+
+        g_sum, gy_sum = reduce(kernel.whiten_grad_sums(x, keep, stats, grad).sum(-1).double()).to(stats.dtype)
+        coef = inv_std * gy_sum / (n - 1).clamp(min=1.0)
+        return kernel.whiten_backward_apply(x, keep, torch.stack([mean, inv_std, g_sum / n.clamp(min=1.0), coef]),
+                                            grad, shift_mean)
+    acc = stats.dtype
+    k = torch.ones(x.shape, dtype=acc, device=x.device) if keep is None else keep.to(acc)
+    y = (_zeros_where_masked(x, keep, acc) - mean) * inv_std * k
+    g = grad.to(acc) * k
+    g_sum, gy_sum = reduce(torch.stack([g.sum(), (g * y).sum()]).double()).to(acc)
+    coef = inv_std * gy_sum / (n - 1).clamp(min=1.0)
+    g_mean = g_sum / n.clamp(min=1.0)
+    dx = inv_std * (g - g_mean) - coef * y + (0.0 if shift_mean else g_mean)
+    return (dx * k).to(x.dtype)
+
+
 class _Whiten(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, keep, shift_mean, eps, triton_path):
-        forward_impl = _whiten_forward_triton if triton_path else whiten_forward_reference
-        y, stats = forward_impl(x, keep, shift_mean, eps)
+    def forward(ctx, x, keep, shift_mean, eps, triton_path, reduce):
+        if reduce is not None:
+            stats = _global_whiten_stats(x, keep, eps, triton_path, reduce)
+            y = _global_whiten_apply(x, keep, stats, shift_mean, triton_path)
+        else:
+            forward_impl = _whiten_forward_triton if triton_path else whiten_forward_reference
+            y, stats = forward_impl(x, keep, shift_mean, eps)
         ctx.save_for_backward(x, keep, stats)
-        ctx.shift_mean, ctx.triton_path = shift_mean, triton_path
+        ctx.shift_mean, ctx.triton_path, ctx.reduce = shift_mean, triton_path, reduce
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, keep, stats = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        backward_impl = _whiten_backward_triton if ctx.triton_path else whiten_backward_reference
-        return backward_impl(x, keep, stats, grad.contiguous(), ctx.shift_mean), None, None, None, None
+            return None, None, None, None, None, None
+        if ctx.reduce is not None:
+            dx = _global_whiten_backward(x, keep, stats, grad.contiguous(), ctx.shift_mean, ctx.triton_path,
+                                         ctx.reduce)
+        else:
+            backward_impl = _whiten_backward_triton if ctx.triton_path else whiten_backward_reference
+            dx = backward_impl(x, keep, stats, grad.contiguous(), ctx.shift_mean)
+        return dx, None, None, None, None, None
 
 
 def whiten(
@@ -276,6 +356,7 @@ def whiten(
     *,
     shift_mean: bool = True,
     eps: float = 1e-8,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Normalise x with the mean and variance of its valid entries only.
 
@@ -289,6 +370,12 @@ def whiten(
         mask: same shape, bool or 0/1, or None (all valid). Masked entries are not read.
         shift_mean: subtract the mean (True) or keep it.
         eps: > 0, added to the variance.
+        reduce: None, or a function that sums a tensor over the processes of a data-parallel
+            run (``rftengine.distributed.all_reduce_sum``): then μ, σ² and n are those of every
+            process's valid entries together, and so are the sums the gradient reads, so each
+            process gets its rows of the whitened concatenated batch. Every process must call
+            it (forward and backward are collectives). The moments are then accumulated in
+            float64 (no power-of-two scaling needed for any fp32 x).
 
     Returns:
         ``[...]`` float32 (float64 for float64 x), differentiable w.r.t. x; empty for an
@@ -299,12 +386,14 @@ def whiten(
     device = check_same_device(x=x, mask=mask)
     keep = as_mask("mask", mask, x.shape, device)
     check_positive("eps", eps)
+    if reduce is not None and not callable(reduce):
+        raise ValueError(f"reduce must be None or a function summing a tensor over processes, got {reduce!r}")
     _check_finite_where("x", x, keep)
     triton_path = use_triton(x) and accumulation_dtype(x) == torch.float32
     y = _Whiten.apply(
         # reshape(-1) of a strided 1-D view is that view: the kernels need unit stride
         x.reshape(-1).contiguous(), keep.reshape(-1).contiguous() if keep is not None else None,
-        bool(shift_mean), float(eps), triton_path,
+        bool(shift_mean), float(eps), triton_path, reduce,
     )
     return y.view(x.shape)
 

@@ -1,5 +1,7 @@
 """Run config: YAML + dotted overrides, typed values, unknown keys with suggestions."""
 
+from pathlib import Path
+
 import pytest
 
 from rftengine.config import UserError, apply_overrides, load_run_config, parse_override
@@ -86,3 +88,46 @@ def test_bad_configs(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="config file not found: .*nope.yaml"):
         load_run_config(tmp_path / "nope.yaml")
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_train_section_loads_into_its_method_config(path):
+    """The YAML stays flat: each example's train section builds its config unchanged, every
+    value given (stage sections included) lands on the field of that name."""
+    from rftengine.cli import METHOD_RUNNERS
+    from rftengine.config import method_config
+
+    cfg = load_run_config(path)
+    section = dict(cfg.train)
+    if cfg.method in ("ppo", "grpo", "rloo"):
+        section.setdefault("algorithm", cfg.method)
+    method_cfg = method_config(METHOD_RUNNERS[cfg.method].config_class(), section, str(path))
+    for key, value in section.items():
+        if isinstance(value, dict):                     # a stage: RLAIF's ppo/dpo, CAI's sft/dpo/rl
+            merged = getattr(method_cfg, f"{key}_config")
+            assert all(getattr(merged, k) == v for k, v in value.items()), (key, value)
+        else:
+            assert getattr(method_cfg, key) == (tuple(value) if isinstance(value, list) else value), key
+
+
+def test_examples_are_found():
+    assert {p.stem for p in EXAMPLES} >= {"dpo", "grpo", "ppo", "reward", "rlaif", "rloo", "cai"}
+
+
+def test_help_config_lists_every_field_of_the_method(capsys):
+    import dataclasses
+
+    from rftengine.cli import main
+    from rftengine.methods.rlaif import RLAIFConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help-config", "rlaif"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("RLAIFConfig")
+    for f in dataclasses.fields(RLAIFConfig):
+        assert f"\n  {f.name} " in out
+    assert "num_samples" in out and "default 2; >= 2" in out

@@ -9,6 +9,39 @@ import torch
 from rftengine import distributed
 
 
+def whiten_batch(shift_mean: bool):
+    """The global batch of the whitening check: (x [6, 9], mask [6, 9], upstream grad g [6, 9]);
+    rank 0 holds rows 0-3, rank 1 rows 4-5 (uneven shares, and rank 1's last row all padding)."""
+    gen = torch.Generator().manual_seed(3 + int(shift_mean))
+    x = 3 * torch.randn(6, 9, generator=gen) + 1
+    mask = torch.rand(6, 9, generator=gen) > 0.3
+    mask[5] = False
+    return x, mask, torch.randn(6, 9, generator=gen)
+
+
+def _whiten_rows(r: int) -> dict:
+    """This rank's rows of ``whiten(..., reduce=all_reduce_sum)`` and their gradient, per backend
+    and shift_mean."""
+    import os
+
+    from rftengine.ops import whiten
+
+    rows = slice(0, 4) if r == 0 else slice(4, 6)
+    out = {}
+    for backend in ("torch", "triton"):
+        os.environ["RFTENGINE_BACKEND"] = backend
+        for shift_mean in (True, False):
+            x, mask, g = whiten_batch(shift_mean)
+            xs = x[rows].clone().requires_grad_()
+            y = whiten(xs, mask[rows], shift_mean=shift_mean, reduce=distributed.all_reduce_sum)
+            (dx,) = torch.autograd.grad((y * g[rows]).sum(), xs)
+            parts = [None, None]
+            torch.distributed.all_gather_object(parts, (y.tolist(), dx.tolist()))
+            out[f"{backend}/{shift_mean}"] = [parts[0][0] + parts[1][0], parts[0][1] + parts[1][1]]
+    os.environ.pop("RFTENGINE_BACKEND")
+    return out
+
+
 def main(out: str) -> None:
     with distributed.process_group("cpu") as device:
         r = distributed.rank()
@@ -28,6 +61,7 @@ def main(out: str) -> None:
             distributed.shard_batch([1, 2, 3])
         except ValueError as exc:
             result["error"] = str(exc)
+        result["whiten"] = _whiten_rows(r)
         shards = [None, None]
         torch.distributed.all_gather_object(shards, result["shard"])
         result["shards"] = shards

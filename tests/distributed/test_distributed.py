@@ -47,3 +47,27 @@ def test_two_ranks_give_the_global_values(tmp_path):
     assert got["max_over_ranks"] == 15 and got["max_none"] is None
     assert got["broadcast"] == "from 0"
     assert "batch_size must be a multiple of the world size 2" in got["error"] and "got 3" in got["error"]
+
+
+@pytest.mark.slow
+def test_two_ranks_whiten_as_one_process_whitens_the_concatenated_batch(tmp_path, monkeypatch):
+    """``whiten(reduce=all_reduce_sum)`` on each rank's rows (4 and 2, uneven) gives the rows of
+    one process's ``whiten`` of the whole batch, values and gradients, on both backends."""
+    from rftengine.ops import whiten
+
+    from .collectives_worker import whiten_batch
+
+    out = tmp_path / "result.json"
+    proc = run_torchrun([str(Path(__file__).with_name("collectives_worker.py")), str(out)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(out.read_text())["whiten"]
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("RFTENGINE_BACKEND", backend)
+        for shift_mean in (True, False):
+            x, mask, g = whiten_batch(shift_mean)
+            x.requires_grad_()
+            y = whiten(x, mask, shift_mean=shift_mean)
+            (dx,) = torch.autograd.grad((y * g).sum(), x)
+            y2, dx2 = (torch.tensor(v) for v in got[f"{backend}/{shift_mean}"])
+            torch.testing.assert_close(y2, y.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(dx2, dx, rtol=1e-5, atol=1e-6)

@@ -266,7 +266,7 @@ class EagerGraphs:
     """`DecodeGraphs` on the CPU: `capture` runs the warm-up step as the real one does and keeps
     the step; `replay` runs it again, reading the buffers as they are then (as a replay does)."""
 
-    def __init__(self, generator):
+    def __init__(self):
         self.graphs = {}
 
     def __contains__(self, key):

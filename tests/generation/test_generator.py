@@ -164,6 +164,69 @@ def test_seed_reproduces_and_changes_the_draws():
     assert not torch.equal(a.sequences, c.sequences)
 
 
+# 7 prompts of 1 to 12 tokens x 3 samples: 21 sequences.
+COMPANY_PROMPTS = [list(range(5 + p, 5 + p + n)) for p, n in enumerate([3, 12, 1, 7, 5, 9, 2])]
+
+
+def generate_in_calls(model, max_batch_size: int, prompts_per_call: int, **kwargs) -> list[GenerationOutput]:
+    """COMPANY_PROMPTS x 3 samples in calls of ``prompts_per_call`` prompts, each call with the
+    sequence offset of its first sequence; rows run in CUDA-graph-style buckets (padding rows)."""
+    gen = Generator(model, max_batch_size=max_batch_size, max_seq_len=32)
+    gen._bucket_rows = True  # as under CUDA graphs: 3 rows run as 4, 15 as 16, 21 as 32 ...
+    return [
+        gen.generate(COMPANY_PROMPTS[p0:p0 + prompts_per_call], num_samples=3, sequence_offset=3 * p0, **kwargs)
+        for p0 in range(0, len(COMPANY_PROMPTS), prompts_per_call)
+    ]
+
+
+def response_rows(outs: list[GenerationOutput]) -> tuple[list[list[int]], torch.Tensor]:
+    """Each sequence's response tokens (masked) and the ``[21, T]`` log-probs, across calls."""
+    tokens = [r[m].tolist() for o in outs for r, m in zip(o.responses, o.response_mask)]
+    width = max(o.logprobs.shape[1] for o in outs)
+    logp = torch.cat([torch.nn.functional.pad(o.logprobs, (0, width - o.logprobs.shape[1])) for o in outs])
+    return tokens, logp
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.8, top_k=40, top_p=0.9)])
+def test_samples_do_not_depend_on_batch_company(params):
+    """The same 21 sequences with max_batch_size 4, 16 and 64 (calls of 1, 5 and 7 prompts,
+    buckets of 4, 16 + 8 and 32 rows, other left padding): the same tokens, and the same
+    log-probs to fp32 rounding (only the matmul shapes differ)."""
+    model = qwen2()
+    kwargs = dict(max_new_tokens=10, eos_token_ids=[3], seed=99, **params)
+    reference, logp = response_rows(generate_in_calls(model, 64, 7, **kwargs))
+    assert len(reference) == 21 and len({tuple(r) for r in reference}) > 15  # really sampled
+    for max_batch_size, per_call in [(4, 1), (16, 5), (64, 3)]:
+        tokens, other = response_rows(generate_in_calls(model, max_batch_size, per_call, **kwargs))
+        assert tokens == reference, (max_batch_size, per_call)
+        torch.testing.assert_close(other, logp, rtol=0, atol=1e-5)
+
+
+def test_a_sequence_alone_equals_it_in_a_batch():
+    model = llama()
+    gen = Generator(model, max_batch_size=21, max_seq_len=32)
+    kwargs = dict(max_new_tokens=10, eos_token_ids=None, seed=5, temperature=1.2)
+    batch = gen.generate(COMPANY_PROMPTS, num_samples=3, **kwargs)
+    for p, s in [(0, 0), (1, 2), (4, 1), (6, 2)]:
+        alone = gen.generate([COMPANY_PROMPTS[p]], sequence_offset=3 * p + s, **kwargs)
+        assert torch.equal(alone.responses[0], batch.responses[3 * p + s])
+        torch.testing.assert_close(alone.logprobs[0], batch.logprobs[3 * p + s], rtol=0, atol=1e-5)
+
+
+def test_seed_and_offset_decide_the_samples():
+    """Sample s of a call at offset k is sequence k + s: 2 samples at offset 2 are samples 2 and 3
+    of the call at offset 0; another seed or offset samples other responses."""
+    gen = Generator(qwen2(), max_batch_size=8, max_seq_len=32)
+    kwargs = dict(max_new_tokens=10, eos_token_ids=None, temperature=1.5)
+    four = gen.generate(PROMPTS[:1], num_samples=4, seed=1, **kwargs).responses
+    assert torch.equal(gen.generate(PROMPTS[:1], num_samples=2, seed=1, sequence_offset=2, **kwargs).responses,
+                       four[2:])
+    assert len({tuple(r.tolist()) for r in four}) == 4
+    for seed, offset in [(2, 0), (1, 4)]:
+        other = gen.generate(PROMPTS[:1], num_samples=4, seed=seed, sequence_offset=offset, **kwargs).responses
+        assert not any(torch.equal(o, f) for o in other for f in four)
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy():
     gen = Generator(mistral(), max_batch_size=8, max_seq_len=32)
     greedy = gen.generate(PROMPTS, max_new_tokens=10, top_k=1, eos_token_ids=None, seed=0)
@@ -202,6 +265,9 @@ def test_padded_tensor_prompts_equal_list_prompts():
         ([[1, 2]], {"max_new_tokens": 2, "temperature": 0.0}, "temperature"),
         ([[1, 2]], {"max_new_tokens": 2, "eos_token_ids": [VOCAB + 3]}, "eos_token_ids"),
         ("hello", {"max_new_tokens": 2}, "prompts"),
+        ([[1, 2]], {"max_new_tokens": 2, "sequence_offset": -1}, "sequence_offset"),
+        ([[1, 2]], {"max_new_tokens": 2, "sequence_offset": 2**63 - 2}, "sequence_offset"),
+        ([[1, 2]], {"max_new_tokens": 2, "sequence_offset": 1.0}, "sequence_offset"),
     ],
 )
 def test_bad_input_is_rejected(prompts, kwargs, match):
@@ -391,6 +457,27 @@ def test_cuda_graphs_sample_reproducibly_and_follow_weight_updates():
     gen.free()
     assert gen.num_graphs == 0
     assert torch.equal(gen.generate(PROMPTS, **kwargs).sequences, c.sequences)
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_sample_the_eager_and_cpu_draws():
+    """The captured decode step keys its noise from the state's device tensors, updated in the
+    graph: the graphs sample what the eager loop samples, and what the CPU samples, for the same
+    (seed, offset), in any bucket (up to a near tie the logits' last bits decide)."""
+    model = _cuda_model(qwen2)
+    kwargs = dict(num_samples=3, max_new_tokens=24, eos_token_ids=None, seed=11, temperature=1.3)
+    graphs = Generator(model, max_batch_size=16, max_seq_len=64)
+    eager = Generator(model, max_batch_size=16, max_seq_len=64, cuda_graphs=False)
+    a = graphs.generate(PROMPTS, sequence_offset=5, **kwargs)
+    b = eager.generate(PROMPTS, sequence_offset=5, **kwargs)
+    assert graphs.num_graphs >= 1
+    cpu = Generator(copy.deepcopy(model).cpu(), max_batch_size=16, max_seq_len=64).generate(
+        PROMPTS, sequence_offset=5, **kwargs)
+    alone = graphs.generate(PROMPTS[1:2], sequence_offset=8, **{**kwargs, "num_samples": 1})  # bucket 1
+    assert torch.equal(a.responses, b.responses)
+    assert torch.equal(a.responses.cpu(), cpu.responses)
+    assert torch.equal(alone.responses[0], a.responses[3])
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
 
 
 @pytest.mark.cuda

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from rftengine.generation.sampling import SamplingParams, exponential_race, sample, truncate_logits
+from rftengine.generation.sampling import (
+    SamplingParams, exponential_race, log_uniform_noise, noise_keys, sample, truncate_logits,
+)
 
 # Tiny models and tensors: intra-op threads only add contention on a shared CPU.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,21 +45,114 @@ def test_truncation_keeps_the_reference_set(top_k, top_p):
         assert torch.equal(out[r][list(kept)], z[r][list(kept)])
 
 
-def test_exponential_race_follows_the_distribution():
-    p = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
-    n = 40000
-    gen = torch.Generator().manual_seed(3)
-    draws = exponential_race(p.repeat(n, 1), gen)
-    freq = torch.bincount(draws, minlength=5).double() / n
-    sigma = torch.sqrt(p.double() * (1 - p.double()) / n)
-    assert freq[4] == 0  # a zero-probability token is never drawn
-    assert torch.all((freq - p.double()).abs() <= 5 * sigma + 1e-12)
+def keys(n: int, seed: int = 0, step: int = 0, offset: int = 0) -> torch.Tensor:
+    return noise_keys(torch.tensor([seed]), torch.arange(offset, offset + n), torch.tensor([step]))
+
+
+def chi2_sf_even(x: float, df: int) -> float:
+    """P(X > x) for X ~ chi-square with an even number of degrees of freedom (closed form)."""
+    half = x / 2
+    return math.exp(-half) * sum(half**j / math.factorial(j) for j in range(df // 2))
+
+
+# The sampler is deterministic (fixed seeds), so these tests pass or fail for good; the bound is
+# the chi-square quantile whose tail is 1e-9: a correct sampler fails it for fewer than one seed
+# in 10^9. chi2_sf_even(54.0, 6) = 7.4e-10 and chi2_sf_even(63.0, 8) = 6.0e-10.
+CHI2_BOUND = {6: 54.0, 8: 63.0}
+
+
+def chi_square(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    return float(((counts.double() - expected) ** 2 / expected).sum())
+
+
+def test_chi2_bounds_have_a_tiny_false_failure_probability():
+    for df, bound in CHI2_BOUND.items():
+        assert chi2_sf_even(bound, df) < 1e-9
+    assert chi2_sf_even(0.0, 6) == 1.0 and chi2_sf_even(5.348, 6) == pytest.approx(0.5, abs=1e-3)  # the median
+
+
+@pytest.mark.parametrize("over", ["sequences", "steps"])
+def test_draws_follow_softmax_of_logits_over_temperature(over):
+    """Many draws on a 7-token vocabulary: across sequences at one step, and across the steps of
+    one sequence; the counts match softmax(logits / T) (chi-square, 6 degrees of freedom)."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    params = SamplingParams(temperature=0.7)
+    n = 30000
+    if over == "sequences":
+        k = keys(n, seed=12345)
+    else:
+        k = torch.cat([keys(1, seed=12345, step=t, offset=7) for t in range(n)])
+    tokens, _, _ = sample(logits.repeat(n, 1), params, k)
+    p = torch.softmax(logits.double() / 0.7, -1)
+    assert chi_square(torch.bincount(tokens, minlength=7), n * p) < CHI2_BOUND[6]
+
+
+def test_consecutive_steps_and_sequences_are_independent():
+    """Pairs of draws (step t, step t+1 of one sequence; sequences i, i+1 at one step) on a
+    3-token vocabulary: the 9 joint counts match p x p (chi-square, 8 degrees of freedom)."""
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    n = 20000
+    probs = p.float().repeat(n, 1)
+    for first, second in [
+        (keys(n, seed=3, step=5), keys(n, seed=3, step=6)),
+        (keys(n, seed=3, step=5)[0::2], keys(n, seed=3, step=5)[1::2]),
+    ]:
+        a = exponential_race(probs[: len(first)].clone(), first)
+        b = exponential_race(probs[: len(second)].clone(), second)
+        joint = torch.bincount(a * 3 + b, minlength=9)
+        assert chi_square(joint, len(a) * torch.outer(p, p).flatten()) < CHI2_BOUND[8]
+
+
+def test_zero_probability_tokens_are_never_drawn():
+    p = torch.tensor([0.0, 0.7, 0.0, 0.3, 0.0])
+    draws = exponential_race(p.repeat(20000, 1), keys(20000, seed=9))
+    assert set(draws.tolist()) == {1, 3}
+
+
+def test_noise_is_a_pure_function_of_seed_sequence_step_and_column():
+    """Row n's uniforms depend on its own key only (not on the batch around it); a different
+    seed, sequence or step gives other uniforms, and the uniforms are spread over (0, 1)."""
+    batch = log_uniform_noise(keys(64, seed=1, step=3), 1000)
+    for i in (0, 17, 63):
+        assert torch.equal(log_uniform_noise(keys(1, seed=1, step=3, offset=i), 1000)[0], batch[i])
+    assert torch.equal(log_uniform_noise(keys(64, seed=1, step=3), 10), batch[:, :10])  # V-independent too
+    for other in (keys(64, seed=2, step=3), keys(64, seed=1, step=4), keys(64, seed=1, step=3, offset=1)):
+        differ = log_uniform_noise(other, 1000) != batch
+        assert differ.float().mean() > 0.99
+    u = batch.exp()
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.std().item() - (1 / 12) ** 0.5) < 0.01
+    assert torch.isfinite(batch).all() and (batch < 0).all()
+
+
+def test_sampled_row_does_not_depend_on_its_batch_company():
+    logits = torch.randn(37, 257) * 2
+    params = SamplingParams(0.9, 50, 0.95)
+    k = keys(37, seed=4, step=2, offset=100)
+    together = sample(logits, params, k)[0]
+    alone = torch.cat([sample(logits[i:i + 1], params, k[i:i + 1])[0] for i in range(37)])
+    assert torch.equal(together, alone)
+    shuffled = torch.randperm(37)
+    assert torch.equal(sample(logits[shuffled], params, k[shuffled])[0], together[shuffled])
+
+
+def test_greedy_draws_no_noise(monkeypatch):
+    import rftengine.generation.sampling as sampling
+
+    def no_noise(*args, **kwargs):
+        raise AssertionError("greedy decoding drew noise")
+
+    monkeypatch.setattr(sampling, "log_uniform_noise", no_noise)
+    logits = torch.randn(16, 101)
+    tokens, _, truncated = sample(logits, SamplingParams(0.5, 1, 1.0), keys(16), with_truncated=True)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert torch.all(truncated == 0)  # the argmax is the whole kept set
 
 
 def test_sample_scores_drawn_tokens_in_float64():
     logits = (torch.randn(9, 53) * 3).to(torch.bfloat16)
     params = SamplingParams(0.7, 10, 0.9)
-    tokens, logp, truncated = sample(logits, params, torch.Generator().manual_seed(0), with_truncated=True)
+    tokens, logp, truncated = sample(logits, params, keys(9), with_truncated=True)
     z = logits.double() / 0.7
     full = torch.log_softmax(z, -1).gather(-1, tokens[:, None]).squeeze(-1)
     torch.testing.assert_close(logp.double(), full, rtol=0, atol=1e-5)
@@ -68,14 +163,23 @@ def test_sample_scores_drawn_tokens_in_float64():
     assert torch.all(truncated >= logp)  # renormalising over fewer tokens raises every kept prob
 
 
-def test_top_k_one_is_argmax_and_seed_reproduces():
+def test_top_k_one_is_argmax_and_keys_reproduce():
     logits = torch.randn(16, 101)
-    tokens, _, _ = sample(logits, SamplingParams(1.0, 1, 1.0), torch.Generator().manual_seed(5))
+    tokens, _, _ = sample(logits, SamplingParams(1.0, 1, 1.0), keys(16, seed=5))
     assert torch.equal(tokens, logits.argmax(-1))
-    a = sample(logits, SamplingParams(), torch.Generator().manual_seed(11))[0]
-    b = sample(logits, SamplingParams(), torch.Generator().manual_seed(11))[0]
-    c = sample(logits, SamplingParams(), torch.Generator().manual_seed(12))[0]
+    a = sample(logits, SamplingParams(), keys(16, seed=11))[0]
+    b = sample(logits, SamplingParams(), keys(16, seed=11))[0]
+    c = sample(logits, SamplingParams(), keys(16, seed=12))[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.cuda
+def test_noise_is_the_same_on_cuda():
+    """The CUDA-graph decode step calls the same torch ops on the device: the same bits."""
+    cpu = log_uniform_noise(keys(33, seed=2**62 + 5, step=77, offset=2**40), 50257)
+    k = noise_keys(torch.tensor([2**62 + 5], device="cuda"), torch.arange(2**40, 2**40 + 33, device="cuda"),
+                   torch.tensor([77], device="cuda"))
+    assert torch.equal(log_uniform_noise(k, 50257).cpu(), cpu)
 
 
 @pytest.mark.parametrize(

@@ -347,3 +347,68 @@ def test_whiten_extreme_magnitudes(backend, device, shift_mean, magnitude):
     (d_x,) = torch.autograd.grad((y * g.float()).sum(), x)
     d_scale = exp_dx.abs().max()
     _close(d_x / d_scale, exp_dx / d_scale)
+
+
+class _ThreadSum:
+    """``reduce`` for whiten over ``n`` threads standing in for processes: each call returns
+    the sum of the n threads' tensors (calls pair up in order, as collectives do)."""
+
+    def __init__(self, n):
+        import threading
+
+        self.barrier = threading.Barrier(n, timeout=60)  # a thread that failed breaks it: no hang
+        self.parts: dict[int, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, t):
+        import threading
+
+        with self.lock:
+            self.parts[threading.get_ident()] = t.detach().cpu()
+        self.barrier.wait()
+        total = sum(self.parts.values()).to(t.device)
+        self.barrier.wait()  # every thread has read the sum before the next call overwrites it
+        return total
+
+
+def _in_threads(fns):
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(len(fns)) as pool:
+        return [f.result() for f in [pool.submit(fn) for fn in fns]]
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("magnitude", [1.0, 1e30])
+def test_whiten_reduce_equals_whiten_of_concatenated_batch(monkeypatch, device, shift_mean, magnitude):
+    """Two "processes" (threads) whitening their rows with a summing ``reduce`` get the rows of
+    the whitened concatenated batch, values and gradients; a process with no valid entry too.
+    The torch path only: Triton's interpreter is not thread-safe (both backends run in real
+    processes in tests/distributed/test_distributed.py)."""
+    monkeypatch.setenv("RFTENGINE_BACKEND", "torch")
+    x = ((3 * torch.randn(6, 37) + 1) * magnitude).to(device)
+    mask = (torch.rand(6, 37) > 0.3).to(device)
+    mask[5] = False
+    exp_y, exp_dx, g = whiten_oracle(x, mask, shift_mean)
+    reduce = _ThreadSum(2)
+
+    def part(rows):
+        xs = x[rows].clone().requires_grad_()
+        y = whiten(xs, mask[rows], shift_mean=shift_mean, reduce=reduce)
+        (d_x,) = torch.autograd.grad((y * g[rows].float()).sum(), xs)
+        return y.detach(), d_x
+
+    (y0, d0), (y1, d1) = _in_threads([lambda: part(slice(0, 4)), lambda: part(slice(4, 6))])
+    y, d_x = torch.cat([y0, y1]), torch.cat([d0, d1])
+    scale = exp_y.abs().max()
+    _close(y / scale, exp_y / scale)
+    d_scale = exp_dx.abs().max()
+    _close(d_x / d_scale, exp_dx / d_scale)
+
+
+def test_whiten_reduce_identity_is_whiten(backend, device):
+    x = torch.randn(3, 50).to(device)
+    mask = (torch.rand(3, 50) > 0.2).to(device)
+    _close(whiten(x, mask, reduce=lambda t: t), whiten(x, mask))
+    with pytest.raises(ValueError, match="reduce"):
+        whiten(x, mask, reduce=3)
