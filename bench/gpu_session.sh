@@ -7,22 +7,24 @@
 # See bench/README.md for the estimates behind the limits and for committing the results.
 #
 # usage: bash bench/gpu_session.sh OUTDIR [STEP ...]
-#   STEP: tests tests_methods linear_logprobs generate fused_heads logprobs losses generate_batches
-#         train_step (default: all of them, in this order)
+#   STEP: tests tests_methods linear_logprobs generate fused_heads logprobs sampling losses
+#         generate_batches train_step generate_long_tail (default: all of them, in this order)
 # environment:
 #   PYTHON=python3     the interpreter that holds torch (on the device machines: python3)
 #   DEADLINE_S=560     wall-clock budget of the whole script, in seconds
 #   QUICK=1            benchmarks with --quick (a CPU dry run of the script)
 #   SKIP_INSTALL=1     no pip install when rftengine is already importable (QUICK=1 implies it)
 #   PYTEST_WORKERS=8   pytest-xdist workers for the ops/generation tests (0: one process)
-# OUTDIR receives session.log and one JSON per benchmark: 8 files (the device tool returns 8 at most).
+# OUTDIR receives session.log and one JSON per benchmark step that ran: 10 files when all do, and the
+# device tool returns 8 at most, so run train_step generate_long_tail in a call of their own (bench/README.md).
 
 set -uo pipefail
 
-STEPS_ALL=(tests tests_methods linear_logprobs generate fused_heads logprobs losses generate_batches train_step)
+STEPS_ALL=(tests tests_methods linear_logprobs generate fused_heads logprobs sampling losses generate_batches train_step
+    generate_long_tail)
 
 usage() {
-    sed -n '9,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '9,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
@@ -56,7 +58,8 @@ MIN_STEP_S=20   # a step is not started with less time than this
 # A step's limit in seconds: typical time from bench/README.md, with margin.
 declare -A LIMIT=(
     [setup]=150 [tests]=210 [tests_methods]=90 [linear_logprobs]=150 [generate]=240
-    [fused_heads]=120 [logprobs]=60 [losses]=150 [generate_batches]=90 [train_step]=240
+    [fused_heads]=120 [logprobs]=60 [sampling]=60 [losses]=150 [generate_batches]=90 [train_step]=240
+    [generate_long_tail]=300
 )
 
 SUMMARY=()
@@ -239,7 +242,7 @@ main() {
         case $s in
             tests) run_step tests "$PY" -m pytest "${base[@]}" "${par[@]}" tests/ops tests/generation ;;
             tests_methods) run_step tests_methods "$PY" -m pytest "${base[@]}" -m cuda tests/methods ;;
-            linear_logprobs | fused_heads | logprobs | losses) bench "$s" "$s" ;;
+            linear_logprobs | fused_heads | logprobs | sampling | losses) bench "$s" "$s" ;;
             train_step) bench train_step train_step ;;
             generate)
                 # ANCHORS.md section 2: batch 64 beside both transformers anchors
@@ -252,6 +255,10 @@ main() {
                 local b=(--batches 1 16 256)
                 [[ $QUICK != 0 ]] && b=(--batches 1 2)
                 bench generate_batches generate "${b[@]}" --anchors
+                ;;
+            generate_long_tail)
+                # issue #13: continuous batching against fixed batches and the static cache on a long-tailed mix
+                bench generate_long_tail generate --long-tail
                 ;;
         esac
     done
@@ -278,7 +285,8 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     for row in data.get("results", []):
         name = str(row.get("name") or row.get("engine"))
         keys = ("method", "shape", "op", "batch", "ms", "ms_per_step", "x_floor", "x_linear", "extra_gib", "dlogp_mean",
-                "speedup", "mem_ratio", "loss_err", "error")
+                "speedup", "mem_ratio", "loss_err", "max_batch_size", "wall_s", "x_no_compaction", "x_hf_static",
+                "lengths_ok", "target_met", "error")
         print("  " + name + ": " + ", ".join(
             f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
             for k in keys if row.get(k) is not None

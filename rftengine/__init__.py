@@ -3,6 +3,7 @@
     import rftengine
     rftengine.token_logprobs(...)            # ops: Triton on CUDA, torch reference elsewhere
     rftengine.Generator(model, ...)          # CUDA-graph rollouts
+    rftengine.SamplingParams(n=4, max_tokens=256, stop=["\n"])   # vLLM's request shape for them
     rftengine.train_dpo(policy, tok, pairs, rftengine.DPOConfig(beta=0.1))
 
 The ops are imported eagerly (they need only torch); the generation loop and the methods pull in

@@ -42,6 +42,7 @@ import re
 import shutil
 import sys
 import uuid
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -54,15 +55,17 @@ import torch
 
 from rftengine.config import UserError
 from rftengine.methods.common import FixedTensors, capture_rng_state, restore_rng_state
+from rftengine.methods.model_source import ADAPTER_CONFIG  # noqa: F401 - re-exported (the CLI, the tests)
+from rftengine.methods.model_source import resolve_model, resolve_tokenizer_dir
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 MARKER = "rftengine_checkpoint.json"
 STATE_FILE = "trainer_state.pt"
 SHARDS_DIR = "shards"  # a sharded checkpoint's weights and optimizer state (torch.distributed.checkpoint)
-ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside the adapter weights
+CRITIC_DIR = "critic"  # the export's PPO critic, beside the policy in output_dir/final
+README = "README.md"  # the export's note: where the model is and how to load it (`model_card`)
 FORMAT_VERSION = 2  # 2: trainer_state.pt is plain data (weights_only), FixedTensors as safetensors
-WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "adapter_model.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,22 +73,21 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.
 
 
 def check_model_dir(path: str | Path, what: str = "model") -> Path:
-    """A local Hugging Face model directory with a config and weights, or a UserError saying which is missing."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{what} directory not found: {path}")
-    if not path.is_dir():
-        raise UserError(f"{what} must be a Hugging Face model directory, got a file: {path}")
-    if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
-        raise UserError(f"{what} directory {path} has no config.json: not a Hugging Face model directory")
-    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
-        raise UserError(
-            f"{what} directory {path} has no weights (expected model.safetensors, a sharded "
-            "model-*.safetensors with its index, or pytorch_model.bin)"
-        )
-    for file in sorted(path.glob("*.safetensors")):
-        _check_safetensors(file)
-    return path
+    """The local directory of a model given as a directory, a hub id in the local Hugging Face
+    cache or a PEFT adapter directory (`methods.model_source.resolve_model`; a "checkpoint" is
+    a directory only), its config, weights and safetensors headers checked (an adapter's base
+    too); a UserError saying what is missing."""
+    try:
+        # A checkpoint is a directory, and a LoRA checkpoint's base is the run's `model`, checked as such.
+        source = resolve_model(path, what, hub=what != "checkpoint", adapters=what != "checkpoint")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    resolved = source.path
+    while source is not None:  # the adapter directory and its base(s)
+        for file in sorted(source.path.glob("*.safetensors")):
+            _check_safetensors(file)
+        source = source.base
+    return resolved
 
 
 def _check_safetensors(path: Path) -> None:
@@ -101,13 +103,12 @@ def _check_safetensors(path: Path) -> None:
 
 
 def check_tokenizer_dir(path: str | Path, what: str = "tokenizer") -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{what} directory not found: {path}")
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any((path / n).is_file() for n in names):
-        raise UserError(f"{what} directory {path} has no tokenizer files ({', '.join(names)})")
-    return path
+    """The directory of a tokenizer given as a directory, a cached hub id or an adapter
+    directory (its base's tokenizer when it has none), or a UserError."""
+    try:
+        return resolve_tokenizer_dir(path, what)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -717,17 +718,54 @@ def _is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def export_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) -> Path:
-    """The final policy as a plain Hugging Face directory, written atomically.
+def export_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False, *, critic=None) -> Path:
+    """The final model as a directory transformers (or peft) loads, written atomically, with a
+    README.md that says how (`model_card`).
 
     A PEFT LoRA model is saved as its adapter directory (adapter_config.json naming the base,
     adapter_model.safetensors; peft's `AutoPeftModelForCausalLM.from_pretrained(out_dir)` loads
     it) unless `merge_lora`, which first folds the adapters into the base weights
     (`merge_and_unload`, which changes the in-memory model) and saves a plain model directory
-    that `AutoModelForCausalLM.from_pretrained` loads without peft. A model without adapters is
-    saved as is.
+    that `AutoModelForCausalLM.from_pretrained` loads without peft. A reward model
+    (`RewardModel`, `CausalLMWithValueHead`) is saved as the `*ForSequenceClassification` of its
+    architecture with its trained score head (`methods.hf_export`), loaded by
+    `AutoModelForSequenceClassification`. Any other model is saved as is.
+
+    critic: a PPO critic (a `ValueHead` on `model`'s trunk, or a `CausalLMWithValueHead`),
+    saved beside it in `out_dir/critic` as a sequence classifier too.
     """
+    from rftengine.methods.hf_export import scalar_model_classifier, value_head_classifier
+    from rftengine.methods.modeling import CausalLMWithValueHead, RewardModel, ValueHead
+    from rftengine.model_card import model_card
+
     if merge_lora and _is_peft(model):
         model = model.merge_and_unload()
     require_finite_weights(model, str(out_dir))
-    return _write_atomically(Path(out_dir), lambda tmp: save_model_dir(tmp, model, tokenizer))
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    kind, base = "causal_lm", None
+    if isinstance(model, (RewardModel, CausalLMWithValueHead)):
+        kind, (model, offset) = "reward", scalar_model_classifier(model, pad_id)
+        if offset:  # a value head built with a bias (rftengine's reward heads have none)
+            warnings.warn(f"{out_dir}: the reward model's value-head bias {offset:.6g} has no place in the "
+                          f"bias-free score layer of {type(model).__name__}: its scores are rftengine's minus "
+                          "that constant (score differences, what a reward model ranks by, are unchanged)",
+                          stacklevel=2)
+    elif _is_peft(model):
+        kind, base = "adapter", model.peft_config["default"].base_model_name_or_path
+    critic_export = None
+    if isinstance(critic, ValueHead):
+        critic_export = value_head_classifier(model, critic, pad_id)
+    elif isinstance(critic, CausalLMWithValueHead):
+        critic_export = scalar_model_classifier(critic, pad_id)
+    elif critic is not None:
+        raise ValueError(f"critic must be a ValueHead or a CausalLMWithValueHead, got {type(critic).__name__}")
+    card = model_card(out_dir, kind, base=base, critic_offset=critic_export.offset if critic_export else None,
+                      pad_is_eos=pad_id is not None and pad_id == getattr(tokenizer, "eos_token_id", None))
+
+    def write(tmp: Path) -> None:
+        save_model_dir(tmp, model, tokenizer)
+        if critic_export is not None:
+            save_model_dir(tmp / CRITIC_DIR, critic_export.model, tokenizer)
+        (tmp / README).write_text(card, encoding="utf-8")  # replaces the template card peft writes
+
+    return _write_atomically(Path(out_dir), write)

@@ -40,6 +40,7 @@ from rftengine import distributed
 from rftengine.checkpoint import (
     ADAPTER_CONFIG,
     PREFIX,
+    README,
     Checkpoint,
     check_model_dir,
     check_tokenizer_dir,
@@ -68,31 +69,61 @@ from rftengine.config import (
     read_text,
     yaml_load,
 )
-from rftengine.datasets import load_preferences, load_prompts
+from rftengine.datasets import load_preferences, load_prompt_rows
 from rftengine.methods.common import STOP, TrainingInterrupted
 from rftengine.metrics import CSV_NAME, JSONL_NAME, MetricsWriter, plot_metrics
+from rftengine.output_dir import FINAL_DIR, first_missing, remove_if_unused
 
 RUN_CONFIG = "run_config.yaml"  # the fully resolved config, in output_dir and in every checkpoint
 ABANDONED_DIR = "abandoned"  # output_dir/abandoned/<time>/: checkpoints of a run a resume branched from
 PATH_KEYS = ("model", "data", "tokenizer", "reference", "reward", "judge", "constitution")
 
 BENCH_SUITES = {
-    "kernels": ("bench_logprobs", "bench_linear_logprobs", "bench_fused_heads"),
+    "kernels": ("bench_logprobs", "bench_linear_logprobs", "bench_fused_heads", "bench_sampling"),
     "losses": ("bench_losses",),
     "generate": ("bench_generate",),
     "train": ("bench_train_step",),
 }
 
 
+def describe_method(method: str) -> str:
+    """Every setting of a `method` run, from the config dataclasses: the train section's
+    fields, then the run level's (`rftengine config METHOD`, `rftengine train --help-config`)."""
+    from rftengine.methods.config_base import describe_config
+
+    cls = METHOD_RUNNERS[method].config_class()
+    title = f"{cls.__name__} (the train: section" + (f"; method {method} sets algorithm: {method})"
+                                                    if method in ("ppo", "grpo", "rloo") else ")")
+    return (f"{describe_config(cls, title)}\n\n"
+            f"{describe_config(RunConfig, 'RunConfig (the top level of the run file)')}\n\n"
+            "Names in parentheses are TRL's for the setting: accepted with a notice, converted where TRL counts "
+            "differently (per_device_train_batch_size, warmup_ratio), refused with the reason where no value "
+            "carries over.")
+
+
 class _HelpConfig(argparse.Action):
-    """``rftengine train --help-config METHOD``: every field of the method's train section
-    (type, default, limits, help), then exit."""
+    """``rftengine train --help-config METHOD``: every setting of a METHOD run (type, default,
+    limits, help), then exit."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from rftengine.methods.config_base import describe_config
-
-        print(describe_config(METHOD_RUNNERS[values].config_class()))
+        print(describe_method(values))
         parser.exit()
+
+
+def cmd_config(args) -> int:
+    print(describe_method(args.method))
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rftengine")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from rftengine import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,9 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     debug_help = "show the traceback of an error instead of the one-line message (also: RFTENGINE_DEBUG=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,demo}")
+    parser.add_argument("--version", action="version", version=f"rftengine {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train from a YAML config (method: reward, ppo, grpo, rloo, dpo, rlaif, cai)")
+    train = sub.add_parser("train", help="train from a YAML config (method: reward, ppo, grpo, rloo, dpo, rlaif, cai)",
+                           epilog="Every setting of a METHOD run, with its default and meaning: rftengine config "
+                                  "METHOD. TRL's names for them are accepted too.")
     train.add_argument("config", help="the run's YAML file (examples/ has one per method)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override config values, dotted for sections (train.beta=0.2); values are YAML")
@@ -118,8 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: an unset flag here must not overwrite `rftengine --debug train ...`.
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     train.add_argument("--help-config", action=_HelpConfig, choices=METHODS, metavar="METHOD",
-                       help="list every setting of METHOD's train section (type, default, limits) and exit")
+                       help="list every setting of a METHOD run, train section and top level, and exit "
+                            "(as rftengine config METHOD)")
     train.set_defaults(func=cmd_train)
+
+    config = sub.add_parser("config", help="list every setting of a METHOD run: type, default, limits, meaning "
+                                           "and TRL's name for it")
+    config.add_argument("method", choices=METHODS, metavar="METHOD", help=", ".join(METHODS))
+    config.set_defaults(func=cmd_config)
 
     bench = sub.add_parser("bench", help="run the kernel, loss and generation benchmarks and print their tables")
     bench.add_argument("--suite", choices=[*BENCH_SUITES, "all"], default="all")
@@ -132,12 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help only: main() hands everything after `demo` to rftengine.demo.main.
     sub.add_parser("demo", help="the end-to-end demo on a tiny model, no downloads (rftengine demo --help)")
+
+    from rftengine import toy_model
+
+    toy = sub.add_parser("toy-model", help="write a small pretrained model directory that every config in "
+                                           "examples/ can train (no download, about half a minute on CPU)")
+    toy_model.add_arguments(toy)
+    toy.set_defaults(func=cmd_toy_model)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # the commands in the usage line, whichever were added
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    if not argv:
+        parser.print_help()  # a bare `rftengine`: the usage and the commands, not an error
+        return 0
     if argv[:1] == ["demo"]:
         # The demo parses its own options; argparse's REMAINDER would reject a leading "--quick".
         args = argparse.Namespace(command="demo", func=cmd_demo, args=argv[1:])
@@ -276,6 +327,7 @@ class Run:
     writer: MetricsWriter | None  # None on the ranks other than 0 under torchrun: rank 0 logs
     config_text: str = ""  # run_config.yaml: saved into every checkpoint
     rebuild: Callable[[], object] | None = None  # under torchrun: the trained model unsharded, on CPU (export)
+    critic: object = None  # ppo's trained critic, exported beside the policy (output_dir/final/critic)
 
     @property
     def resume_state(self):
@@ -319,6 +371,7 @@ class Run:
             model = distributed.shard_model(model, precision=precision)
         if trained:
             self.rebuild = rebuild
+            self.announce(model)
             # Any world size, one process included: the shards are resharded on load.
             # A checkpoint that also holds other trained modules (PPO's critic) is restored by
             # `restore_with_modules` once they are built.
@@ -327,6 +380,19 @@ class Run:
                     load_sharded_weights(model, self.resume)
                     self.resume.state["optimizer"] = load_sharded_optimizer_state(model, self.resume)
         return model
+
+    def announce(self, model) -> None:
+        """The start-up banner (`rftengine.banner`), once the trained model is built."""
+        from rftengine.banner import count_parameters, start_banner, training_config
+        from rftengine.methods.common import resolve_precision
+
+        precision = getattr(training_config(self.method_config), "precision", None)
+        trainable, total = count_parameters(model)
+        print(start_banner(method=self.cfg.method, device=self.device,
+                           precision=resolve_precision(precision, self.device), trainable=trainable, total=total,
+                           max_steps=getattr(self.method_config, "max_steps", None),
+                           num_epochs=getattr(self.method_config, "num_epochs", None),
+                           world_size=distributed.world_size()), flush=True)
 
     def restore_with_modules(self, model, modules: dict) -> None:
         """Resuming a sharded checkpoint of `model` and `modules` (what `save_sharded_checkpoint`
@@ -380,6 +446,7 @@ class Run:
         if self.resume is not None and not self.resume.sharded:
             _load_adapters(model, self.resume.path)
         if not distributed.is_distributed() and (self.resume is None or not self.resume.sharded):
+            self.announce(model)
             return model
 
         def rebuild():
@@ -525,12 +592,6 @@ def run_training(config_path: str | Path, overrides: list[str] = (), *, resume: 
         return _run_training(Path(config_path), list(overrides), resume, stack)
 
 
-# Under torchrun: what the data-parallel path covers so far. Not yet: cai (its stages copy the
-# policy for the stage reference and the default judge) and rlaif's online DPO (each rank's
-# judged pairs vary in number, and FSDP needs every rank in every step), refused in one line.
-DISTRIBUTED_METHODS = ("reward", "dpo", "ppo", "grpo", "rloo", "rlaif")
-
-
 def _start_ranks(cfg: RunConfig, config_path: Path, stack: ExitStack) -> torch.device | None:
     """Under torchrun: the process group (for the rest of the run; `stack` tears it down) and
     this rank's device; rank > 0 prints nothing. None in one process."""
@@ -540,11 +601,6 @@ def _start_ranks(cfg: RunConfig, config_path: Path, stack: ExitStack) -> torch.d
         return None
     if not distributed.is_main_process():
         stack.enter_context(redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-    if cfg.method not in DISTRIBUTED_METHODS:
-        raise UserError(
-            f"{config_path}: method {cfg.method} does not run under torchrun yet (data-parallel methods: "
-            f"{', '.join(DISTRIBUTED_METHODS)}); run it in one process"
-        )
     return device
 
 
@@ -562,16 +618,13 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None, s
                 "set only method"
             )
     method_cfg = method_config(spec.config_class(), section, str(config_path))
-    if distributed.is_distributed():
-        if cfg.method == "rlaif" and method_cfg.algorithm == "dpo":
-            raise UserError(f"{config_path}: rlaif with algorithm dpo does not run under torchrun yet "
-                            "(algorithms ppo, grpo and rloo do); run it in one process")
+    if distributed.is_distributed() and hasattr(method_cfg, "batch_size"):  # cai: each stage's, in _run_cai
         with _as_user_error(f"{config_path}: train"):
             distributed.require_divisible(method_cfg.batch_size)
     if cfg.lora is not None:
         require_peft()
     output_dir = Path(cfg.output_dir)
-    _check_output_dir(output_dir)
+    _check_output_dir(output_dir, stack)
     resolved = resolved_run_config(cfg, method_cfg)
 
     checkpoint = None
@@ -587,12 +640,18 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None, s
         changes = _resume_changes(checkpoint.path, resolved)
 
     # Every input is checked before anything heavy is loaded, so mistakes surface in seconds.
-    check_model_dir(cfg.model, "model")
+    if (check_model_dir(cfg.model, "model") / ADAPTER_CONFIG).is_file() and cfg.lora is not None and not cfg.merge_lora:
+        raise UserError(
+            f"model {cfg.model} is a PEFT adapter directory: its adapters are merged into its base and the lora "
+            "section trains fresh adapters over that, which peft cannot load as adapters over adapters; set "
+            "merge_lora: true (the export is then one plain model), or drop the lora section to train fully"
+        )
     for key in ("reference", "judge"):
         if getattr(cfg, key) is not None:
             check_model_dir(getattr(cfg, key), key)
-    if cfg.reward is not None and not is_function_spec(cfg.reward):
-        check_model_dir(cfg.reward, "reward")
+    for reward_spec in cfg.reward_specs:
+        if not is_function_spec(reward_spec):
+            check_model_dir(reward_spec, "reward")
     if cfg.constitution is not None and Path(cfg.constitution).is_file():
         read_text(cfg.constitution, "constitution")  # unreadable or not UTF-8: say so before the models load
 
@@ -623,7 +682,8 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None, s
             _abandon_newer(output_dir, checkpoint)
         _write_run_config(output_dir, config_text)
         writer = MetricsWriter(
-            output_dir, resume_step=checkpoint.step if checkpoint is not None else None, tensorboard=cfg.tensorboard
+            output_dir, resume_step=checkpoint.step if checkpoint is not None else None, report_to=cfg.report_to,
+            config=resolved,
         )
     if not main_rank:
         cfg = dataclasses.replace(cfg, progress=False)  # rank 0 shows the progress bars
@@ -648,7 +708,7 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None, s
             writer.close()
 
     if cfg.export:
-        summary["final_model"] = str(_export(run, model, output_dir / "final"))
+        summary["final_model"] = str(_export(run, model, output_dir / FINAL_DIR))
     if cfg.plot and main_rank:
         plot = plot_metrics(writer.rows, output_dir / "metrics.png", title=f"rftengine {cfg.method}")
         if plot is not None:
@@ -657,6 +717,8 @@ def _run_training(config_path: Path, overrides: list[str], resume: str | None, s
     print("rftengine train: done")
     for key, value in summary.items():
         print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    if cfg.export and main_rank:  # where the model is and how to load it (also its README.md)
+        print("\n" + (output_dir / FINAL_DIR / README).read_text(encoding="utf-8"), end="", flush=True)
     return summary
 
 
@@ -664,19 +726,38 @@ def _export(run: Run, model, out: Path) -> Path:
     """The final model directory: `export_model` in one process; under torchrun the shards are
     gathered into a full state dict on rank 0, which writes it (the others wait)."""
     if not distributed.is_distributed():
-        return export_model(model, run.tokenizer, out, merge_lora=run.cfg.merge_lora)
+        return export_model(model, run.tokenizer, out, merge_lora=run.cfg.merge_lora, critic=run.critic)
     state = full_state_dict(model)
+    critic_state = full_state_dict(run.critic) if run.critic is not None else None  # every rank gathers
     if distributed.is_main_process():
         plain = run.rebuild()
         plain.load_state_dict(state)
-        export_model(plain, run.tokenizer, out, merge_lora=run.cfg.merge_lora)
+        critic = _plain_critic(run, plain, critic_state) if critic_state is not None else None
+        export_model(plain, run.tokenizer, out, merge_lora=run.cfg.merge_lora, critic=critic)
     distributed.barrier()
     return out
 
 
-def _check_output_dir(output_dir: Path) -> None:
+def _plain_critic(run: Run, policy, state: dict):
+    """Under torchrun: the sharded critic rebuilt unsharded on CPU with its gathered `state`: a
+    value head on `policy` (critic "shared") or a value-head model over the initial `model`."""
+    from rftengine.methods.modeling import CausalLMWithValueHead, ValueHead, hidden_size_of, load_causal_lm
+
+    if isinstance(run.critic, ValueHead):
+        critic = ValueHead(hidden_size_of(policy), bias=run.critic.linear.bias is not None)
+    else:
+        trunk = load_causal_lm(check_model_dir(run.cfg.model, "model"), dtype=run.dtype, device="cpu")
+        head = ValueHead(hidden_size_of(trunk), bias=run.critic.v_head.linear.bias is not None)
+        critic = CausalLMWithValueHead(trunk, head)
+    critic.load_state_dict(state)
+    return critic
+
+
+def _check_output_dir(output_dir: Path, stack: ExitStack | None = None) -> None:
     """output_dir is a directory, or can be made one, and is writable: checked before anything
-    heavy (an error after an hour of training would lose it)."""
+    heavy (an error after an hour of training would lose it). With `stack` (the run's): should
+    the run fail, the output_dir it made is removed again unless it holds results
+    (`output_dir.remove_if_unused`); one that existed before is never touched."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output_dir {output_dir} is a file, not a directory")
     existing = output_dir
@@ -687,6 +768,15 @@ def _check_output_dir(output_dir: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         where = "" if existing == output_dir else f" ({existing} is read-only)"
         raise UserError(f"output_dir {output_dir} is not writable{where}")
+    if stack is not None and distributed.is_main_process():  # rank 0 alone writes output_dir
+        created = first_missing(output_dir)
+
+        def on_exit(exc_type, exc, tb) -> bool:
+            if exc_type is not None:
+                remove_if_unused(output_dir, created)
+            return False  # the error goes on
+
+        stack.push(on_exit)
 
 
 def _write_run_config(output_dir: Path, text: str) -> None:
@@ -823,6 +913,8 @@ def _is_reward_model_dir(path: Path) -> bool:
 
     if (path / VALUE_HEAD_FILE).is_file():
         return True
+    if not (path / "config.json").is_file():
+        return False  # a PEFT adapter directory: a causal LM's adapters (check_model_dir resolved its base)
     text = read_text(path / "config.json", "model config")  # not UTF-8: a UserError naming the file
     try:
         architectures = json.loads(text).get("architectures") or []
@@ -835,7 +927,8 @@ def _run_reward(run: Run):
     from rftengine.methods.modeling import load_causal_lm
     from rftengine.methods.reward import RewardModel, as_reward_model, train_reward_model
 
-    pairs = load_preferences(run.cfg.data, run.tokenizer)
+    pairs = load_preferences(run.cfg.data, run.tokenizer, split=run.cfg.data_split)
+    eval_pairs = _eval_data(run, pairs=True)
     path = check_model_dir(run.policy_path(), "checkpoint" if run.policy_path() != run.cfg.model else "model")
 
     def load(device):
@@ -850,7 +943,7 @@ def _run_reward(run: Run):
     with _as_user_error("method reward"):
         result = train_reward_model(
             model, run.tokenizer, pairs, run.method_config, callback=run.callback, state=run.resume_state,
-            checkpoint_fn=run.checkpoint_fn, progress=run.cfg.progress,
+            checkpoint_fn=run.checkpoint_fn, progress=run.cfg.progress, eval_data=eval_pairs,
         )
     return result.model, {"steps": result.state.step, "pair_accuracy": result.accuracy}
 
@@ -911,15 +1004,35 @@ def _make_judge(run: Run, path: str | Path, constitution=None):
 
 
 def _reward_fn(run: Run):
-    """`reward`: a Python `module:function`, a reward-model directory (value head or sequence
-    classifier) scored with RewardScorer, or any other causal LM directory used as a Judge."""
+    """`reward` (one entry or a list) as one `RewardFunctions`, weighted by `reward_weights`
+    (run level, or train.reward_weights: not both). Each entry: a Python `module:function`, a
+    reward-model directory (value head or sequence classifier) scored with RewardScorer, or any
+    other causal LM directory used as a Judge; a directory is named after its folder in the
+    `rewards/<name>/*` metrics."""
+    from rftengine.methods.rewards import NamedReward, RewardFunctions
+
+    train_weights = getattr(run.method_config, "reward_weights", None)
+    if run.cfg.reward_weights is not None and train_weights is not None:
+        raise UserError(f"{run.config_path}: reward_weights is given twice, at the run level and in train: "
+                        "keep one")
+    sources = []
+    for spec in run.cfg.reward_specs:
+        if is_function_spec(spec):
+            sources.append(_import_function(spec, run.config_path.resolve().parent))
+        else:
+            path = check_model_dir(spec, "reward")
+            sources.append(NamedReward(_reward_model_or_judge(run, path), path.resolve().name))
+    with _as_user_error(f"{run.config_path}: reward"):
+        weights = run.cfg.reward_weights if run.cfg.reward_weights is not None else train_weights
+        return RewardFunctions(sources, weights)
+
+
+def _reward_model_or_judge(run: Run, path: Path):
+    """A reward-model directory (value head or sequence classifier) as a RewardScorer, any
+    other causal LM directory as a Judge."""
     from rftengine.methods.modeling import RewardModel
     from rftengine.methods.reward import RewardScorer
 
-    spec = run.cfg.reward
-    if is_function_spec(spec):
-        return _import_function(spec, run.config_path.resolve().parent)
-    path = check_model_dir(spec, "reward")
     if not _is_reward_model_dir(path):
         return _make_judge(run, path)
     with _as_user_error(f"reward model {path}"):
@@ -927,58 +1040,88 @@ def _reward_fn(run: Run):
         return RewardScorer(model, _load_tokenizer_beside(path, run.tokenizer))
 
 
-def _prompt_data(run: Run) -> list:
-    prompts, references = load_prompts(run.cfg.data, run.tokenizer)
-    if references is None:
-        return prompts
-    return [{"prompt": p, "reference": r} for p, r in zip(prompts, references)]
+def _prompt_data(run: Run, source: tuple[str, str] | None = None) -> list:
+    """The prompt data of `data` (or of `source`: (path or id, split)): the prompts, or rows
+    {"prompt", <column>: ...} when the data has other columns (`answer`, `reference` ...), which
+    reach the reward functions (methods.rewards)."""
+    spec, split = source or (run.cfg.data, run.cfg.data_split)
+    rows = load_prompt_rows(spec, run.tokenizer, split=split)
+    if all(len(row) == 1 for row in rows):
+        return [row["prompt"] for row in rows]
+    return rows
+
+
+def _eval_data(run: Run, pairs: bool):
+    """The held-out data of `eval_data`/`eval_split` (`RunConfig.eval_source`): preference
+    pairs (`pairs`) or prompt data; None when the run has none."""
+    source = run.cfg.eval_source
+    if source is None:
+        return None
+    return load_preferences(source[0], run.tokenizer, split=source[1]) if pairs else _prompt_data(run, source)
 
 
 def _run_ppo(run: Run):
     """ppo, grpo and rloo: PPOConfig.algorithm is the method."""
-    from rftengine.methods.ppo import make_critic, train_ppo
+    from rftengine.methods.ppo import train_ppo
 
     prompts = _prompt_data(run)
+    eval_prompts = _eval_data(run, pairs=False)
     reward_fn = _reward_fn(run)
     policy = run.load_policy()
     cfg = run.method_config
     ref_model = run.reference_model(cfg.kl_coef > 0 or cfg.adaptive_kl)
     critic = None
     if cfg.algorithm == "ppo" and (distributed.is_sharded(policy) or (run.resume and run.resume.sharded)):
-        # Built (sharded) here, so that a sharded checkpoint restores it with the policy; a sharded
-        # policy cannot be copied: a separate critic's trunk is loaded anew.
-        with _as_user_error(f"method {run.cfg.method}"):
-            critic = make_critic(policy, cfg, run.load_initial_model() if cfg.critic == "separate" else None)
-        run.restore_with_modules(policy, {"critic": critic})
+        critic = _sharded_critic(run, policy, cfg, f"method {run.cfg.method}")
     with _as_user_error(f"method {run.cfg.method}"):
         result = train_ppo(
             policy, run.tokenizer, prompts, cfg, reward_fn=reward_fn, ref_model=ref_model, critic=critic,
             callback=run.callback, state=run.resume_state, checkpoint_fn=run.checkpoint_fn,
-            progress=run.cfg.progress,
+            progress=run.cfg.progress, eval_data=eval_prompts,
         )
-    return result.policy, _last_metrics(result, ("reward/mean", "kl", "loss"))
+    run.critic = result.context.critic if result.context is not None else None  # exported with the policy
+    return result.policy, _last_metrics(result, ("reward", "kl", "loss"))
 
 
 def _run_dpo(run: Run):
     from rftengine.methods.dpo import train_dpo
 
-    pairs = load_preferences(run.cfg.data, run.tokenizer)
+    pairs = load_preferences(run.cfg.data, run.tokenizer, split=run.cfg.data_split)
+    eval_pairs = _eval_data(run, pairs=True)
     policy = run.load_policy()
     cfg = run.method_config
-    # A resumed run with precomputed reference log-probs has them in its state: no reference model.
-    ref_model = run.reference_model(cfg.uses_reference and not (run.resume and cfg.precompute_ref))
+    # A resumed run with precomputed reference log-probs has them in its state (the eval pairs'
+    # too, when it evaluated as many): no reference model.
+    cached = (run.resume.state.get("extra") or {}).get("eval_ref_logps") if run.resume else None
+    eval_cached = eval_pairs is None or (cached is not None and len(cached) == len(eval_pairs))
+    ref_model = run.reference_model(cfg.uses_reference and not (run.resume and cfg.precompute_ref and eval_cached))
     with _as_user_error("method dpo"):
         result = train_dpo(
             policy, run.tokenizer, pairs, cfg, ref_model=ref_model, callback=run.callback,
             state=run.resume_state, checkpoint_fn=run.checkpoint_fn, progress=run.cfg.progress,
+            eval_data=eval_pairs,
         )
     return result.policy, _last_metrics(result, ("loss", "rewards/accuracies", "rewards/margins"))
+
+
+def _sharded_critic(run: Run, policy, ppo_cfg, where: str):
+    """PPO's critic under torchrun (or resuming a sharded checkpoint), built by the CLI (ppo,
+    rlaif, cai's RL stage) rather than by the method: sharded like the policy, so that the checkpoint restores it with the policy
+    (`Run.restore_with_modules`); a sharded policy cannot be copied, so a separate critic's
+    trunk is loaded anew (`Run.load_initial_model`)."""
+    from rftengine.methods.ppo import make_critic
+
+    with _as_user_error(where):
+        critic = make_critic(policy, ppo_cfg, run.load_initial_model() if ppo_cfg.critic == "separate" else None)
+    run.restore_with_modules(policy, {"critic": critic})
+    return critic
 
 
 def _run_rlaif(run: Run):
     from rftengine.methods.rlaif import train_rlaif
 
     prompts = _prompt_data(run)
+    eval_prompts = _eval_data(run, pairs=False)
     # Under torchrun the judge is replicated, not sharded: each rank judges its own rollouts in
     # no-grad forwards whose number varies per rank (FSDP would need every rank in each one),
     # at the cost of one full judge per rank in its load dtype.
@@ -986,24 +1129,25 @@ def _run_rlaif(run: Run):
     policy = run.load_policy()
     ref_model = run.reference_model()
     cfg = run.method_config
-    if run.resume is not None and run.resume.state.get("sharded_modules"):
-        raise UserError(f"{run.resume.path}: a torchrun rlaif checkpoint with a critic cannot be resumed yet "
-                        "(its critic's shards are not restored); start a new output_dir")
-    value_model = None
-    if (distributed.is_distributed() and cfg.algorithm == "ppo" and cfg.ppo_config.critic == "separate"):
-        value_model = run.load_initial_model()  # a sharded policy cannot be copied (see _run_ppo)
+    critic = None
+    if cfg.algorithm == "ppo" and (distributed.is_sharded(policy) or (run.resume and run.resume.sharded)):
+        critic = _sharded_critic(run, policy, cfg.ppo_config, "method rlaif")
     with _as_user_error("method rlaif"):
         result = train_rlaif(
-            policy, run.tokenizer, prompts, judge, run.method_config, ref_model=ref_model, value_model=value_model,
+            policy, run.tokenizer, prompts, judge, run.method_config, ref_model=ref_model, critic=critic,
             callback=run.callback, state=run.resume_state, checkpoint_fn=run.checkpoint_fn,
-            progress=run.cfg.progress,
+            progress=run.cfg.progress, eval_data=eval_prompts,
         )
-    return result.policy, _last_metrics(result, ("judge/score", "reward/mean", "kl", "loss"))
+    run.critic = result.critic  # exported with the policy (output_dir/final/critic)
+    return result.policy, _last_metrics(result, ("judge/score", "reward", "kl", "loss"))
 
 
 def _run_cai(run: Run):
     from rftengine.methods.cai import load_constitution, train_cai
 
+    if run.cfg.eval_source is not None:
+        raise UserError(f"{run.config_path}: eval_data / eval_split are not supported for method cai yet "
+                        "(its stages have no held-out evaluation); remove them")
     prompts = _prompt_data(run)
     with _as_user_error("constitution"):
         constitution = load_constitution(run.cfg.constitution)
@@ -1012,15 +1156,24 @@ def _run_cai(run: Run):
     if "rl" in cfg.stages:
         # Always the configured judge (default: the initial policy), never a copy of a resumed policy.
         judge = _make_judge(run, run.cfg.judge or run.cfg.model, constitution)
+    for stage in cfg.stages if distributed.is_distributed() else ():
+        with _as_user_error(f"{run.config_path}: train.{stage}"):  # before any generation
+            distributed.require_divisible(getattr(cfg, f"{stage}_config").batch_size)
     ref_model = run.load_reference() if run.cfg.reference else None
     policy = run.load_policy()
+    critic = None
+    if run.resume is not None and run.resume.state.get("sharded_modules"):
+        # a checkpoint of the RL stage with PPO's critic: handed to that stage, restored
+        critic = _sharded_critic(run, policy, cfg.rl_config, "method cai")
     with _as_user_error("method cai"):
         result = train_cai(
             policy, run.tokenizer, prompts, cfg, constitution=constitution, judge=judge, ref_model=ref_model,
+            # under torchrun the stages' frozen copies are loaded anew: a sharded policy cannot be copied
+            load_model=run.load_initial_model, critic=critic,
             callback=run.callback, state=run.resume_state, checkpoint_fn=run.checkpoint_fn,
             progress=run.cfg.progress,
         )
-    summary = _last_metrics(result, ("loss", "rewards/accuracies", "reward/mean"))
+    summary = _last_metrics(result, ("loss", "rewards/accuracies", "reward"))
     summary.update(examples=len(result.examples), pairs=len(result.pairs))
     return result.policy, summary
 
@@ -1033,7 +1186,9 @@ def _last_metrics(result, keys) -> dict:
 
 
 def _method_keys(method: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(METHOD_RUNNERS[method].config_class())]
+    from rftengine.methods.config_base import config_keys
+
+    return config_keys(METHOD_RUNNERS[method].config_class())  # TRL's names too
 
 
 def _module_attr(module: str, name: str) -> Callable[[], type]:
@@ -1101,6 +1256,20 @@ def cmd_demo(args) -> int:
 
     result = demo.main(args.args)
     return result if isinstance(result, int) else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# toy-model
+
+
+def cmd_toy_model(args) -> int:
+    from rftengine.toy_model import write_toy_model
+
+    try:
+        write_toy_model(args.output_dir, judge=args.judge, steps=args.steps, seed=args.seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return 0
 
 
 if __name__ == "__main__":

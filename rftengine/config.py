@@ -20,17 +20,29 @@ Unknown keys are errors that suggest the closest valid key; nothing is silently 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rftengine.methods.config_base import LoopFields, OptimFields, closest_name, resumable_fields
+from rftengine.methods.config_base import (
+    LoopFields,
+    OptimFields,
+    aliases_of,
+    announce,
+    closest_name,
+    option,
+    resolve_aliases,
+    resumable_fields,
+    trl,
+)
 
 METHODS = ("reward", "ppo", "grpo", "rloo", "dpo", "rlaif", "cai")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+REPORTERS = ("jsonl", "csv", "tensorboard", "wandb", "trackio")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 NEWLINE = ord("\n")
 
@@ -155,50 +167,54 @@ class LoraSettings:
 class RunConfig:
     """Run-level settings; the method's own hyper-parameters live in `train`.
 
-    method       one of METHODS
-    model        policy: a local Hugging Face model directory
-    tokenizer    tokenizer directory (default: `model`)
-    data         JSONL: preference pairs (reward, dpo) or prompts (ppo, grpo, rloo, rlaif, cai)
-    reference    reference model directory (default: `model`)
-    reward       ppo/grpo/rloo: a reward-model directory, a judge model directory or `module:function`
-    judge        rlaif/cai: the judge's causal-LM directory (default: the policy's `model` for cai)
-    judge_options  keyword arguments of rftengine.methods.Judge (template, ratings, criteria, chat ...)
-    constitution cai: a constitution YAML (default: the one shipped with rftengine)
-    output_dir   checkpoints, metrics, plot and the final export go here
-    device       auto (cuda when available), cpu, cuda, cuda:1 ...
-    dtype        auto (as saved), float32, bfloat16 or float16
-    keep_last    number of checkpoints kept (how often they are written is the method's
-                 `train.save_every`; one is always written after the last step)
-    lora         train LoRA adapters instead of the full policy (LoraSettings; null: full finetuning)
-    export       write the final policy to output_dir/final as a plain Hugging Face directory
-    merge_lora   LoRA runs: export the base with the adapters folded in (a plain model directory that
-                 loads without peft) instead of the adapter directory (adapter_config.json and
-                 adapter_model.safetensors, loaded with peft's AutoPeftModelForCausalLM)
-    tensorboard, plot, progress   TensorBoard events (when installed), the PNG, tqdm bars
-    train        the method's config (RewardConfig, PPOConfig, DPOConfig, RLAIFConfig, CAIConfig);
-                 seed, max_steps and save_every live there
+    Each field's meaning is its `help` (field metadata, as in the method configs):
+    `rftengine config METHOD` prints them with the defaults, run level and train section.
+    `lora` is a LoraSettings; `train` the method's config (RewardConfig, PPOConfig, DPOConfig,
+    RLAIFConfig, CAIConfig), where seed, max_steps and save_every live.
     """
 
-    method: str
-    model: str
-    data: str | None = None
-    tokenizer: str | None = None
-    reference: str | None = None
-    reward: str | None = None
-    judge: str | None = None
-    constitution: str | None = None
-    output_dir: str = "runs/rftengine"
-    device: str = "auto"
-    dtype: str = "auto"
-    keep_last: int = 2
-    lora: LoraSettings | None = None
-    export: bool = True
-    merge_lora: bool = False
-    tensorboard: bool = True
-    plot: bool = True
-    progress: bool = True
-    judge_options: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
+    method: str = option(help=f"the training method: {', '.join(METHODS)}")
+    model: str = option(help="the policy: a local Hugging Face model directory, a hub id in the local HF cache "
+                             "(never downloaded) or a PEFT adapter directory (merged into its base)")
+    data: str | None = option(None, "preference pairs (reward, dpo) or prompts (ppo, grpo, rloo, rlaif, cai): a "
+                                    "JSONL/JSON/Parquet/CSV file, a folder, a save_to_disk folder or a cached hub "
+                                    "dataset id")
+    data_split: str = option("train", "the split of data to train on (a single file's only split is train)")
+    eval_data: str | None = option(None, "held-out data like data (null: none, or data's eval_split)")
+    eval_split: str | None = option(None, "the split of eval_data, or of data when eval_data is null (null: "
+                                          "train for eval_data, no evaluation without it)")
+    tokenizer: str | None = option(None, "tokenizer directory (null: model)")
+    reference: str | None = option(None, "reference model directory (null: model)")
+    reward: str | list[str] | None = option(None, "ppo/grpo/rloo: a reward-model directory, a judge model "
+                                                  "directory or module:function, or a list of them (summed)")
+    reward_weights: list[float] | None = option(None, "one weight per entry of reward (TRL's reward_weights; "
+                                                      "null: all 1)")
+    judge: str | None = option(None, "rlaif/cai: the judge's causal-LM directory (null: the policy's model, "
+                                     "for cai)")
+    constitution: str | None = option(None, "cai: a constitution YAML (null: the one shipped with rftengine)")
+    output_dir: str = option("runs/rftengine", "checkpoints, metrics, plot and the final export go here")
+    device: str = option("auto", "auto (cuda when available), cpu, cuda, cuda:1 ...")
+    dtype: str = option("auto", f"load dtype of the models: {', '.join(DTYPES)} (auto: as saved)")
+    keep_last: int = option(2, "checkpoints kept (train.save_every says how often they are written; one "
+                               "is always written after the last step)", min=1,
+                            aliases=(trl("save_total_limit"),))
+    lora: LoraSettings | None = option(None, "train LoRA adapters instead of the full policy (r, alpha, "
+                                             "target_modules, use_rslora; null: full finetuning)")
+    export: bool = option(True, "write the final model to output_dir/final, with a README.md on how to load it "
+                                "(a reward model as a sequence classifier; ppo's critic in final/critic)")
+    merge_lora: bool = option(False, "LoRA runs: export the base with the adapters folded in (loads without "
+                                     "peft) instead of the adapter directory (peft's AutoPeftModelForCausalLM)")
+    report_to: list[str] | None = option(None, f"where the metrics go: any of {', '.join(REPORTERS)} (null: "
+                                               "jsonl, csv, and tensorboard when it is installed)")
+    tensorboard: bool | None = option(None, "deprecated, use report_to: true adds tensorboard to it, false "
+                                            "leaves it out")
+    plot: bool = option(True, "write the PNG of the main curves at the end")
+    progress: bool = option(True, "show tqdm progress bars on a terminal (otherwise, and when false: one "
+                                  "line of metrics every train.logging_steps steps)")
+    judge_options: dict[str, Any] = option(help="keyword arguments of rftengine.methods.Judge (template, "
+                                                "choices, ratings, criteria, chat ...)", default_factory=dict)
+    train: dict[str, Any] = option(help="the method's config (rftengine config METHOD lists it)",
+                                   default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -206,18 +222,32 @@ class RunConfig:
         for name in ("model", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UserError(f"{name} must be a non-empty path, got {getattr(self, name)!r}")
-        for name in ("data", "tokenizer", "reference", "reward", "judge", "constitution"):
+        for name in ("data", "tokenizer", "reference", "judge", "constitution"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise UserError(f"{name} must be a path or null, got {value!r}")
+        self._check_rewards()
+        if self.eval_data is not None and not isinstance(self.eval_data, str):
+            raise UserError(f"eval_data must be a path, a dataset id or null, got {self.eval_data!r}")
+        for name in ("data_split", "eval_split"):
+            value = getattr(self, name)
+            if not (value is None and name == "eval_split") and (not isinstance(value, str) or not value):
+                raise UserError(f"{name} must be a split name such as train or test, got {value!r}")
+        if self.eval_data is None and self.eval_split is not None and self.eval_split == self.data_split:
+            raise UserError(
+                f"eval_split is {self.eval_split!r}, the split trained on (data_split): evaluate on another split "
+                "or give eval_data"
+            )
         if not isinstance(self.keep_last, int) or isinstance(self.keep_last, bool) or self.keep_last < 1:
             raise UserError(f"keep_last must be an integer >= 1, got {self.keep_last!r}")
         # Anything else (meta, mps, xla ...) would get past torch.device and fail mid-run.
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        for name in ("export", "merge_lora", "tensorboard", "plot", "progress"):
+        for name in ("export", "merge_lora", "plot", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        # The deprecated spelling is folded into report_to once (a replace() must not fold it again).
+        self.report_to, self.tensorboard = _check_report_to(self.report_to, self.tensorboard), None
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.train, dict):
@@ -231,7 +261,7 @@ class RunConfig:
         if self.merge_lora and self.lora is None:
             raise UserError("merge_lora is true but there is no lora section: only LoRA runs have adapters to merge")
         if self.data is None:
-            raise UserError(f"data is required for method {self.method} (a JSONL file)")
+            raise UserError(f"data is required for method {self.method} (a data file, folder or dataset id)")
         if self.method in ("ppo", "grpo", "rloo") and self.reward is None:
             raise UserError(
                 f"reward is required for method {self.method}: a reward-model directory, a judge model "
@@ -239,6 +269,27 @@ class RunConfig:
             )
         if self.method == "rlaif" and self.judge is None:
             raise UserError("judge is required for method rlaif: a causal-LM model directory")
+
+    def _check_rewards(self) -> None:
+        rewards = self.reward if isinstance(self.reward, list) else [self.reward]
+        if self.reward is not None and (not rewards or not all(isinstance(r, str) and r for r in rewards)):
+            raise UserError(f"reward must be a path, module:function, a non-empty list of them, or null, "
+                            f"got {self.reward!r}")
+        if self.reward_weights is None:
+            return
+        if self.reward is None:
+            raise UserError("reward_weights is set but there is no reward to weigh")
+        weights = self.reward_weights
+        if (not isinstance(weights, list) or len(weights) != len(rewards)
+                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                           for w in weights)):
+            raise UserError(f"reward_weights must be a list of {len(rewards)} finite number(s), one per entry "
+                            f"of reward, got {weights!r}")
+
+    @property
+    def reward_specs(self) -> list[str]:
+        """`reward` as a list (empty when null)."""
+        return [] if self.reward is None else self.reward if isinstance(self.reward, list) else [self.reward]
 
     @property
     def tokenizer_path(self) -> str:
@@ -248,14 +299,59 @@ class RunConfig:
     def reference_path(self) -> str:
         return self.reference or self.model
 
+    @property
+    def eval_source(self) -> tuple[str, str] | None:
+        """(path or dataset id, split) of the held-out data, or None when there is none: eval_data
+        (its eval_split, default train) or, without it, data's eval_split."""
+        if self.eval_data is not None:
+            return self.eval_data, self.eval_split or "train"
+        if self.eval_split is not None and self.data is not None:
+            return self.data, self.eval_split
+        return None
+
+
+def _check_report_to(report_to, tensorboard) -> list[str] | None:
+    """`report_to` checked (a list of REPORTERS, or null: the default), with the deprecated
+    `tensorboard: true/false` folded in (a one-line notice says so)."""
+    if report_to is not None:
+        if isinstance(report_to, str):
+            report_to = [report_to]
+        if not isinstance(report_to, list) or not all(isinstance(r, str) for r in report_to):
+            raise UserError(f"report_to must be a list of {', '.join(REPORTERS)}, got {report_to!r}")
+        for name in report_to:
+            if name not in REPORTERS:
+                raise UserError(f"report_to: unknown destination {name!r}{closest(name, REPORTERS)}; "
+                                f"choose from {', '.join(REPORTERS)}")
+        report_to = list(dict.fromkeys(report_to))
+    if tensorboard is None:
+        return report_to
+    if not isinstance(tensorboard, bool):
+        raise UserError(f"tensorboard must be true or false, got {tensorboard!r}")
+    chosen = list(report_to if report_to is not None else ("jsonl", "csv"))
+    chosen = [r for r in chosen if r != "tensorboard"] + (["tensorboard"] if tensorboard else [])
+    _notice(f"tensorboard: {str(tensorboard).lower()} is deprecated; it means report_to: [{', '.join(chosen)}]")
+    return chosen
+
+
+def _notice(text: str) -> None:
+    """A one-line notice on stderr, from rank 0 only."""
+    import logging
+
+    from rftengine import distributed
+
+    if distributed.is_main_process():
+        logging.getLogger("rftengine").warning(text)
+
 
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 # What `--resume` lets differ from the checkpoint's run (applied from the next step): where and how
-# output is written, the device, how long to train and the optimizer's settings (put into the
+# output is written, the held-out data, the device, how long to train and the optimizer's settings (put into the
 # restored optimizer and schedule). Everything else changes what the checkpoint's training means
 # or is held in its state, so a change is refused rather than half applied.
-RESUME_RUN_KEYS = ("output_dir", "device", "keep_last", "export", "merge_lora", "tensorboard", "plot", "progress")
+RESUME_RUN_KEYS = ("output_dir", "device", "keep_last", "export", "merge_lora", "report_to", "tensorboard", "plot",
+                   "progress",
+                   "eval_data", "eval_split")
 RESUME_TRAIN_KEYS = resumable_fields(LoopFields, OptimFields)   # the fields declared with resume=True
 
 
@@ -332,6 +428,26 @@ def read_yaml(path: str | Path, what: str = "config") -> Any:
         raise UserError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
 
 
+def run_aliases(raw: dict) -> dict:
+    """`raw` with other libraries' names for run-level keys (the `aliases` of RunConfig's fields)
+    replaced by the keys, at the top level or in the train section (TRL's settings are one flat
+    list: `train.save_total_limit` is the run's keep_last), each announced once."""
+    aliases = aliases_of(RunConfig)
+    train = raw.get("train")
+    lifted = [k for k in train if k in aliases] if isinstance(train, dict) else []
+    if not lifted:
+        return resolve_aliases(RunConfig, raw, prefix="")
+    out = {**raw, "train": {k: v for k, v in train.items() if k not in lifted}}
+    for key in lifted:
+        alias, target = aliases[key]
+        if target in out or any(a in out for a, (_, t) in aliases.items() if t == target):
+            raise ValueError(f"train.{key} is {alias.library}'s name for the run-level {target}; give only one "
+                             f"of train.{key} and {target}")
+        out[target] = train[key]
+        announce(f"train.{key} is {alias.library}'s name for the run-level {target}; using it")
+    return resolve_aliases(RunConfig, out, prefix="")
+
+
 def load_run_config(path: str | Path, overrides: list[str] = (), method_keys=None) -> RunConfig:
     """Read the YAML run file, apply overrides, check every key.
 
@@ -345,6 +461,10 @@ def load_run_config(path: str | Path, overrides: list[str] = (), method_keys=Non
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the config must be a mapping of keys to values, got {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides))
+    try:
+        raw = run_aliases(raw)
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
     for key in raw:
         if key not in RUN_KEYS:
             if method_keys is not None and raw.get("method") in METHODS and key in method_keys(raw["method"]):

@@ -54,6 +54,9 @@ CRITIQUE_TEMPLATE = "{prompt}{response}\ncritique ({critique_request}):"
 REVISION_TEMPLATE = "{prompt}{response}\ncritique ({critique_request}):{critique}\nrevision ({revision_request}):"
 JUDGE_TEMPLATE = "rate {response} ="
 RATINGS = ("1", "2", "3", "4", "5")
+# The pairwise answer tokens: the toy judge is read pointwise only, but Judge needs two one-token
+# choices, and the char tokenizer has no "A"/"B".
+JUDGE_CHOICES = ("1", "2")
 
 
 @dataclass
@@ -177,6 +180,49 @@ def labelled_pairs(prompts: list[str], samples: list[list[str]]) -> list[dict[st
     return pairs
 
 
+# ----------------------------------------------------------------------------- pretraining
+
+
+def toy_lm(tokenizer, seed: int, which: int, device: torch.device | str = "cpu"):
+    """The demo's random-init Qwen2-family model (hidden 64, 2 layers); ``which`` tells the policy
+    (1) from the judge (2) under one ``seed``."""
+    from rftengine.toy import tiny_causal_lm
+
+    return tiny_causal_lm(len(tokenizer), "qwen2", seed=seed * 100 + which, hidden_size=64).to(device)
+
+
+def _pretrain(model, tokenizer, data, *, steps: int, batch_size: int, seed: int, callback):
+    from rftengine.methods.sft import SFTConfig, train_sft
+
+    train_sft(model, tokenizer, data, SFTConfig(learning_rate=3e-3, batch_size=batch_size, max_steps=steps,
+                                                warmup_steps=10, lr_scheduler="cosine", seed=seed),
+              callback=callback)
+    return model.eval()
+
+
+def pretrain_policy(tokenizer, rng: random.Random, *, steps: int, batch_size: int = 32, seed: int = 0,
+                    device: torch.device | str = "cpu", callback=None):
+    """The pretrained toy policy: SFT from random init on ``pretraining_data`` (answer a prompt
+    such as ``"kqz> "`` with a random word, critique an answer, revise it into a fluent word).
+
+    ``rng`` draws the data (and is advanced, as the demo's later draws rely on); ``seed`` seeds
+    the initial weights and the SFT order. Returns the model in eval mode, on ``device``.
+    """
+    model = toy_lm(tokenizer, seed, 1, device)
+    return _pretrain(model, tokenizer, pretraining_data(rng, steps * batch_size // 2), steps=steps,
+                     batch_size=batch_size, seed=seed, callback=callback)
+
+
+def pretrain_judge(tokenizer, rng: random.Random, *, steps: int, batch_size: int = 32, seed: int = 0,
+                   device: torch.device | str = "cpu", callback=None):
+    """The toy judge: SFT from random init on ``judge_data`` (``"rate <word> ="`` -> a rating
+    "1".."5" from the word's vowel fraction). Read it with ``Judge(model, tok, JUDGE_TEMPLATE,
+    ratings=RATINGS, choices=JUDGE_CHOICES)``. Returns the model in eval mode, on ``device``."""
+    model = toy_lm(tokenizer, seed, 2, device)
+    return _pretrain(model, tokenizer, judge_data(rng, steps * batch_size), steps=steps,
+                     batch_size=batch_size, seed=seed, callback=callback)
+
+
 # ----------------------------------------------------------------------------- measurements
 
 
@@ -281,8 +327,7 @@ def _run(out_dir: Path, seed: int, device: str | None, quick: bool, log: Callabl
     from rftengine.methods.ppo import PPOConfig, train_ppo
     from rftengine.methods.reward import RewardConfig, RewardScorer, pairwise_accuracy, train_reward_model
     from rftengine.methods.rlaif import RLAIFConfig, sample_responses, train_rlaif
-    from rftengine.methods.sft import SFTConfig, train_sft
-    from rftengine.toy import char_tokenizer, tiny_causal_lm
+    from rftengine.toy import char_tokenizer
 
     t_start = time.perf_counter()
     settings = DemoSettings.quick() if quick else DemoSettings()
@@ -299,18 +344,10 @@ def _run(out_dir: Path, seed: int, device: str | None, quick: bool, log: Callabl
         curves[stage] = []
         return lambda step, metrics: curves[stage].append({"step": step, **metrics})
 
-    def lm(model_seed: int):
-        return tiny_causal_lm(len(tok), "qwen2", seed=seed * 100 + model_seed, hidden_size=64).to(device)
-
     # -- pretraining: answer, critique, revise --------------------------------------------
     t0 = time.perf_counter()
-    base = lm(1)
-    pre_data = pretraining_data(rng, settings.pretrain_steps * settings.pretrain_batch // 2)
-    train_sft(base, tok, pre_data, SFTConfig(learning_rate=3e-3, batch_size=settings.pretrain_batch,
-                                             max_steps=settings.pretrain_steps, warmup_steps=10,
-                                             lr_scheduler="cosine", seed=seed),
-              callback=recorder("pretrain"))
-    base.eval()
+    base = pretrain_policy(tok, rng, steps=settings.pretrain_steps, batch_size=settings.pretrain_batch,
+                           seed=seed, device=device, callback=recorder("pretrain"))
     for p in base.parameters():
         p.requires_grad_(False)
     train_prompts = [make_prompt(rng) for _ in range(settings.num_prompts)]
@@ -383,13 +420,10 @@ def _run(out_dir: Path, seed: int, device: str | None, quick: bool, log: Callabl
 
     # -- 4. RLAIF with a finetuned judge ---------------------------------------------------
     t0 = time.perf_counter()
-    judge_lm = lm(2)
-    train_sft(judge_lm, tok, judge_data(rng, settings.judge_steps * 32),
-              SFTConfig(learning_rate=3e-3, batch_size=32, max_steps=settings.judge_steps, warmup_steps=10,
-                        lr_scheduler="cosine", seed=seed),
-              callback=recorder("judge_sft"))
-    judge_lm.eval()
-    judge = Judge(judge_lm, tok, JUDGE_TEMPLATE, ratings=RATINGS, choices=("1", "2"), batch_size=64, max_length=64)
+    judge_lm = pretrain_judge(tok, rng, steps=settings.judge_steps, seed=seed, device=device,
+                              callback=recorder("judge_sft"))
+    judge = Judge(judge_lm, tok, JUDGE_TEMPLATE, ratings=RATINGS, choices=JUDGE_CHOICES, batch_size=64,
+                  max_length=64)
     probe = [random_word(rng) if i % 2 else fluent_word(rng) for i in range(64)]
     judge_corr = _pearson(judge.score([""] * len(probe), probe).tolist(), [vowel_fraction(w) for w in probe])
     policy = fresh_policy()
@@ -484,9 +518,9 @@ def _plot(curves: dict[str, list[dict[str, float]]], rows: list[StageRow], path:
 
     panels = [
         ("reward model", "reward_model", ("loss", "accuracy")),
-        ("PPO vs reward model", "ppo", ("reward/mean", "kl")),
+        ("PPO vs reward model", "ppo", ("reward", "kl")),
         ("DPO", "dpo", ("loss", "rewards/accuracies")),
-        ("RLAIF (judge score)", "rlaif", ("reward/mean", "kl")),
+        ("RLAIF (judge score)", "rlaif", ("reward", "kl")),
         ("Constitutional AI (SFT, then DPO)", "cai", ("loss",)),
     ]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))

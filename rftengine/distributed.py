@@ -37,12 +37,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
     Token counts and statistics that cross rows (the global token count of an optimizer step,
     whitening moments, the KL controller's mean) go through here, so N ranks compute the numbers
-    one process computes on the same global batch."""
+    one process computes on the same global batch. A CPU tensor is reduced on the rank's GPU
+    under nccl (which has no CPU collectives) and comes back on the CPU."""
     if not is_distributed():
         return tensor
-    out = tensor.clone()
+    out = tensor.to(_comm_device(), copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(tensor.device)
 
 
 def global_mean(values: torch.Tensor) -> torch.Tensor:
@@ -107,6 +108,40 @@ def shard_batch(indices: list[int], owner: str = "batch_size") -> list[int]:
     return indices[rank() * share:(rank() + 1) * share]
 
 
+def even_share(n: int) -> tuple[int, int, int]:
+    """``(start, stop, per_rank)``: this rank's contiguous share of ``n`` items that need not
+    divide over the ranks (data to generate, pairs to precompute): ``per_rank = ceil(n / N)``,
+    rank ``r`` takes ``[r * per_rank, min((r + 1) * per_rank, n))``, so the last ranks may hold
+    fewer, or none. ``(0, n, n)`` in one process. A rank whose work runs collectives (a sharded
+    model's forwards, ``gathered`` rollouts) pads its share to ``per_rank`` items, so that every
+    rank runs as many; ``all_gather_cat`` of equal shares then lists item ``i`` at row ``i``."""
+    n_ranks = world_size()
+    per_rank = -(-n // n_ranks) if n else 0
+    start = min(rank() * per_rank, n)
+    return start, min(start + per_rank, n), per_rank
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """The ranks' ``tensor`` (the same shape on every rank) concatenated along dim 0 in rank
+    order, on ``tensor``'s device (``tensor`` itself in one process)."""
+    if not is_distributed():
+        return tensor
+    local = tensor.contiguous().to(_comm_device())
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(tensor.device)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable, produced by this run's own code), in rank order
+    (``[obj]`` in one process)."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def max_over_ranks(value: int | None) -> int | None:
     """The largest of the ranks' values (None counts as absent; None when every rank has None),
     e.g. the signal a stop was asked with, so that all ranks stop after the same step."""
@@ -117,12 +152,13 @@ def max_over_ranks(value: int | None) -> int | None:
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    """The elementwise maximum of ``tensor`` over all ranks (``tensor`` itself in one process)."""
+    """The elementwise maximum of ``tensor`` over all ranks (``tensor`` itself in one process;
+    on any device, as ``all_reduce_sum``)."""
     if not is_distributed():
         return tensor
-    out = tensor.clone()
+    out = tensor.to(_comm_device(), copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    return out.to(tensor.device)
 
 
 def barrier() -> None:

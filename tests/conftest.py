@@ -50,3 +50,10 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    """Progress bars drawn as on a terminal (they are off when the output is captured, as it
+    is under pytest): for the tests that check the bars themselves."""
+    monkeypatch.setattr("rftengine.methods.common.interactive_terminal", lambda: True)

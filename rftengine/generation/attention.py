@@ -10,9 +10,10 @@ slice keeps that), so the flash path passes the cache tensors themselves and the
 ``transpose(1, 2)`` views. Nothing is copied or stored twice.
 
 Why the two lengths flash-attn gets are right (flash-attn >= 2.6, ``cache_leftpad``): it attends to
-the cache columns ``[cache_leftpad[r], cache_seqlens[r])`` of row r. Prompts are left-padded and
-every decode step writes the same column ``slot`` of every row, so the real keys of row r are the
-contiguous columns ``[P - len_r, slot]``: ``cache_seqlens = slot + 1`` and ``cache_leftpad =
+the cache columns ``[cache_leftpad[r], cache_seqlens[r])`` of row r. A decode step writes column
+``slot[r]`` of row r (each row its own column; a ``[1]`` slot is shared by all rows), and the real
+keys of a row are contiguous and end there (a left-padded prompt: ``[P - len_r, slot]``; the
+Generator's right-padded prompts: ``[0, slot]``): ``cache_seqlens = slot + 1`` and ``cache_leftpad =
 cache_seqlens - (number of valid columns)``. Both are computed on the device from ``slot`` and
 ``cache.valid`` each step (no host sync), so a captured graph replays with the current values.
 Its sliding window keeps keys j with ``i - j <= window_size[0]`` (i = the query's column), the
@@ -86,8 +87,9 @@ class DecodeAttention:
         cache: the static cache; this step's keys/values are already written at column ``slot``
             and ``cache.valid[:n, slot]`` is already True.
         n: rows of this step (cache rows ``0 .. n-1``).
-        slot: ``[1]`` int64 device tensor, the cache column of this step.
-        live: columns read, ``cache.live_length(slot)`` (a Python int, static per graph).
+        slot: ``[n]`` int64 device tensor, each row's cache column of this step (or ``[1]``, one
+            column for every row).
+        live: columns read, ``cache.live_length(max(slot))`` (a Python int, static per graph).
     """
 
     def __init__(self, backend: str, cache: StaticKVCache, n: int, slot: torch.Tensor, live: int):
@@ -95,10 +97,10 @@ class DecodeAttention:
         valid = cache.valid[:n, :live]
         if backend == "flash":
             self.flash = _flash_kvcache()
-            self.seqlens = (slot + 1).to(torch.int32).expand(n).contiguous()
+            self.seqlens = (slot.view(-1) + 1).to(torch.int32).expand(n).contiguous()
             self.leftpad = self.seqlens - valid.sum(1, dtype=torch.int32)
         else:
-            self.valid, self.slot = valid, slot
+            self.valid, self.slot = valid, slot.view(-1, 1)
             self.masks: dict[int | None, torch.Tensor] = {}
 
     def __call__(self, layer: int, q: torch.Tensor, window: int | None, scale: float) -> torch.Tensor:

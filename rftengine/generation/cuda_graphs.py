@@ -3,8 +3,10 @@
 Each graph replays forward + sampling + log-prob + bookkeeping on the fixed buffers of
 `RolloutState` and `StaticKVCache`; it keeps no output tensor of its own (everything is written
 into those buffers), so the graphs can share one memory pool and be replayed in any order.
-The sampling noise is keyed by device tensors of `RolloutState` (seed, sequence ids, step),
-so a new seed or offset reaches the replays without recapture.
+The sampling noise is keyed by device tensors of `RolloutState` (seed, sequence ids, steps),
+so a new seed, offset or row content reaches the replays without recapture. A graph is captured
+when a rollout first needs it, mid-rollout (`Generator._replay` puts back the per-row state the
+capture's warm-up step advanced).
 """
 
 from __future__ import annotations

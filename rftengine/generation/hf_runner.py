@@ -30,12 +30,15 @@ class HFRunner:
         )
         return out.logits[:, -1], out.past_key_values
 
-    def prefill(self, ids: torch.Tensor, prompt_mask: torch.Tensor, copies: int) -> torch.Tensor:
-        """ids/prompt_mask ``[b, P]`` left-padded; returns last-token logits ``[b * copies, V]``."""
+    def prefill(self, ids: torch.Tensor, prompt_mask: torch.Tensor, copies: int | torch.Tensor) -> torch.Tensor:
+        """ids/prompt_mask ``[b, P]`` left-padded; prompt i gets ``copies`` rows (or ``copies[i]``,
+        a ``[b]`` int64 tensor); returns last-token logits ``[rows, V]``."""
         mask = prompt_mask.long()
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         logits, cache = self._forward(ids, mask, positions, None)
-        if copies > 1:
+        if isinstance(copies, torch.Tensor):
+            cache.batch_select_indices(torch.arange(ids.shape[0], device=ids.device).repeat_interleave(copies))
+        elif copies > 1:
             cache.batch_repeat_interleave(copies)
         self._cache = cache
         self._mask = mask.repeat_interleave(copies, dim=0)

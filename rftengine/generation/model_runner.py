@@ -18,7 +18,11 @@ from rftengine.generation.weights import DecoderWeights, Layer, Linear
 
 
 def linear(x: torch.Tensor, p: Linear) -> torch.Tensor:
-    return F.linear(x, p.weight, p.bias)
+    y = F.linear(x, p.weight, p.bias)
+    if p.lora is None:
+        return y
+    # LoRA as PEFT computes it, B(A(x)) * scale, never merged into W (weights.py says why)
+    return y.add_(F.linear(F.linear(x, p.lora.a), p.lora.b, p.lora.bias), alpha=p.lora.scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,17 +75,19 @@ def prefill_mask(prompt_mask: torch.Tensor, window: int | None) -> torch.Tensor:
 
 def prefill(
     w: DecoderWeights, cache: StaticKVCache, ids: torch.Tensor, prompt_mask: torch.Tensor,
-    row0: int, copies: int,
+    row0: int, copies: int | torch.Tensor,
 ) -> torch.Tensor:
-    """Run left-padded prompts once and store their keys/values for ``copies`` samples each.
+    """Run padded prompts once and store their keys/values for ``copies`` samples each.
 
     Args:
-        ids: ``[b, P]`` int64 prompt ids, left-padded.
+        ids: ``[b, P]`` int64 prompt ids, padded on the left or on the right (not both).
         prompt_mask: ``[b, P]`` bool, True at real tokens.
-        row0: first cache row; prompt i fills rows ``row0 + i*copies ... + copies - 1``.
+        row0: first cache row; prompt i fills the next ``copies`` rows (int), or ``copies`` is
+            the ``[m]`` int64 prompt index of each row from row0 on; columns ``[0, P)``
+            (`StaticKVCache.write_prompts`).
 
     Returns:
-        ``[b, V]`` logits of each prompt's last token, in the model dtype.
+        ``[b, V]`` logits of each prompt's last real token, in the model dtype.
     """
     b, plen = ids.shape
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp_(min=0)
@@ -101,7 +107,10 @@ def prefill(
         )
         h = h + linear(a.transpose(1, 2).reshape(b, plen, -1), layer.o)
         h = h + mlp(rms_norm(h, layer.post_norm, w.eps), layer, w)
-    return linear(rms_norm(h[:, -1], w.norm, w.eps), w.lm_head)
+    # the last real token: column P-1 when left-padded, len-1 when right-padded
+    last = plen - 1 - prompt_mask.flip(1).to(torch.int8).argmax(1)
+    h = h[torch.arange(b, device=h.device), last]
+    return linear(rms_norm(h, w.norm, w.eps), w.lm_head)
 
 
 def decode_forward(
@@ -112,9 +121,9 @@ def decode_forward(
 
     Args:
         tokens: ``[n]`` int64, the last sampled token of cache rows ``0 .. n-1``.
-        slot: ``[1]`` int64 cache column of this step (the same for every row).
+        slot: ``[n]`` int64 cache column of each row's token (``[1]``: the same for every row).
         positions: ``[n]`` int64 RoPE position of each row's token.
-        live: columns of the cache attention reads (``cache.live_length(slot)``, static per graph).
+        live: columns of the cache attention reads (``cache.live_length(max(slot))``, static per graph).
         attention: decode attention backend, ``"sdpa"`` or ``"flash"`` (`attention.select_attention`).
 
     Returns:
@@ -124,7 +133,7 @@ def decode_forward(
     h = F.embedding(tokens, w.embed)
     cos, sin = rotary_tables(positions, w, h.dtype)
     cos, sin = cos[:, None], sin[:, None]
-    cache.valid[:n].index_fill_(1, slot, True)
+    cache.valid[:n].scatter_(1, slot.view(-1, 1).expand(n, 1), True)
     attend = DecodeAttention(attention, cache, n, slot, live)
     for i, layer in enumerate(w.layers):
         x = rms_norm(h, layer.input_norm, w.eps)

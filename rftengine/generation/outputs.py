@@ -12,15 +12,18 @@ class GenerationOutput(NamedTuple):
     prompt b. Prompts are left-padded to the batch's longest prompt P; responses start at column P.
 
     sequences: ``[N, P + T]`` int64: prompt (left-padded with the pad id), then T generated
-        tokens; after a row's EOS (and at padding) the pad id. T <= max_new_tokens: the loop stops
-        early once every row has finished.
+        tokens; after a row's end (EOS, limit or stop cut) the pad id. T is the longest
+        response's length (<= the largest max_new_tokens).
     prompt_mask: ``[N, P]`` bool, True at real prompt tokens.
     response_mask: ``[N, T]`` bool, True for generated tokens up to and including the EOS.
     logprobs: ``[N, T]`` float32, ``log softmax(logits / temperature)[token]`` over the full
         vocabulary (``rftengine.ops.token_logprobs``, as in training); 0 where the mask is False.
     truncated_logprobs: ``[N, T]`` float32 log-prob under the top-k/top-p distribution that was
         actually sampled from (None unless asked for); 0 where the mask is False.
-    finish_reasons: N strings, ``"eos"`` (sampled an EOS id) or ``"length"`` (hit max_new_tokens).
+    finish_reasons: N strings, ``"eos"`` (sampled an EOS id), ``"length"`` (hit its
+        max_new_tokens) or ``"stop"`` (cut by the stop checker, e.g. at a stop string).
+    texts: N decoded responses when a tokenizer was given (``Generator(tokenizer=)`` or
+        ``generate(tokenizer=)``), cut exactly at a stop string; else None.
     """
 
     sequences: torch.Tensor
@@ -29,6 +32,7 @@ class GenerationOutput(NamedTuple):
     logprobs: torch.Tensor
     truncated_logprobs: torch.Tensor | None
     finish_reasons: tuple[str, ...]
+    texts: tuple[str, ...] | None = None
 
     @property
     def prompt_length(self) -> int:

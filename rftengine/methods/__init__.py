@@ -24,14 +24,21 @@ from rftengine.methods.common import (
     Callback,
     CheckpointFn,
     NonFiniteStepError,
-    RewardFn,
     TrainState,
     batch_indices,
-    call_reward_fn,
     config_from_dict,
     config_to_dict,
     make_optimizer,
     make_scheduler,
+)
+from rftengine.methods.rewards import (
+    NamedReward,
+    RewardFn,
+    RewardFunctions,
+    RewardOutput,
+    RewardState,
+    call_reward_fn,
+    uses_trl_convention,
 )
 from rftengine.methods.data import (
     PreferenceExample,
@@ -95,6 +102,7 @@ from rftengine.methods.ppo import (
     ppo_loss,
     rollout,
     score,
+    score_rollout,
     step,
     train_ppo,
 )
@@ -128,9 +136,12 @@ from rftengine.methods.sft import (
 
 __all__ = [
     # common
-    "Callback", "CheckpointFn", "NonFiniteStepError", "RewardFn", "TrainState", "batch_indices",
-    "call_reward_fn", "config_from_dict", "config_to_dict", "make_optimizer",
+    "Callback", "CheckpointFn", "NonFiniteStepError", "TrainState", "batch_indices",
+    "config_from_dict", "config_to_dict", "make_optimizer",
     "make_scheduler",
+    # reward functions
+    "NamedReward", "RewardFn", "RewardFunctions", "RewardOutput", "RewardState", "call_reward_fn",
+    "uses_trl_convention",
     # data
     "PreferenceExample", "SampledText", "SequenceBatch", "collate_preferences", "decode_responses",
     "encode_preferences", "encode_prompt", "encode_response", "has_chat_template",
@@ -144,7 +155,8 @@ __all__ = [
     "reward_step", "score_pairs", "train_reward_model",
     # ppo / grpo / rloo
     "KLController", "PPOBatch", "PPOConfig", "PPOContext", "PPOResult", "Rollout", "sample_rollout",
-    "compute_advantages", "evaluate_reward", "make_ppo_context", "ppo_loss", "rollout", "score", "step", "train_ppo",
+    "compute_advantages", "evaluate_reward", "make_ppo_context", "ppo_loss", "rollout", "score", "score_rollout",
+    "step", "train_ppo",
     # dpo
     "DPOConfig", "DPOResult", "dpo_batch_loss", "dpo_loss_types", "dpo_step",
     "precompute_reference_logps", "preference_accuracy", "sequence_logps", "train_dpo",

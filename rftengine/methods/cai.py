@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from rftengine import distributed
 from rftengine.methods.common import (
     Callback,
     CheckpointFn,
@@ -39,6 +40,7 @@ from rftengine.methods.common import (
     SamplingFields,
     option,
     redefault,
+    resolve_precision,
     stage,
     stage_config,
     stage_state,
@@ -56,6 +58,7 @@ from rftengine.methods.dpo import DPOConfig, train_dpo
 from rftengine.methods.judge import JUDGE_MODES, Judge, _template_fields
 from rftengine.methods.modeling import (
     check_trainable_model,
+    device_of,
     disable_dropout,
     freeze,
     is_peft_model,
@@ -368,6 +371,12 @@ def generate_revisions(
     Each stage is one batched pass through the Generator (``generator``, or one built on
     ``policy`` for the call). Principles are drawn with ``seed`` (default ``config.seed``).
     ``progress`` shows a bar per stage (removed when the stage is done).
+
+    Under torchrun every rank passes all the prompts: each generates its contiguous share
+    (``distributed.even_share``, padded so that every rank makes as many Generator calls over
+    the gathered weights) and every rank returns all the examples, in prompt order. Each
+    response's noise is keyed by its prompt's global index (``sample_responses``), so N ranks
+    generate what one process generates.
     """
     from rftengine.generation import Generator
 
@@ -388,19 +397,25 @@ def generate_revisions(
         generator = Generator(policy, max_batch_size=config.generation_batch_size,
                               max_seq_len=max(config.max_context_length, config.max_prompt_length) + longest_new)
         policy.eval()
-    sampling = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p}
+    sampling = {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
+                "min_p": config.min_p, "stop": config.stop}
+    everything = prompts
+    start, stop, per_rank = distributed.even_share(len(prompts))
+    # This rank's share, padded with repeats of the first prompt (their examples are dropped).
+    prompts = prompts[start:stop] + [prompts[0]] * (per_rank - (stop - start))
 
     def run(stage_prompts, max_prompt_length, new_tokens, salt, fields):
         out = sample_responses(generator, tokenizer, stage_prompts, num_samples=1, max_new_tokens=new_tokens,
                                max_prompt_length=max_prompt_length, seed=seed * 3 + salt, progress=progress,
                                desc=f"cai {('responses', 'critiques', 'revisions')[salt]}", length_fields=fields,
-                               **sampling)
+                               first_index=start, **sampling)
         return [group[0] for group in out]
 
     try:
         responses = run(prompts, config.max_prompt_length, config.max_new_tokens, 0,
                         "max_prompt_length or max_new_tokens")
-        principles = constitution.sample(len(prompts), seed)
+        drawn = constitution.sample(len(everything), seed)
+        principles = drawn[start:stop] + drawn[:1] * (per_rank - (stop - start))
         critique_prompts = [
             _stage_prompt(tokenizer, p, [("assistant", r), ("user", pr.critique_request)], config.critique_template,
                           response=r, critique_request=pr.critique_request)
@@ -420,8 +435,9 @@ def generate_revisions(
     finally:
         if own_generator:
             generator.free()
-    return [CAIExample(p, r, pr.name, c, v)
-            for p, r, pr, c, v in zip(prompts, responses, principles, critiques, revisions)]
+    mine = [CAIExample(p, r, pr.name, c, v)
+            for p, r, pr, c, v in zip(prompts, responses, principles, critiques, revisions)][:stop - start]
+    return [e for share in distributed.all_gather_objects(mine) for e in share]
 
 
 def revision_pairs(examples: Sequence[CAIExample]) -> list[dict[str, Any]]:
@@ -457,9 +473,20 @@ class CAIResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def _reference_use(config: CAIConfig, stage: str) -> str | None:
+    """How a training stage uses its default reference: "live" (run during training: DPO with
+    ``precompute_ref=False``, RL with a KL term), "precompute" (DPO's cache, computed once when
+    the stage starts) or None."""
+    if stage == "dpo" and config.dpo_config.uses_reference:
+        return "precompute" if config.dpo_config.precompute_ref else "live"
+    if stage == "rl" and (config.rl_config.kl_coef > 0 or config.rl_config.adaptive_kl):
+        return "live"
+    return None
+
+
 def stage_reference(
     policy: nn.Module, config: CAIConfig, stage: str, saved: Mapping[str, torch.Tensor] | None = None,
-    *, resuming: bool = False,
+    *, resuming: bool = False, load_model: Callable[[], nn.Module] | None = None,
 ) -> nn.Module | None:
     """The default reference of a CAI training stage, or None when the stage needs no model.
 
@@ -470,24 +497,50 @@ def stage_reference(
     rebuilds the same reference from those ``saved`` weights.
     PEFT policies need none (their reference is the policy with adapters off), nor does DPO
     with the reference log-probs precomputed (the cache is in the DPO state).
+
+    A policy sharded over the ranks (torchrun) cannot be copied: the copy is ``load_model()``
+    (the initial model, unsharded) sharded like the policy, then given the policy's current
+    weights (or the ``saved`` full weights); DPO's precomputed cache also needs it, when the
+    stage starts fresh.
     """
-    if stage == "dpo":
-        live = config.dpo_config.uses_reference and not config.dpo_config.precompute_ref
-    elif stage == "rl":
-        live = config.rl_config.kl_coef > 0 or config.rl_config.adaptive_kl
-    else:
-        live = False
-    if not live or is_peft_model(policy):
+    use = _reference_use(config, stage)
+    sharded = distributed.is_sharded(policy)
+    if is_peft_model(policy) or use is None or (use == "precompute" and (resuming or not sharded)):
         return None
-    if resuming and saved is None:
+    if resuming and saved is None and use == "live":
         raise ValueError(
             f"checkpoint state of the CAI {stage!r} stage holds no reference weights "
             "(extra['stage_reference']); pass the policy at the start of that stage as ref_model"
         )
-    reference = freeze(disable_dropout(copy.deepcopy(policy)))
+    if not sharded:
+        reference = freeze(disable_dropout(copy.deepcopy(policy)))
+        if saved is not None:
+            reference.load_state_dict(saved)
+        return reference
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if load_model is None:
+        raise ValueError(
+            f"the CAI {stage!r} stage needs a frozen copy of the policy, which is sharded over the ranks and "
+            "cannot be copied: pass load_model (the initial model, unsharded) or ref_model"
+        )
+    precision = resolve_precision(getattr(config, f"{stage}_config").precision, device_of(policy))
+    reference = distributed.shard_model(load_model(), precision=precision)
     if saved is not None:
-        reference.load_state_dict(saved)
-    return reference
+        set_model_state_dict(reference, dict(saved), options=StateDictOptions(full_state_dict=True))
+    else:
+        reference.load_state_dict(policy.state_dict())   # shard for shard: the same units on the same ranks
+    return freeze(disable_dropout(reference))
+
+
+def _reference_weights(reference: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a stage reference: its state dict; of a sharded one, the full
+    weights gathered on rank 0, the rank that writes the state (every rank calls it)."""
+    if not distributed.is_sharded(reference):
+        return reference.state_dict()
+    from rftengine.checkpoint import full_state_dict
+
+    return full_state_dict(reference) or {}
 
 
 def train_cai(
@@ -501,6 +554,8 @@ def train_cai(
     judge_model: nn.Module | None = None,
     judge_tokenizer=None,
     ref_model: nn.Module | None = None,
+    load_model: Callable[[], nn.Module] | None = None,
+    critic: nn.Module | None = None,
     callback: Callback | None = None,
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
@@ -520,6 +575,13 @@ def train_cai(
             resumed weights).
         ref_model: the reference of the DPO/RL stage (default: ``stage_reference``, the policy
             at the start of that stage, saved in the stage's checkpoints so resuming is exact).
+        load_model: under torchrun (a policy sharded over the ranks, which cannot be copied):
+            ``load_model()`` returns the initial model, unsharded, on the policy's device; the
+            frozen copies (stage references, the default judge) and a separate PPO critic's trunk
+            are built from it. Each rank generates its share of the examples, and each stage
+            trains data-parallel (``batch_size`` of every stage is the global batch).
+        critic: a resumed RL stage's PPO critic, built by ``ppo.make_critic`` and restored by the
+            caller (the CLI, from a sharded checkpoint); default: built by ``train_ppo``.
         callback: ``callback(step, metrics)`` with steps counted across stages.
         state: a TrainState (method "cai") or its ``state_dict()`` to resume from; the generated
             examples are restored from it, finished stages are skipped.
@@ -549,7 +611,13 @@ def train_cai(
                     "resuming mode='rl' needs judge or judge_model: the default judge is a copy of the "
                     "policy as first given, and the policy given now holds the resumed weights"
                 )
-            judge_model = freeze(disable_dropout(copy.deepcopy(policy)))
+            if distributed.is_sharded(policy):
+                if load_model is None:
+                    raise ValueError("mode='rl' with a policy sharded over the ranks needs judge, judge_model or "
+                                     "load_model (the default judge is a copy of the policy, which cannot be copied)")
+                judge_model = freeze(disable_dropout(load_model()))   # replicated: each rank judges its rollouts
+            else:
+                judge_model = freeze(disable_dropout(copy.deepcopy(policy)))
         judge = principle_judge(judge_model, judge_tokenizer or tokenizer, constitution)
     elif "rl" not in stages and any(x is not None for x in (judge, judge_model, judge_tokenizer)):
         raise ValueError(
@@ -591,11 +659,11 @@ def train_cai(
         if ref_model is None:
             restored = saved_reference if resume is not None else None
             stage_ref = stage_reference(policy, config, stage, restored.tensors if restored is not None else None,
-                                        resuming=resume is not None)
-            if stage_ref is not None:
+                                        resuming=resume is not None, load_model=load_model)
+            if stage_ref is not None and _reference_use(config, stage) == "live":
                 # One key per stage reference (kept across a resume): checkpoints write its weights once.
                 key = restored.key if restored is not None else FixedTensors.new_key()
-                saved["stage_reference"] = FixedTensors(key, stage_ref.state_dict())
+                saved["stage_reference"] = FixedTensors(key, _reference_weights(stage_ref))
 
         def stage_callback(step, metrics, _offset=start_offset, _index=index):
             metrics = {**metrics, "stage_index": float(_index)}
@@ -620,8 +688,14 @@ def train_cai(
             rl_config = config.rl_config
             reward_fn = judge.as_reward_fn(config.judge_mode, group_size=rl_config.group_size,
                                            progress=progress or None)
+            value_model = None
+            if (critic is None and rl_config.algorithm == "ppo" and rl_config.critic == "separate"
+                    and distributed.is_sharded(policy)):
+                if load_model is None:
+                    raise ValueError("a separate PPO critic with a policy sharded over the ranks needs load_model")
+                value_model = load_model()
             result = train_ppo(policy, tokenizer, texts, rl_config, reward_fn=reward_fn, ref_model=stage_ref,
-                               **common)
+                               value_model=value_model, critic=critic if resume is not None else None, **common)
             result.context.generator.free()
         results[stage] = result
         last_state = stage_state("cai", result.state, offset=start_offset, **saved)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,70 +57,6 @@ Callback = Callable[[int, dict[str, float]], None]
 
 CheckpointFn = Callable[["TrainState"], None]
 """``checkpoint_fn(state)``: called every ``config.save_every`` steps and after the last step."""
-
-RewardFn = Callable[..., Any]
-"""``reward_fn(prompts: list[str], responses: list[str], **kw) -> Tensor[B] | list[float]``."""
-
-
-def _callable_name(fn) -> str:
-    """``module:qualname`` of a function, method or callable object (its class)."""
-    target = fn if hasattr(fn, "__qualname__") else type(fn)
-    module = getattr(target, "__module__", None)
-    name = getattr(target, "__qualname__", repr(fn))
-    return f"{module}:{name}" if module else name
-
-
-def call_reward_fn(reward_fn: RewardFn, prompts: Sequence[Any], responses: Sequence[str],
-                   **kwargs: Any) -> torch.Tensor:
-    """``reward_fn(prompts, responses, **kwargs)`` as ``[N]`` fp32 scores (on the device the
-    function returned them on), N = ``len(responses)``.
-
-    The one place every method calls reward functions: a function that cannot take these
-    arguments, returns something that is not a tensor or a list of numbers, returns the wrong
-    number of scores, or NaN/inf scores, gets a ValueError naming it (``module:qualname``),
-    what was expected and what it gave.
-    """
-    import inspect
-    import numbers
-
-    name = _callable_name(reward_fn)
-    expected = "(prompts, responses" + "".join(f", {k}=..." for k in kwargs) + ")"
-    try:
-        signature = inspect.signature(reward_fn)
-    except (TypeError, ValueError):          # builtins and some C callables: let the call decide
-        signature = None
-    if signature is not None:
-        try:
-            signature.bind(list(prompts), list(responses), **kwargs)
-        except TypeError:
-            raise ValueError(
-                f"reward function {name} must accept {expected}, but its signature is {signature}"
-            ) from None
-    raw = reward_fn(prompts, responses, **kwargs)
-    if isinstance(raw, (list, tuple)):
-        bad = [x for x in raw if not isinstance(x, numbers.Real)
-               and not (isinstance(x, torch.Tensor) and x.numel() == 1)]
-        if bad:
-            raise ValueError(
-                f"reward function {name} must return a tensor or a list of numbers, one per response; "
-                f"got a {type(raw).__name__} holding {type(bad[0]).__name__} ({bad[0]!r:.40})"
-            )
-        raw = [float(x) for x in raw]
-    elif not (isinstance(raw, torch.Tensor) or type(raw).__module__ == "numpy"):
-        raise ValueError(
-            f"reward function {name} must return a tensor or a list of numbers, one per response; "
-            f"got {type(raw).__name__} ({raw!r:.40})"
-        )
-    scores = torch.as_tensor(raw, dtype=torch.float32).detach().reshape(-1)
-    if scores.shape[0] != len(responses):
-        raise ValueError(
-            f"reward function {name} must return one score per response ({len(responses)}), "
-            f"got {scores.shape[0]}"
-        )
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError(f"reward function {name} returned NaN or inf scores")
-    return scores
-
 
 # ----------------------------------------------------------------------------- configs
 
@@ -763,10 +700,21 @@ def split_rows(n: int, size: int) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------- the loop
 
 
+def interactive_terminal() -> bool:
+    """True when stdout and stderr are both terminals, or in a Jupyter kernel (where
+    ``tqdm.auto`` draws widgets): only then are progress bars drawn. Written to a file or a
+    pipe, tqdm's redraws (carriage returns, and the cursor-up escape ``ESC[A`` of nested bars)
+    would fill the log; ``train_loop`` prints plain metric lines there instead
+    (``logging_steps``)."""
+    if all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr)):
+        return True
+    return type(sys.stdout).__module__.startswith("ipykernel")
+
+
 def progress_bar(enabled: bool, *, total: int, desc: str, initial: int = 0, unit: str = "step"):
-    """The tqdm bar of a training loop, or None when ``enabled`` is False (tqdm is only
-    imported then)."""
-    if not enabled:
+    """The tqdm bar of a training loop, or None when ``enabled`` is False or the output is not
+    a terminal (``interactive_terminal``; tqdm is only imported when a bar is drawn)."""
+    if not (enabled and interactive_terminal()):
         return None
     from tqdm.auto import tqdm
 
@@ -775,12 +723,29 @@ def progress_bar(enabled: bool, *, total: int, desc: str, initial: int = 0, unit
 
 def track(iterable, enabled: bool, *, desc: str, unit: str = "batch", total: int | None = None):
     """``iterable`` as is, or wrapped in a tqdm bar that is removed when done (``leave=False``):
-    the bar of an inner loop (reference pass, generation stage, judging)."""
-    if not enabled:
+    the bar of an inner loop (reference pass, generation stage, judging). Not drawn when the
+    output is not a terminal (``interactive_terminal``)."""
+    if not (enabled and interactive_terminal()):
         return iterable
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, dynamic_ncols=True)
+
+
+def metrics_line(desc: str, step: int, num_steps: int, metrics: Mapping[str, float],
+                 keys: Mapping[str, str] | None = None) -> str:
+    """The console line of a step when no bar is drawn: ``dpo step 10/100: loss 0.6931, acc 0.75,
+    lr 1e-06, eval/loss 0.69``; ``keys`` maps labels to metric names (the bar's postfix);
+    ``loss`` is shown when no label names it, and the held-out values of the metrics shown and
+    of ``loss``, ``reward``, ``accuracy`` (``eval/<name>``) when the step has them."""
+    shown = dict(keys or {})
+    if "loss" not in shown.values():
+        shown = {"loss": "loss", **shown}
+    shown["lr"] = "learning_rate"
+    main = {*shown.values(), "loss", "reward", "accuracy"}
+    shown.update({k: k for k in metrics if k.startswith("eval/") and k.removeprefix("eval/") in main})
+    parts = [f"{label} {metrics[key]:.4g}" for label, key in shown.items() if key in metrics]
+    return f"{desc} step {step}/{num_steps}" + (": " + ", ".join(parts) if parts else "")
 
 
 @dataclass
@@ -818,6 +783,7 @@ def train_loop(
     progress: bool = False,
     desc: str = "train",
     postfix: Mapping[str, str] | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """The loop of every ``train_*`` function; returns the metrics of the steps it ran.
 
@@ -827,6 +793,17 @@ def train_loop(
     ``state.data_position`` by the batch, then call ``callback(state.step, metrics)`` and, when
     ``should_checkpoint(config, ...)``, ``checkpoint_fn(state)``. ``postfix`` maps progress-bar
     labels to the metric names they show.
+
+    ``evaluate`` (``rftengine.methods.evaluation``) runs after the steps that
+    ``should_evaluate(config, ...)`` picks (multiples of ``config.eval_every``, and the last);
+    its ``eval/*`` metrics join that step's row, before the callback and the checkpoint. It
+    runs on every rank (its values are global) and restores the RNGs it used, so the training
+    is the same with or without it.
+
+    The bar is drawn on rank 0 when ``progress`` and the output is a terminal
+    (``interactive_terminal``); otherwise rank 0 prints one line of the step's main metrics
+    (``metrics_line``: the ``postfix`` ones, ``learning_rate``, their ``eval/*``) every ``config.logging_steps``
+    steps and after the last.
 
     Under torchrun (``rftengine.distributed``), ``config.batch_size`` is the global batch:
     rank ``r`` of ``N`` runs ``run_step`` on its contiguous ``batch_size / N`` share of
@@ -839,10 +816,12 @@ def train_loop(
     ``TrainingInterrupted``; it propagates out of every stage of a multi-stage method.
     """
     from rftengine import distributed
+    from rftengine.methods.evaluation import run_evaluation, should_evaluate
 
     distributed.require_divisible(config.batch_size)
     history: list[dict[str, float]] = []
     bar = progress_bar(progress and distributed.is_main_process(), total=num_steps, initial=state.step, desc=desc)
+    log_lines = bar is None and distributed.is_main_process()
     saved = True  # nothing new to save before the first step: it is the resumed/previous stage's checkpoint
     try:
         while True:
@@ -862,6 +841,8 @@ def train_loop(
             metrics = distributed.mean_over_ranks(run_step(distributed.shard_batch(idx)))
             state.step = index + 1
             state.data_position += len(idx)
+            if evaluate is not None and should_evaluate(config, state.step, num_steps):
+                metrics = {**metrics, **run_evaluation(evaluate)}
             history.append(metrics)
             if callback is not None:
                 callback(state.step, metrics)
@@ -869,6 +850,8 @@ def train_loop(
                 bar.update(1)
                 if postfix:
                     bar.set_postfix({label: f"{metrics[key]:.4g}" for label, key in postfix.items() if key in metrics})
+            elif log_lines and (state.step % getattr(config, "logging_steps", 10) == 0 or state.step == num_steps):
+                print(metrics_line(desc, state.step, num_steps, metrics, postfix), flush=True)
             saved = False
             if checkpoint_fn is not None and should_checkpoint(config, state.step, num_steps):
                 checkpoint_fn(state)

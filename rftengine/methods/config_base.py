@@ -9,7 +9,8 @@ when it may be null, ``tuple[float, float]``), its limits and help text are fiel
 ``Config.field``, what was expected and what was given; rules across fields stay in a small
 ``validate`` hook of each config, run after it.
 
-``config_from_dict`` is the one ``from_dict`` (unknown keys get "did you mean"), and
+``config_from_dict`` is the one ``from_dict`` (unknown keys get "did you mean" for typos;
+other libraries' names, the ``aliases`` of a field, are taken with a notice), and
 ``stage_config`` the one merger of nested stage configs (RLAIF's ``ppo``/``dpo``, CAI's
 ``sft``/``dpo``/``rl``). ``describe_config`` lists every field with default, limits and help.
 The YAML stays flat: field groups are plain dataclass fields of the config.
@@ -20,12 +21,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import logging
 import math
+import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from rftengine.methods import trl_names
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16", "fp16-mixed")
 """The ``precision`` values: "fp32" (fp32 weights and compute), "bf16-mixed" (fp32 master
@@ -38,6 +43,28 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 linear warmup (``common.make_scheduler``)."""
 
 
+logger = logging.getLogger("rftengine")
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Another library's name for a config field, declared in the field's ``aliases``
+    metadata: ``from_dict`` takes ``name`` for the field, with a one-line notice.
+    ``convert(value, options)`` turns its value into the field's (``options``: the config's
+    other options resolved so far, over the class defaults), or raises a ValueError saying
+    why there is no equivalent; None: the value is the same."""
+
+    name: str
+    convert: Callable[[Any, Mapping[str, Any]], Any] | None = None
+    library: str = "TRL"
+
+
+def trl(name: str, convert: Callable[[Any, Mapping[str, Any]], Any] | None = None) -> Alias:
+    """TRL's (or transformers' TrainingArguments') name for a field (``rftengine.methods.trl_names``
+    holds the conversions)."""
+    return Alias(name, convert)
+
+
 def option(default=dataclasses.MISSING, help: str = "", *, min: float | None = None,
            max: float | None = None, exclusive_min: bool = False, exclusive_max: bool = False,
            items: tuple[float, float] | None = None, default_factory=dataclasses.MISSING,
@@ -46,7 +73,7 @@ def option(default=dataclasses.MISSING, help: str = "", *, min: float | None = N
     enforces (``min``/``max``, exclusive when asked; ``items``: the [min, max) range of each
     element of a tuple field); ``why=`` (integers) gives the reason for the limit in its
     message; ``resume=True``: ``rftengine train --resume`` may change it (applied from the
-    next step)."""
+    next step); ``aliases``: other libraries' names for it (``Alias``, ``trl``)."""
     meta = {"help": help, "min": min, "max": max, "exclusive_min": exclusive_min,
             "exclusive_max": exclusive_max, "items": items, **metadata}
     return field(default=default, default_factory=default_factory, metadata=meta)
@@ -152,6 +179,11 @@ def check_value(where: str, tp, value, meta: Mapping[str, Any] | None = None):
                 or not all(_is_number(v) and math.isfinite(v) and low <= v < high for v in value)):
             raise ValueError(f"{where} must be {len(args)} numbers in [{low}, {high}), got {value!r}")
         return tuple(value)
+    if origin is list:   # a list of any length (e.g. one weight per reward function)
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return [check_value(f"{where}[{i}]", item, v) for i, v in enumerate(value)]
     raise TypeError(f"{where}: check_value has no rule for the annotation {tp!r}")
 
 
@@ -201,14 +233,19 @@ class OptimFields:
 
     learning_rate: float = option(1e-5, "AdamW learning rate", min=0.0, exclusive_min=True, resume=True)
     weight_decay: float = option(0.0, "AdamW decoupled weight decay", min=0.0, resume=True)
-    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW (beta1, beta2)", items=(0, 1), resume=True)
+    adam_betas: tuple[float, float] = option(
+        (0.9, 0.999), "AdamW (beta1, beta2)", items=(0, 1), resume=True,
+        aliases=tuple(trl(f"adam_beta{i}", trl_names.refuse("rftengine takes both AdamW betas as one option: "
+                                                               "adam_betas: [beta1, beta2]")) for i in (1, 2)))
     max_grad_norm: float | None = option(1.0, "clip the global gradient norm to this (null: no clipping)",
                                          min=0.0, exclusive_min=True, resume=True)
     max_skipped_steps: int = option(3, "optimizer steps with a non-finite loss or gradient norm are "
                                        "skipped and counted; this many in a row stop the run", min=1, resume=True)
-    warmup_steps: int = option(0, "steps of linear warmup from 0 to learning_rate", min=0, resume=True)
+    warmup_steps: int = option(0, "steps of linear warmup from 0 to learning_rate", min=0, resume=True,
+                               aliases=(trl("warmup_ratio", trl_names.warmup_ratio),))
     lr_scheduler: Literal[LR_SCHEDULERS] = option("constant", "the rate after warmup (transformers' "
-                                                  "get_scheduler): constant, linear or cosine decay to 0", resume=True)
+                                                  "get_scheduler): constant, linear or cosine decay to 0", resume=True,
+                                                  aliases=(trl("lr_scheduler_type", trl_names.scheduler_type),))
     precision: Literal[PRECISIONS] | None = option(None, "fp32, bf16-mixed (fp32 master weights, bf16 "
                                                    "compute), bf16 or fp16-mixed; null: bf16-mixed on "
                                                    "CUDA, fp32 on CPU")
@@ -225,12 +262,23 @@ class OptimFields:
 class LoopFields:
     """The training-loop fields of every ``train_*`` config."""
 
-    batch_size: int = option(8, "examples (prompts or pairs) per optimizer step, per process", min=1)
-    num_epochs: int = option(1, "passes over the data (max_steps, when set, wins)", min=1, resume=True)
+    batch_size: int = option(8, "examples per optimizer step, all ranks together: prompts (ppo/grpo/rloo/"
+                                "rlaif/cai, each sampled group_size times; TRL's per_device_train_batch_size "
+                                "counts the completions, per device) or pairs (dpo, reward)", min=1,
+                             aliases=(trl("per_device_train_batch_size", trl_names.per_device_batch),))
+    num_epochs: int = option(1, "passes over the data (max_steps, when set, wins)", min=1, resume=True,
+                             aliases=(trl("num_train_epochs"),))
     max_steps: int | None = option(None, "stop after this many optimizer steps (null: num_epochs)", min=1, resume=True)
     shuffle: bool = option(True, "a new seeded order of the data each epoch")
     seed: int = option(0, "every random choice derives from it (data order, sampling)", min=0)
-    save_every: int = option(0, "checkpoint every this many steps (0: only after the last)", min=0, resume=True)
+    save_every: int = option(0, "checkpoint every this many steps (0: only after the last)", min=0, resume=True,
+                             aliases=(trl("save_steps"),))
+    eval_every: int = option(0, "evaluate on the eval data every this many steps and after the last "
+                                "(0: only after the last)", min=0, resume=True)
+    eval_batch_size: int | None = option(None, "pairs, examples or prompts per evaluation forward or "
+                                         "generation call (null: batch_size)", min=1, resume=True)
+    logging_steps: int = option(10, "without progress bars (progress off, or output not a terminal): "
+                                    "one console line of metrics every this many steps", min=1, resume=True)
 
 
 @dataclass
@@ -238,10 +286,14 @@ class SamplingFields:
     """The generation fields of the configs that sample (PPO, RLAIF, CAI)."""
 
     max_prompt_length: int = option(256, "prompts are cut to this many tokens (from the left)", min=1)
-    max_new_tokens: int = option(64, "sampled tokens per response", min=1)
+    max_new_tokens: int = option(64, "sampled tokens per response", min=1, aliases=(trl("max_completion_length"),))
     temperature: float = option(1.0, "sampling temperature", min=0.0, exclusive_min=True)
     top_k: int = option(0, "sample among the k most likely tokens (0: all)", min=0)
     top_p: float = option(1.0, "nucleus sampling mass", min=0.0, max=1.0, exclusive_min=True)
+    min_p: float = option(0.0, "drop tokens less likely than min_p times the most likely one (0: off)",
+                          min=0.0, max=1.0)
+    stop: list[str] | None = option(None, "strings that end a response (kept at its end, cut exactly there; "
+                                          "null: none)")
 
 
 @dataclass
@@ -251,7 +303,7 @@ class LengthFields:
     max_prompt_length: int | None = option(256, "prompts are cut to this many tokens, from the left "
                                            "(null: no limit)", min=1)
     max_response_length: int | None = option(256, "responses are cut to this many tokens (null: no limit)",
-                                             min=1)
+                                             min=1, aliases=(trl("max_completion_length"),))
 
 
 @dataclass
@@ -265,25 +317,112 @@ class LogprobFields:
 # ----------------------------------------------------------------------------- dicts
 
 
+def aliases_of(cls: type) -> dict[str, tuple[Alias, str]]:
+    """Every alias of ``cls``'s init fields: alias name -> (Alias, field name)."""
+    return {a.name: (a, f.name) for f in dataclasses.fields(cls) if f.init for a in f.metadata.get("aliases", ())}
+
+
+def config_keys(cls: type) -> list[str]:
+    """The keys ``from_dict`` of ``cls`` takes: its init fields, then their aliases."""
+    return [f.name for f in dataclasses.fields(cls) if f.init] + list(aliases_of(cls))
+
+
+@functools.cache
+def announce(text: str) -> None:
+    """Log ``text`` (a warning of the "rftengine" logger: stderr unless logging is set up)
+    once per process, on rank 0 only: an alias is resolved each time a stage config is built."""
+    from rftengine import distributed
+
+    # RANK too: torchrun's ranks read the run file before the process group starts.
+    if distributed.is_main_process() and os.environ.get("RANK", "0") == "0":
+        logger.warning(text)
+
+
+def resolve_aliases(cls: type, data: Mapping[str, Any], prefix: str = "train.",
+                    context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``data`` with other libraries' names (``Alias`` in the fields' metadata) replaced by
+    ``cls``'s fields, each announced once: "train.num_generations is TRL's name for
+    train.group_size; using it". Plain renames first, then the conversions in field order,
+    each seeing the options resolved before it (over ``context``, then the class defaults).
+    An alias given with its field, or two aliases of one field, is an error; so is a value a
+    conversion refuses."""
+    aliases = aliases_of(cls)
+    given = [k for k in data if k in aliases]
+    if not given:
+        return dict(data)
+    out = {k: v for k, v in data.items() if k not in aliases}
+    for key in given:
+        target = aliases[key][1]
+        if target in out or any(aliases[k][1] == target for k in given if k != key):
+            other = target if target in out else next(k for k in given if k != key and aliases[k][1] == target)
+            raise ValueError(f"{prefix}{key} is {aliases[key][0].library}'s name for {prefix}{target}; "
+                             f"give only one of {prefix}{key} and {prefix}{other}")
+    order = {f.name: i for i, f in enumerate(dataclasses.fields(cls))}
+    given.sort(key=lambda k: (aliases[k][0].convert is not None, order[aliases[k][1]]))
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    for key in given:
+        alias, target = aliases[key]
+        value = data[key]
+        text = f"{prefix}{key} is {alias.library}'s name for {prefix}{target}; using it"
+        if alias.convert is not None:
+            try:
+                value = alias.convert(value, {**defaults, **(context or {}), **out})
+            except ValueError as exc:
+                raise ValueError(f"{prefix}{key} ({alias.library}'s name for {prefix}{target}): {exc}") from None
+            if value != data[key]:
+                text += f" as {target}={value!r}"
+        out[target] = value
+        announce(text)
+    return out
+
+
 def closest_name(key, names, cutoff: float = 0.6) -> str | None:
-    """The valid name closest to a mistyped ``key`` (difflib ratio >= ``cutoff``), or None."""
-    close = difflib.get_close_matches(str(key), list(names), n=1, cutoff=cutoff)
-    return close[0] if close else None
+    """The valid name closest to a mistyped ``key`` (difflib ratio >= ``cutoff``), or None.
+    Only a typo is corrected: each ``_``-separated word must be close to the name's word in its
+    place (or, with words run together or split, the whole names very close), so that another
+    library's name for another thing (``per_device_eval_batch_size``, ``adam_epsilon``) is
+    not pointed to a field that merely shares words with it."""
+    key = str(key)
+    for name in difflib.get_close_matches(key, list(names), n=5, cutoff=cutoff):
+        if _typo_of(key, name):
+            return name
+    return None
 
 
-def config_from_dict(cls: type, data: Mapping[str, Any]):
+def _typo_of(key: str, name: str, word_cutoff: float = 0.7, joined_cutoff: float = 0.95) -> bool:
+    key_words, name_words = key.lower().split("_"), name.lower().split("_")
+    if len(key_words) == len(name_words):
+        # close words, or the same letters swapped ("dop" for "dpo")
+        return all(difflib.SequenceMatcher(None, a, b).ratio() >= word_cutoff or sorted(a) == sorted(b)
+                   for a, b in zip(key_words, name_words))
+    return difflib.SequenceMatcher(None, "".join(key_words), "".join(name_words)).ratio() >= joined_cutoff
+
+
+def unknown_key_hint(cls: type, key) -> str:
+    """What to say of an unknown key of ``cls``: the closest field or alias (an alias is named
+    with its field), or the valid keys when nothing is close."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    aliases = aliases_of(cls)
+    close = closest_name(key, names + list(aliases))
+    if close in aliases:
+        alias, target = aliases[close]
+        return f"; did you mean {target!r} ({alias.library}: {close!r})?"
+    return f"; did you mean {close!r}?" if close else f"; valid keys: {', '.join(names)}"
+
+
+def config_from_dict(cls: type, data: Mapping[str, Any], prefix: str = "train."):
     """Build config dataclass ``cls`` from a mapping, rejecting unknown keys with the closest
-    valid key. Values go through ``cls.__init__``, so its validation applies."""
+    valid key; other libraries' names are taken for their fields (``resolve_aliases``;
+    ``prefix``: where the options sit, for its notices). Values go through ``cls.__init__``,
+    so its validation applies."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{cls.__name__} expects a mapping of options, got {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = [k for k in data if k not in names]
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    aliases = aliases_of(cls)
+    unknown = [k for k in data if k not in names and k not in aliases]
     if unknown:
-        key = unknown[0]
-        close = closest_name(key, names)
-        hint = f"; did you mean {close!r}?" if close else f"; valid keys: {', '.join(names)}"
-        raise ValueError(f"unknown {cls.__name__} key {key!r}{hint}")
-    return cls(**dict(data))
+        raise ValueError(f"unknown {cls.__name__} key {unknown[0]!r}{unknown_key_hint(cls, unknown[0])}")
+    return cls(**resolve_aliases(cls, data, prefix))
 
 
 def config_to_dict(config) -> dict[str, Any]:
@@ -324,7 +463,12 @@ def stage_config(owner, name: str, defaults: Mapping[str, Any] | None = None):
     if isinstance(given, cls) and not bound:
         return given                # an object is the stage config itself when nothing is bound
     owner_name = type(owner).__name__
-    data = {**(defaults or {}), **({} if given is None else _given_options(given, bound))}
+    context = {**(defaults or {}), **{inner: getattr(owner, outer) for inner, outer in bound.items()}}
+    try:
+        options = resolve_aliases(cls, {} if given is None else _given_options(given, bound), f"train.{name}.", context)
+    except ValueError as exc:
+        raise ValueError(f"{owner_name}.{name}: {exc}") from None
+    data = {**(defaults or {}), **options}
     class_defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for inner, outer in bound.items():
         value = getattr(owner, outer)
@@ -343,9 +487,10 @@ def stage_config(owner, name: str, defaults: Mapping[str, Any] | None = None):
 # ----------------------------------------------------------------------------- help
 
 
-def describe_config(cls: type) -> str:
-    """Every field of config class ``cls``, one per line: name, type, default, limits, help
-    (what ``rftengine train --help-config METHOD`` prints)."""
+def describe_config(cls: type, title: str | None = None) -> str:
+    """Every field of config class ``cls``, one per line: name, type, default, limits, then
+    its help and other libraries' names for it (what ``rftengine config METHOD`` prints);
+    ``title``: the first line (default: the class as the train: section)."""
     hints = _hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
@@ -356,20 +501,27 @@ def describe_config(cls: type) -> str:
             kind = f"{meta['stage'].__name__} options"
         else:
             kind = _type_text(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         limits = _limits_text(meta) if meta.get("min") is not None or meta.get("max") is not None else ""
         if meta.get("items"):
             limits = "each in [{}, {})".format(*meta["items"])
         text = meta.get("help", "")
-        default_text = ("null" if default is None else str(default).lower() if isinstance(default, bool)
-                        else repr(list(default) if isinstance(default, tuple) else default))
-        if len(default_text) > 40:
-            default_text = default_text[:37] + "..."
+        aliases = meta.get("aliases", ())
+        for library in dict.fromkeys(a.library for a in aliases):
+            text += f" ({library}: {', '.join(a.name for a in aliases if a.library == library)})"
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            default_text = "required"
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default_text = "default " + ("null" if default is None
+                                         else str(default).lower() if isinstance(default, bool)
+                                         else repr(list(default) if isinstance(default, tuple) else default))
+        if len(default_text) > 48:
+            default_text = default_text[:45] + "..."
         rows.append((f.name, kind, default_text, limits, text))
     width = max(len(r[0]) for r in rows)
-    lines = [f"{cls.__name__} (the train: section)"]
+    lines = [title or f"{cls.__name__} (the train: section)"]
     for name, kind, default_text, limits, text in rows:
-        detail = "; ".join(x for x in (kind, f"default {default_text}", limits) if x)
+        detail = "; ".join(x for x in (kind, default_text, limits) if x)
         lines.append(f"  {name:<{width}}  {detail}" + (f"\n  {'':<{width}}    {text}" if text else ""))
     return "\n".join(lines)
 
@@ -380,6 +532,15 @@ def _type_text(tp) -> str:
         text = "|".join(map(str, typing.get_args(tp)))
     elif typing.get_origin(tp) is tuple:
         text = f"list of {len(typing.get_args(tp))} numbers"
+    elif typing.get_origin(tp) is list:
+        item = _type_text(typing.get_args(tp)[0])
+        text = "list of " + {"integer": "integers", "number": "numbers", "text": "texts"}.get(item, item)
+    elif typing.get_origin(tp) in (typing.Union, types.UnionType):
+        text = " or ".join(_type_text(a) for a in typing.get_args(tp))
+    elif dataclasses.is_dataclass(tp):
+        text = f"{tp.__name__} options"
+    elif typing.get_origin(tp) in (dict, Mapping):
+        text = "mapping"
     else:
         text = {int: "integer", float: "number", bool: "true/false", str: "text"}.get(tp, str(tp))
     return text + (" or null" if optional else "")

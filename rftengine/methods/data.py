@@ -153,7 +153,8 @@ def render_prompt(tokenizer, prompt: PromptLike) -> str:
 
 def render_response(tokenizer, prompt: PromptLike, response: str | Sequence[Message]) -> str:
     """A response as text. A message list (e.g. ``[{"role": "assistant", ...}]``) is rendered
-    as the continuation of the chat-rendered prompt (the suffix the template adds)."""
+    as the continuation of the chat-rendered prompt (the suffix the template adds, end-of-turn
+    token included: ``encode_response`` then adds no second one)."""
     if isinstance(response, str):
         return response
     if not _is_messages(response):
@@ -197,36 +198,60 @@ def encode_prompt(tokenizer, prompt: PromptLike, max_length: int | None = None) 
 def encode_response(
     tokenizer, text: str, max_length: int | None = None, append_eos: bool = True
 ) -> list[int]:
-    """Token ids of a response, EOS appended; a response cut at ``max_length`` gets no EOS
-    (it did not end). A ``SampledText`` gives its sampled ids unchanged (its EOS only if the
-    model produced one), cut to ``max_length``."""
+    """Token ids of a response ending in exactly one EOS (``_end_turn``); a response cut at
+    ``max_length`` gets no EOS (it did not end). A ``SampledText`` gives its sampled ids
+    unchanged (its EOS only if the model produced one), cut to ``max_length``."""
     eos = require_eos(tokenizer)
     if isinstance(text, SampledText):
         ids = list(text.token_ids)
     else:
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if append_eos and (not ids or ids[-1] != eos):
-            ids.append(eos)
+        if append_eos:
+            ids = _end_turn(tokenizer, ids, eos)
     if max_length is not None and len(ids) > max_length:
         ids = ids[:max_length]
     return ids
 
 
-def split_prompt_data(data: Sequence[Any]) -> tuple[list[PromptLike], list[Any] | None]:
-    """Prompt data (strings, message lists or dicts with "prompt" and optional "reference")
-    -> (prompts, references or None)."""
-    prompts, references = [], []
+def _end_turn(tokenizer, ids: list[int], eos: int) -> list[int]:
+    """``ids`` ending the turn with EOS, added only when the text does not end the turn already.
+
+    A chat template ends an assistant turn itself (ChatML: ``Blue.<|im_end|>\n``, EOS
+    ``<|im_end|>``): the ids stop at that EOS, and the whitespace the template puts after it
+    (which generation never produces, as it stops at EOS) is dropped. Anything else after the
+    last EOS, or no EOS, gets one appended."""
+    if eos in ids:
+        last = len(ids) - 1 - ids[::-1].index(eos)
+        if not tokenizer.decode(ids[last + 1:]).strip():
+            return ids[:last + 1]
+    return ids + [eos]
+
+
+def split_prompt_columns(data: Sequence[Any]) -> tuple[list[PromptLike], dict[str, list[Any]]]:
+    """Prompt data -> (prompts, columns): the items are strings, message lists or rows
+    ``{"prompt": ..., <column>: ...}``; ``columns`` maps every other key of the rows to one value
+    per item (None where an item lacks it), leaving out columns that are None throughout. The
+    columns reach TRL-style reward functions (``methods.rewards``)."""
+    prompts, rows = [], []
     for i, item in enumerate(data):
         if isinstance(item, Mapping) and "role" not in item:
             if "prompt" not in item:
                 raise ValueError(f"prompt data item {i} has no 'prompt' field (keys: {sorted(item)})")
             prompts.append(item["prompt"])
-            references.append(item.get("reference"))
+            rows.append(item)
         else:
             prompts.append(item)
-            references.append(None)
-    has_refs = any(r is not None for r in references)
-    return prompts, (references if has_refs else None)
+            rows.append({})
+    names = dict.fromkeys(k for row in rows for k in row if k != "prompt")
+    columns = {k: [row.get(k) for row in rows] for k in names}
+    return prompts, {k: v for k, v in columns.items() if any(x is not None for x in v)}
+
+
+def split_prompt_data(data: Sequence[Any]) -> tuple[list[PromptLike], list[Any] | None]:
+    """Prompt data (strings, message lists or dicts with "prompt" and optional "reference")
+    -> (prompts, references or None)."""
+    prompts, columns = split_prompt_columns(data)
+    return prompts, columns.get("reference")
 
 
 def encode_preferences(

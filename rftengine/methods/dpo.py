@@ -44,6 +44,7 @@ from rftengine.methods.common import (
     redefault,
     split_rows,
     total_steps,
+    track,
     train_loop,
     validate_micro_batches,
 )
@@ -160,6 +161,41 @@ def precompute_reference_logps(
     )
 
 
+@torch.no_grad()
+def shared_reference_logps(
+    reference: Reference,
+    examples: Sequence[PreferenceExample],
+    pad_id: int,
+    *,
+    batch_size: int = 16,
+    chunk_size: int | None = None,
+    progress: bool = False,
+    packing: bool = False,
+) -> torch.Tensor:
+    """``precompute_reference_logps`` of every pair, ``[N, 2]`` fp32 on CPU, the same on every
+    rank: under torchrun each rank computes only its contiguous share of the reference batches
+    (``distributed.even_share`` of the ``ceil(N / batch_size)`` batches one process runs) and
+    the shares are gathered. Each pair goes through the very batch it has in one process, so
+    the cache is one process's, bit for bit; every rank then holds (and rank 0 checkpoints) the
+    whole cache, so a resumed run finds every pair it trains on at any world size. In one
+    process: ``precompute_reference_logps``."""
+    from rftengine import distributed
+
+    kwargs = dict(chunk_size=chunk_size, packing=packing)
+    if not distributed.is_distributed() or not examples:
+        return precompute_reference_logps(reference, examples, pad_id, batch_size=batch_size, progress=progress,
+                                          **kwargs)
+    start, stop, per_rank = distributed.even_share(-(-len(examples) // batch_size))
+    rows = []
+    # A sharded reference runs collectives in each forward: every rank runs per_rank batches, a
+    # short share padded with repeats of the first batch (dropped after the gather).
+    for b in track(range(start, start + per_rank), progress, desc="reference log-probs"):
+        chunk = examples[b * batch_size:(b + 1) * batch_size] if b < stop else examples[:batch_size]
+        values = precompute_reference_logps(reference, chunk, pad_id, batch_size=batch_size, **kwargs)
+        rows.append(torch.cat([values, values.new_zeros(batch_size - len(chunk), 2)]))   # row b*batch_size+j
+    return distributed.all_gather_cat(torch.cat(rows))[:len(examples)]
+
+
 def dpo_batch_loss(
     policy: nn.Module,
     batch: SequenceBatch,
@@ -213,6 +249,7 @@ def dpo_step(
     reference: Reference | None = None,
     scheduler=None,
     state: TrainState | None = None,
+    real_pairs: int | None = None,
 ) -> dict[str, float]:
     """One optimizer step of DPO on a pair batch; returns float metrics (see
     ``dpo_batch_loss``) plus ``grad_norm``, ``learning_rate``, ``train/skipped_steps`` (a
@@ -222,20 +259,35 @@ def dpo_step(
     The pairs go through in micro-batches (``config.micro_batch_size`` pairs, or
     ``gradient_accumulation_steps`` of them) under ``config.precision``; each micro-batch's
     pair-mean loss and stats are weighted by its share of the step's pairs (all ranks), so the
-    step equals one pass over the whole batch."""
+    step equals one pass over the whole batch.
+
+    ``real_pairs`` (online DPO under torchrun, where each rank judged a different number of
+    pairs): only the first ``real_pairs`` pairs count (0 allowed); every rank runs as many
+    micro-batches as the rank with the most (FSDP needs every rank in each forward and
+    backward), padding with micro-batches of one pair of weight 0, and the loss divides by the
+    global count of real pairs. The batch then needs a row past the real ones, or one real row,
+    to pad with."""
     policy.train()
     pairs = batch.num_rows // 2
-    total = global_count(pairs)
+    real = pairs if real_pairs is None else real_pairs
+    total = global_count(real)
+    plan = [(rows, len(rows)) for rows in split_rows(real, micro_batch_rows(config, real))] if real else []
+    if real_pairs is not None:
+        from rftengine import distributed
 
-    def micro_loss(rows: torch.Tensor):
+        most = int(distributed.all_reduce_max(torch.tensor([len(plan)])))   # len(plan) in one process
+        plan += [(torch.tensor([real if real < pairs else 0]), 0)] * (most - len(plan))
+
+    def micro_loss(micro):
+        rows, weight = micro
         both = torch.cat([rows, rows + pairs]).to(batch.input_ids.device)
         loss, stats = dpo_batch_loss(policy, batch.select(both), config, reference=reference,
                                      ref_logps=ref_logps[rows.to(ref_logps.device)] if ref_logps is not None else None)
-        share = len(rows) / total
+        share = weight / total
         return loss * share, {k: v * share for k, v in stats.items()}
 
-    stats = accumulated_step(split_rows(pairs, micro_batch_rows(config, pairs)), micro_loss, optimizer, scheduler,
-                             config, device=batch.input_ids.device, state=state)
+    stats = accumulated_step(plan, micro_loss, optimizer, scheduler, config, device=batch.input_ids.device,
+                             state=state)
     stats["train/padding_fraction"] = float(padding_fraction(batch.attention_mask))
     return stats
 
@@ -247,6 +299,7 @@ def train_dpo(
     config: DPOConfig | None = None,
     *,
     ref_model: nn.Module | None = None,
+    eval_data: Sequence[Mapping[str, Any]] | None = None,
     callback: Callback | None = None,
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
@@ -264,6 +317,10 @@ def train_dpo(
             for PEFT). Not needed when resuming a run with ``precompute_ref`` (the cache is in
             the state); required when resuming with ``precompute_ref=False`` (a copy of the
             resumed policy would be the wrong reference: ValueError).
+        eval_data: held-out pairs: the DPO loss and its stats on them, without grad, as
+            ``eval/loss``, ``eval/rewards/accuracies``, ``eval/rewards/margins`` ... every
+            ``config.eval_every`` steps and after the last (``rftengine.methods.evaluation``);
+            their reference log-probs are cached in the state like the training pairs'.
         callback: ``callback(step, metrics)`` after each step.
         state: a ``TrainState`` or its ``state_dict()`` to resume from.
         checkpoint_fn: ``checkpoint_fn(state)`` every ``config.save_every`` steps and at the end.
@@ -285,16 +342,28 @@ def train_dpo(
             f"the resumed state caches reference log-probs for {ref_logps.shape[0]} pairs, "
             f"but {len(examples)} pairs were given"
         )
+    eval_examples = eval_ref = None
+    if eval_data is not None:
+        eval_examples = encode_preferences(tokenizer, eval_data, max_prompt_length=config.max_prompt_length,
+                                           max_response_length=config.max_response_length)
+        require_example_positions(policy, eval_examples)
+        eval_ref = train_state.extra.get("eval_ref_logps")
+        if eval_ref is not None and tuple(eval_ref.shape) != (len(eval_examples), 2):
+            eval_ref = None               # other eval pairs than the cached ones: computed anew
+    need_eval_ref = config.uses_reference and config.precompute_ref and eval_examples is not None and eval_ref is None
     reference = None
-    if config.uses_reference and (ref_logps is None or not config.precompute_ref):
+    if config.uses_reference and (ref_logps is None or not config.precompute_ref or need_eval_ref):
         reference = Reference(policy, ref_model, resumed=train_state.step > 0,
                               dtype=frozen_dtype(config, device_of(policy)))
         if config.precompute_ref:
-            ref_logps = precompute_reference_logps(
-                reference, examples, pad, batch_size=config.ref_batch_size,
-                chunk_size=config.logprob_chunk_size, progress=progress, packing=config.packing,
-            )
-            train_state.extra["ref_logps"] = ref_logps
+            for key, todo in (("ref_logps", examples if ref_logps is None else None),
+                              ("eval_ref_logps", eval_examples if need_eval_ref else None)):
+                if todo is not None:
+                    train_state.extra[key] = shared_reference_logps(
+                        reference, todo, pad, batch_size=config.ref_batch_size,
+                        chunk_size=config.logprob_chunk_size, progress=progress, packing=config.packing,
+                    )
+            ref_logps, eval_ref = train_state.extra["ref_logps"], train_state.extra.get("eval_ref_logps")
             reference = None  # the copy is no longer needed; free it
     device = device_of(policy)
 
@@ -306,9 +375,20 @@ def train_dpo(
             ref_logps=ref_logps[idx] if (ref_logps is not None and config.uses_reference) else None,
         )
 
+    evaluate = None
+    if eval_examples is not None:
+        from rftengine.methods.evaluation import example_evaluator
+
+        def eval_stats(batch, idx):
+            _, stats = dpo_batch_loss(policy, batch, config, reference=reference,
+                                      ref_logps=eval_ref[idx] if config.uses_reference and eval_ref is not None else None)
+            return {key: (value, len(idx)) for key, value in stats.items()}
+
+        evaluate = example_evaluator(policy, eval_examples, lambda ex: collate_preferences(ex, pad), config, eval_stats)
+
     history = train_loop(train_state, config, num_steps, len(examples), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="dpo",
-                         postfix={"loss": "loss", "acc": "rewards/accuracies"})
+                         postfix={"loss": "loss", "acc": "rewards/accuracies"}, evaluate=evaluate)
     policy.eval()
     return DPOResult(policy=policy, state=train_state, history=history)
 

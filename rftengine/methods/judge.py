@@ -89,20 +89,55 @@ def _check_template(name: str, template: str, required: set[str]) -> None:
         )
 
 
-def single_token_id(tokenizer, text: str, what: str) -> int:
-    """The id of ``text`` when it encodes to exactly one token; ValueError otherwise."""
+def single_token_id(tokenizer, text: str, what: str,
+                    fix: str = "pick tokens the tokenizer keeps whole (e.g. ' 1' with a leading space)") -> int:
+    """The id of ``text`` when it encodes to exactly one token; ValueError otherwise (``fix``:
+    what its message tells the user to do)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(
             f"{what} {text!r} must encode to exactly one token of the judge's tokenizer, got {len(ids)} "
-            f"tokens {ids}; pick tokens the tokenizer keeps whole (e.g. ' 1' with a leading space)"
+            f"tokens {ids}; {fix}"
         )
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is not None and ids[0] == unk and text != getattr(tokenizer, "unk_token", None):
         raise ValueError(
-            f"{what} {text!r} is not in the judge tokenizer's vocabulary (it encodes to the unknown token)"
+            f"{what} {text!r} is not in the judge tokenizer's vocabulary (it encodes to the unknown token); {fix}"
         )
     return int(ids[0])
+
+
+def _option_token_ids(tokenizer, texts: Sequence[str], option: str) -> list[int]:
+    """The ids of the Judge's ``option`` ("ratings" or "choices"), each one token; where one is
+    not, the error gives a spelling of all of them that this tokenizer keeps whole, as the
+    run file's ``judge_options`` entry."""
+    what = option.removesuffix("s")
+    try:
+        return [single_token_id(tokenizer, t, what) for t in texts]
+    except ValueError:
+        spelled = _single_token_spelling(tokenizer, texts, reword=option == "choices")
+        fix = (f"use judge_options.{option}=[{', '.join(map(repr, spelled))}] (one token each for this tokenizer)"
+               if spelled else f"set judge_options.{option} to texts that this tokenizer keeps as one token each")
+        for text in texts:
+            single_token_id(tokenizer, text, what, fix)
+        raise
+
+
+def _single_token_spelling(tokenizer, texts: Sequence[str], reword: bool) -> list[str] | None:
+    """The first way of writing all ``texts`` (as given, stripped and, with ``reword`` (labels,
+    not ratings whose text is their value), their first or last word or first character; each
+    with and without a leading space) in which each is one known token and the tokens differ;
+    None if there is none."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    words = [t.split() or [""] for t in texts]
+    kinds = ([t for t in texts], [t.strip() for t in texts], [w[0] for w in words], [w[-1] for w in words],
+             [t.strip()[:1] for t in texts])
+    for kind in kinds if reword else kinds[:2]:
+        for spelled in (kind, [" " + k.lstrip() for k in kind]):
+            ids = [tokenizer(k, add_special_tokens=False)["input_ids"] if k.strip() else [] for k in spelled]
+            if all(len(i) == 1 and i[0] != unk for i in ids) and len({i[0] for i in ids}) == len(ids):
+                return list(spelled)
+    return None
 
 
 class Judge:
@@ -177,12 +212,12 @@ class Judge:
         self.template = template
         self.pairwise_template = pairwise_template
         self.ratings = ratings
-        self.rating_ids = [single_token_id(tokenizer, r, "rating") for r in ratings]
+        self.rating_ids = _option_token_ids(tokenizer, ratings, "ratings")
         if len(set(self.rating_ids)) != len(ratings):
             raise ValueError(f"ratings {ratings} must map to distinct tokens, got ids {self.rating_ids}")
         self.rating_values = torch.tensor([float(v) for v in rating_values], dtype=torch.float32)
         self.choices = (str(choices[0]), str(choices[1]))
-        self.choice_ids = [single_token_id(tokenizer, c, "choice") for c in self.choices]
+        self.choice_ids = _option_token_ids(tokenizer, self.choices, "choices")
         if self.choice_ids[0] == self.choice_ids[1]:
             raise ValueError(f"choices {choices} must map to distinct tokens")
         self.criteria = criteria

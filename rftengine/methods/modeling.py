@@ -26,18 +26,6 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 # ----------------------------------------------------------------------------- loading
 
 
-def _local_dir(path: str | os.PathLike, what: str) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{what} must be a local model directory, got {str(path)!r} (not a directory)")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{what} directory {str(path)!r} has no config.json")
-    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin")) + list(path.glob("*.safetensors.index.json"))
-    if not weights:
-        raise ValueError(f"{what} directory {str(path)!r} has no weights (*.safetensors or *.bin)")
-    return path
-
-
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout probability to 0 (modules, attention-dropout attributes and config),
     so train() and eval() mode compute the same function and log-probs are deterministic."""
@@ -62,11 +50,14 @@ def load_causal_lm(
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """A causal LM from a local directory (no downloads) or an existing model, dropout off.
+    """A causal LM, dropout off, from an existing model or from where ``model_source`` resolves
+    a path or id (never downloading): a local directory, a hub id in the local Hugging Face
+    cache, or a PEFT adapter directory, whose adapters are merged into its base (a plain model:
+    training it trains every weight; a ``lora`` section then adds fresh adapters on top).
 
     Args:
-        model_or_path: an ``nn.Module`` (returned as is, moved/cast if asked) or a local
-            Hugging Face directory with config.json and weights.
+        model_or_path: an ``nn.Module`` (returned as is, moved/cast if asked), a directory or a
+            cached hub id.
         dtype, device: optional cast / placement.
     """
     if isinstance(model_or_path, nn.Module):
@@ -74,11 +65,18 @@ def load_causal_lm(
     else:
         from transformers import AutoModelForCausalLM
 
-        path = _local_dir(model_or_path, "model")
+        from rftengine.methods.model_source import resolve_model
+
         kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         if dtype is not None:
             kwargs["dtype"] = dtype
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        source, adapters = resolve_model(model_or_path, "model"), []
+        while source.is_adapter:  # adapters over adapters: merged innermost first
+            adapters.append(source.path)
+            source = source.base
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
+        for adapter_dir in reversed(adapters):
+            model = _merge_adapters(model, adapter_dir)
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
@@ -86,14 +84,30 @@ def load_causal_lm(
     return disable_dropout(model)
 
 
+def _merge_adapters(base: nn.Module, adapter_dir: Path) -> nn.Module:
+    """``base`` with the PEFT adapters of ``adapter_dir`` folded into its weights."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ValueError(
+            f"model {adapter_dir} is a PEFT adapter directory: loading it needs peft, which is not "
+            "installed: pip install rftengine[peft]"
+        ) from None
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    for p in merged.parameters():  # peft froze the base: trainable again, as any loaded model
+        p.requires_grad_(True)
+    return merged
+
+
 def load_tokenizer(tokenizer_or_path, *, padding_side: str = "left"):
-    """A tokenizer from a local directory (or one given), with a pad token (EOS if none)."""
+    """A tokenizer (one given, or from a local directory, a cached hub id or an adapter
+    directory's base, see ``model_source``), with a pad token (EOS if none)."""
     if isinstance(tokenizer_or_path, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
-        path = Path(tokenizer_or_path)
-        if not path.is_dir():
-            raise ValueError(f"tokenizer must be a local directory, got {str(path)!r} (not a directory)")
+        from rftengine.methods.model_source import resolve_tokenizer_dir
+
+        path = resolve_tokenizer_dir(tokenizer_or_path)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     else:
         tokenizer = tokenizer_or_path
@@ -453,17 +467,24 @@ def hidden_size_of(model: nn.Module) -> int:
 class ValueHead(nn.Module):
     """Scalar head ``v = h·w + b`` over hidden states, computed in fp32; ``w`` drawn from
     N(0, 1/(H+1)) with a generator seeded by ``seed`` (the global RNG when None), ``b = 0``.
+    ``bias=False`` drops ``b``: a reward model's head, which then is exactly the bias-free
+    ``score`` layer of a transformers ``*ForSequenceClassification`` (see
+    ``hf_export.sequence_classifier``); a Bradley-Terry reward is shift-invariant, so ``b``
+    would learn nothing there.
 
     ``forward(hidden [..., H]) -> [...]`` fp32.
     """
 
-    def __init__(self, hidden_size: int, seed: int | None = None):
+    def __init__(self, hidden_size: int, seed: int | None = None, *, bias: bool = True):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
         # A run's init must follow its config.seed, not whatever the global RNG holds.
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1) ** 0.5, generator=gen)
-        nn.init.zeros_(self.linear.bias)
+        if bias:
+            nn.init.zeros_(self.linear.bias)
+        else:  # dropped after nn.Linear drew it: the global RNG advances as with a bias, so runs stay the same
+            self.linear.register_parameter("bias", None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # fp32 under autocast too: values feed GAE and the value loss
@@ -513,12 +534,16 @@ class CausalLMWithValueHead(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, device=None) -> CausalLMWithValueHead:
         from safetensors.torch import load_file
 
-        model = load_causal_lm(path, dtype=dtype, device=device)
-        head = ValueHead(hidden_size_of(model))
-        head_file = Path(path) / VALUE_HEAD_FILE
+        from rftengine.methods.model_source import resolve_model
+
+        path = resolve_model(path, "value-head model").path
+        head_file = path / VALUE_HEAD_FILE
         if not head_file.is_file():
             raise ValueError(f"{str(path)!r} has no {VALUE_HEAD_FILE}: not a value-head model directory")
-        head.load_state_dict(load_file(str(head_file)))
+        model = load_causal_lm(path, dtype=dtype, device=device)
+        weights = load_file(str(head_file))
+        head = ValueHead(hidden_size_of(model), bias="linear.bias" in weights)
+        head.load_state_dict(weights)
         return cls(model, head)
 
 
@@ -549,7 +574,7 @@ class RewardModel(nn.Module):
         if isinstance(model, CausalLMWithValueHead):
             self.kind = "value_head"
         elif hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
-            model = CausalLMWithValueHead(model)
+            model = CausalLMWithValueHead(model, ValueHead(hidden_size_of(model), bias=False))
             self.kind = "value_head"
         else:
             num_labels = getattr(getattr(model, "config", None), "num_labels", None)
@@ -574,8 +599,19 @@ class RewardModel(nn.Module):
         hidden = _trunk_hidden(self.model, self.model.base_model, input_ids, attention_mask, packing, last)[:, 0]
         return _classifier_head(self.model)(hidden).float().squeeze(-1)
 
+    def to_sequence_classifier(self, pad_token_id: int | None = None) -> nn.Module:
+        """This reward model as its architecture's transformers ``*ForSequenceClassification``
+        (the trained score head, ``pad_token_id`` or the config's in its config): its
+        ``save_pretrained(dir)`` writes what ``AutoModelForSequenceClassification`` loads with
+        the same scores (``hf_export``; the CLI's export does this)."""
+        from rftengine.methods.hf_export import scalar_model_classifier
+
+        return scalar_model_classifier(self, pad_token_id).model
+
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
-        """A Hugging Face directory (plus value_head.safetensors for kind value_head)."""
+        """rftengine's directory layout, which ``from_pretrained`` reads back exactly (what
+        checkpoints hold): a Hugging Face directory, plus value_head.safetensors for kind
+        value_head. For transformers, save ``to_sequence_classifier()`` instead."""
         self.model.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
@@ -583,7 +619,13 @@ class RewardModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, device=None) -> RewardModel:
         """Load what ``save_pretrained`` wrote: a value-head directory or a classifier."""
-        path = _local_dir(path, "reward model")
+        from rftengine.methods.model_source import resolve_model
+
+        source = resolve_model(path, "reward model")
+        if source.is_adapter:
+            raise ValueError(f"reward model {source.path} is a PEFT adapter directory; a reward model must be "
+                             "a full model directory (merge the adapters into it first)")
+        path = source.path
         if (path / VALUE_HEAD_FILE).is_file():
             return cls(CausalLMWithValueHead.from_pretrained(path, dtype=dtype, device=device))
         from transformers import AutoModelForSequenceClassification
@@ -603,17 +645,9 @@ def reward_model_from_causal_lm(model: nn.Module, kind: str = "value_head") -> R
     architecture with the trunk weights copied and a new score head.
     """
     if kind == "value_head":
-        return RewardModel(CausalLMWithValueHead(model))
+        return RewardModel(model)
     if kind != "classification":
         raise ValueError(f"kind must be 'value_head' or 'classification', got {kind!r}")
-    from transformers import AutoModelForSequenceClassification
+    from rftengine.methods.hf_export import classifier_like
 
-    config = copy.deepcopy(model.config)
-    config.num_labels = 1
-    classifier = AutoModelForSequenceClassification.from_config(config)
-    missing = classifier.base_model.load_state_dict(decoder_of(model).state_dict(), strict=False)
-    if missing.missing_keys:
-        raise ValueError(f"trunk weights did not fit the classifier: missing {missing.missing_keys[:4]}")
-    weight, _ = output_head(model)
-    return RewardModel(classifier.to(device=weight.device, dtype=weight.dtype))
-
+    return RewardModel(classifier_like(model))

@@ -30,7 +30,6 @@ lm-head weight in, no ``[N, T, V]`` logits); the value loss through ``rftengine.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,9 +41,7 @@ from rftengine import distributed
 from rftengine.methods.common import (
     Callback,
     CheckpointFn,
-    RewardFn,
     TrainState,
-    call_reward_fn,
     accumulate_gradients,
     cast_trainable,
     autocast,
@@ -77,7 +74,7 @@ from rftengine.methods.data import (
     encode_prompt,
     pad_token_id,
     require_eos,
-    split_prompt_data,
+    split_prompt_columns,
 )
 from rftengine.methods.modeling import (
     CausalLMWithValueHead,
@@ -94,7 +91,10 @@ from rftengine.methods.modeling import (
     response_hidden,
     rollout_dtype,
 )
+from rftengine.methods import trl_names
+from rftengine.methods.config_base import trl
 from rftengine.methods.packed import padding_fraction
+from rftengine.methods.rewards import RewardFn, RewardFunctions, RewardOutput, RewardState
 from rftengine.methods.rollout import Rollout, sample_rollout
 from rftengine.ops.advantages import GROUP_SCALES
 from rftengine.ops.kl import KL_ESTIMATORS
@@ -121,7 +121,8 @@ class PPOConfig(ConfigBase, LogprobFields, SamplingFields, LoopFields, OptimFiel
     "grpo"/"rloo"), in the reward (default for "ppo": per token for "ppo", the sequence sum
     subtracted from each score for "grpo"/"rloo") or in the loss (default otherwise);
     ``adaptive_kl`` steers β toward ``target_kl`` (sequence-level nats) over ``kl_horizon``.
-    Reward: ``missing_eos_penalty`` is subtracted from the score of responses that hit
+    Reward: ``reward_weights`` weighs several reward functions (TRL's, one per function;
+    null: all 1); ``missing_eos_penalty`` is subtracted from the score of responses that hit
     ``max_new_tokens`` without EOS.
     Aggregation: "token_sum_norm" (Dr. GRPO) divides each sequence's token sum by the fixed
     ``loss_constant`` (None: ``max_new_tokens``, TRL's ``max_completion_length``), so the
@@ -136,24 +137,28 @@ class PPOConfig(ConfigBase, LogprobFields, SamplingFields, LoopFields, OptimFiel
 
     algorithm: Literal[ALGORITHMS] = option("ppo", "ppo (critic and GAE), grpo or rloo (group baselines)")
     learning_rate: float = redefault(OptimFields, "learning_rate", 1e-6)
-    group_size: int = option(1, "responses sampled per prompt (>= 2 for grpo/rloo)", min=1)
+    group_size: int = option(1, "responses sampled per prompt (>= 2 for grpo/rloo)", min=1,
+                             aliases=(trl("num_generations"),))
     # update
-    ppo_epochs: int = option(4, "passes over each step's rollouts", min=1)
+    ppo_epochs: int = option(4, "passes over each step's rollouts", min=1,
+                             aliases=(trl("num_iterations"), trl("num_ppo_epochs")))
     minibatch_size: int | None = option(None, "sequences per optimizer step (null: all rollouts of the step)",
                                         min=1)
     rollout_micro_batch_size: int | None = option(None, "sequences per no-grad log-prob/value pass (null: all)",
                                                   min=1)
-    clip_range: float = option(0.2, "PPO ratio clip ε", min=0.0, exclusive_min=True)
+    clip_range: float = option(0.2, "PPO ratio clip ε", min=0.0, exclusive_min=True,
+                               aliases=(trl("epsilon"), trl("cliprange")))
     clip_range_high: float | None = option(None, "upper clip ε_high (DAPO clip-higher; null: clip_range)",
-                                           min=0.0, exclusive_min=True)
+                                           min=0.0, exclusive_min=True, aliases=(trl("epsilon_high"),))
     dual_clip: float | None = option(None, "dual-clip c for negative advantages (null: off)",
                                      min=1.0, exclusive_min=True)
-    aggregation: Literal[AGGREGATIONS] = option("token_mean", "how token losses become the step's loss")
+    aggregation: Literal[AGGREGATIONS] = option("token_mean", "how token losses become the step's loss",
+                                                aliases=(trl("loss_type", trl_names.loss_type),))
     loss_constant: float | None = option(None, "token_sum_norm divisor (null: max_new_tokens)",
                                          min=0.0, exclusive_min=True)
     entropy_coef: float = option(0.0, "entropy bonus weight", min=0.0)
     # KL
-    kl_coef: float = option(0.05, "KL penalty β", min=0.0)
+    kl_coef: float = option(0.05, "KL penalty β", min=0.0, aliases=(trl("beta"),))
     kl_estimator: Literal[KL_ESTIMATORS] | None = option(None, "k1, k2 or k3 (null: k1 for ppo, k3 otherwise)")
     kl_in_loss: bool | None = option(None, "KL in the loss rather than the reward (null: false for ppo, "
                                            "true otherwise)")
@@ -161,18 +166,22 @@ class PPOConfig(ConfigBase, LogprobFields, SamplingFields, LoopFields, OptimFiel
     target_kl: float = option(6.0, "adaptive KL target, sequence-level nats", min=0.0, exclusive_min=True)
     kl_horizon: int = option(10000, "adaptive KL horizon", min=1)
     # reward
+    reward_weights: list[float] | None = option(None, "one weight per reward function, summed over the functions "
+                                                      "that scored a sample (null: all 1)")
     missing_eos_penalty: float | None = option(None, "subtracted from the score of responses without EOS")
     # critic and GAE ("ppo")
     critic: Literal[CRITICS] = option("shared", "value head on the policy (shared) or its own trunk (separate)")
     vf_coef: float = option(0.1, "value loss weight", min=0.0)
-    value_clip: float = option(0.2, "value clip range", min=0.0, exclusive_min=True)
+    value_clip: float = option(0.2, "value clip range", min=0.0, exclusive_min=True,
+                               aliases=(trl("cliprange_value"),))
     gamma: float = option(1.0, "GAE discount", min=0.0, max=1.0)
     lam: float = option(0.95, "GAE λ", min=0.0, max=1.0)
     whiten_advantages: bool = option(True, "whiten advantages over the batch")
     # critic-free ("grpo", "rloo")
     group_scale: Literal[GROUP_SCALES] | None = option(None, "divide group-centred scores by the group std, "
                                                        "the batch std or none (null: group for grpo, "
-                                                       "none for rloo)")
+                                                       "none for rloo)",
+                                                       aliases=(trl("scale_rewards", trl_names.scale_rewards),))
     # misc
     recompute_logprobs: bool = option(False, "old log-probs from a training forward pass instead of the "
                                              "sampler's own")
@@ -254,7 +263,7 @@ class PPOBatch:
         ref_logprobs: ``[N, T]`` fp32, only when the KL is in the loss, else None.
         returns, old_values: ``[N, T]`` fp32 for the value loss ("ppo"), else None.
         scores: ``[N]`` fp32 rewards after the missing-EOS penalty.
-        stats: rollout metrics (``reward/mean``, ``reward/std``, ``kl``, ``response_length``, ...).
+        stats: rollout metrics (``reward``, ``reward_std``, ``kl``, ``completions/mean_length``, ...).
     """
 
     batch: SequenceBatch
@@ -329,14 +338,16 @@ def make_critic(policy: nn.Module, config: PPOConfig, value_model: nn.Module | N
     ``value_model``, default a copy of ``policy``), on the policy's device. With a policy
     sharded over the ranks (``distributed.shard_model``) the critic is sharded too: the value
     head as its own fp32 unit, a separate critic like the policy (over fp32 master weights);
-    a sharded policy cannot be copied, so "separate" then needs ``value_model``."""
+    a sharded policy cannot be copied, so "separate" then needs ``value_model``. The value head
+    has no bias, like the score layer of the ``*ForSequenceClassification`` value model TRL
+    trains, so the critic exports to that class exactly (``hf_export``)."""
     device = device_of(policy)
     critic = None
     if config.algorithm == "ppo":
         if config.critic == "shared":
             if value_model is not None:
                 raise ValueError("value_model is only used with critic='separate'")
-            critic = ValueHead(hidden_size_of(policy), seed=config.seed).to(device)
+            critic = ValueHead(hidden_size_of(policy), seed=config.seed, bias=False).to(device)
             if distributed.is_sharded(policy):
                 # fp32 (ValueHead computes in fp32); its gradient summed over the ranks
                 critic = distributed.shard_module(critic)
@@ -353,7 +364,7 @@ def make_critic(policy: nn.Module, config: PPOConfig, value_model: nn.Module | N
                                      "got a sequence-classification reward model")
                 base = base.model
             critic = base if isinstance(base, CausalLMWithValueHead) else CausalLMWithValueHead(
-                base, ValueHead(hidden_size_of(base), seed=config.seed))
+                base, ValueHead(hidden_size_of(base), seed=config.seed, bias=False))
             critic.to(device)
             if distributed.is_sharded(policy) and not distributed.is_sharded(critic):
                 # sharded like the policy, over fp32 master weights (shards cannot be re-typed later)
@@ -437,7 +448,7 @@ def rollout(
     ctx: PPOContext,
     prompts: Sequence[PromptLike],
     *,
-    references: Sequence[Any] | None = None,
+    columns: Mapping[str, Sequence[Any]] | None = None,
     seed: int | None = None,
     num_samples: int | None = None,
 ) -> Rollout:
@@ -446,8 +457,9 @@ def rollout(
     ``batch_size * group_size`` sequences per call.
 
     Prompts are strings or chat-message lists (rendered with the chat template), truncated from
-    the left to ``max_prompt_length``. ``seed`` defaults to one derived from ``config.seed`` and
-    the step, so a resumed run samples the same responses.
+    the left to ``max_prompt_length``. ``columns``: the prompts' extra data columns (one value
+    per prompt each, for the reward functions). ``seed`` defaults to one derived from
+    ``config.seed`` and the step, so a resumed run samples the same responses.
     """
     cfg = ctx.config
     ctx.policy.eval()
@@ -455,31 +467,47 @@ def rollout(
         ctx.generator, ctx.tokenizer, prompts,
         num_samples=cfg.group_size if num_samples is None else num_samples,
         max_new_tokens=cfg.max_new_tokens, max_prompt_length=cfg.max_prompt_length,
-        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        seed=step_seed(cfg.seed, ctx.state.step) if seed is None else seed, references=references,
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop,
+        seed=step_seed(cfg.seed, ctx.state.step) if seed is None else seed, columns=columns,
     )
 
 
-def _accepts_references(fn) -> bool:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins and some C callables: let the call decide
-        return True
-    return any(p.name == "references" or p.kind is p.VAR_KEYWORD for p in params)
+def _reward_functions(config: PPOConfig, reward_fn: RewardFn | Sequence[RewardFn] | RewardFunctions) -> RewardFunctions:
+    """``reward_fn`` weighted by ``config.reward_weights``; a ``RewardFunctions`` brings its own
+    weights (``config.reward_weights`` must then be unset or the same)."""
+    if not isinstance(reward_fn, RewardFunctions):
+        return RewardFunctions(reward_fn, config.reward_weights)
+    if config.reward_weights is not None and [float(w) for w in config.reward_weights] != reward_fn.weights:
+        raise ValueError(f"reward_weights {list(config.reward_weights)} differ from the weights of the given "
+                         f"RewardFunctions {reward_fn.weights}: give them once")
+    return reward_fn
 
 
-def score(ctx: PPOContext, ro: Rollout, reward_fn: RewardFn) -> torch.Tensor:
-    """``[N]`` fp32 rewards: ``reward_fn(prompts, responses[, references=...])`` (checked by
-    ``call_reward_fn``) minus ``missing_eos_penalty`` for responses that did not end with EOS."""
-    kwargs = {}
-    if ro.references is not None:
-        if not _accepts_references(reward_fn):
-            raise ValueError(
-                "the prompt data has 'reference' fields but reward_fn does not accept a "
-                "references= keyword argument"
-            )
-        kwargs["references"] = ro.references
-    scores = call_reward_fn(reward_fn, ro.prompts, ro.responses, **kwargs).to(ctx.device)
+def score_rollout(ctx: PPOContext, ro: Rollout, reward_fn: RewardFn | Sequence[RewardFn] | RewardFunctions, *,
+                  trainer_state: RewardState | None = None) -> RewardOutput:
+    """Every reward function on the rollout's samples (``methods.rewards``: each in the
+    convention its signature asks for, with the data's columns, the sampled ids and
+    ``trainer_state``), weighted by ``config.reward_weights``; no missing-EOS penalty.
+    ``trainer_state`` defaults to the context's step (``max_steps`` from the config, 0 if unset;
+    epoch 0)."""
+    if trainer_state is None:
+        trainer_state = RewardState(ctx.state.step, ctx.config.max_steps or 0, 0.0)
+    return _reward_functions(ctx.config, reward_fn)(
+        ro.prompts, ro.responses, columns=ro.columns,
+        completion_ids=lambda: [list(t.token_ids) for t in ro.sampled_texts()],
+        trainer_state=trainer_state, device=ctx.device,
+    )
+
+
+def score(ctx: PPOContext, ro: Rollout, reward_fn: RewardFn | Sequence[RewardFn] | RewardFunctions, *,
+          trainer_state: RewardState | None = None, stats: dict[str, Any] | None = None) -> torch.Tensor:
+    """``[N]`` fp32 rewards: the weighted reward functions (``score_rollout``) minus
+    ``missing_eos_penalty`` for responses that did not end with EOS. ``stats``, when given, gets
+    the per-function metrics ``rewards/<name>/mean`` and ``/std``."""
+    out = score_rollout(ctx, ro, reward_fn, trainer_state=trainer_state)
+    if stats is not None:
+        stats.update(to_floats(out.stats()))
+    scores = out.scores.to(ctx.device)
     if ctx.config.missing_eos_penalty is not None:
         scores = torch.where(ro.eos, scores, scores - ctx.config.missing_eos_penalty)
     return scores
@@ -540,9 +568,15 @@ def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PP
     last response token, GAE with ``gamma``/``lam``, whitened advantages.
     "grpo"/"rloo": per-sequence group advantages from ``scores`` (minus ``β·Σ_t KL_t``, the
     sequence KL, unless ``kl_in_loss``).
-    Stats: ``reward/mean``, ``reward/std`` (of ``scores``), ``kl`` (mean sequence KL, summed
-    over tokens, of the chosen estimator), ``kl_coef``, ``response_length``, ``eos_fraction``,
-    ``train/padding_fraction`` (the rollout batch's padded share: what ``packing`` saves).
+    Stats, named as TRL's GRPO trainer names the same quantities: ``reward`` (mean of
+    ``scores``), ``reward_std`` (with groups, ``group_size`` >= 2: the mean of the groups'
+    standard deviations (Bessel-corrected), as TRL logs it; else the batch's population std),
+    ``frac_reward_zero_std`` (groups whose scores are all equal: no learning signal; groups
+    only), ``kl`` (mean sequence KL to the reference, summed over tokens, of the chosen
+    estimator), ``kl_coef``, ``completions/mean_length``, ``/min_length``, ``/max_length``
+    (response tokens), ``completions/clipped_ratio`` (share cut at ``max_new_tokens`` without
+    EOS), ``train/padding_fraction`` (the rollout batch's padded share: what ``packing`` saves).
+    All over the global batch (every rank's rollouts).
     """
     from rftengine.ops import gae, group_advantages, kl_penalty, whiten
 
@@ -580,14 +614,22 @@ def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PP
     lengths = mask.sum(-1).float()
     # Over the global batch (every rank's rollouts): the adaptive KL controller reads "kl".
     stats = {
-        "reward/mean": distributed.global_mean(scores),
-        "reward/std": distributed.global_std(scores),
+        "reward": distributed.global_mean(scores),
         "kl": distributed.global_mean(seq_kl),
         "kl_coef": ctx.kl.value,
-        "response_length": distributed.global_mean(lengths),
-        "eos_fraction": distributed.global_mean(ro.eos),
+        "completions/mean_length": distributed.global_mean(lengths),
+        "completions/min_length": -distributed.all_reduce_max(-lengths.min()),
+        "completions/max_length": distributed.all_reduce_max(lengths.max()),
+        "completions/clipped_ratio": distributed.global_mean(~ro.eos),
         "train/padding_fraction": padding_fraction(batch.attention_mask),
     }
+    if ro.group_size >= 2:       # each rank holds whole groups (rows group-contiguous)
+        group_std = scores.detach().float().view(-1, ro.group_size).std(dim=1)
+        stats["reward_std"] = distributed.global_mean(group_std)
+        stats["frac_reward_zero_std"] = distributed.global_mean(
+            torch.isclose(group_std, torch.zeros_like(group_std)))
+    else:
+        stats["reward_std"] = distributed.global_std(scores)
     return PPOBatch(
         batch=batch,
         old_logprobs=old_logp,
@@ -630,9 +672,11 @@ class StepCounts:
 def ppo_loss(ctx: PPOContext, mb: PPOBatch, *, counts: StepCounts | None = None):
     """Loss of one minibatch: fused clipped policy loss (+ KL and entropy terms) and, for
     "ppo", ``vf_coef`` · clipped value loss. Returns ``(loss, stats)`` (stats detached):
-    ``loss`` (the total), ``policy_loss`` (the clipped term), ``clipfrac``, ``entropy``,
-    ``approx_kl``, ``ratio_mean``, ``ratio_max``, ``kl/policy`` (KL-in-loss), ``value_loss``
-    and ``value/*`` ("ppo").
+    ``loss`` (the total), ``policy_loss`` (the clipped term), ``clip_ratio/region_mean`` (share
+    of tokens whose clip set the loss: ratio above 1+ε_high with A > 0 or below 1-ε with A < 0,
+    TRL's name), ``clip_ratio/dual_mean`` (dual clip), ``entropy``, ``approx_kl``,
+    ``ratio_mean``, ``ratio_max``, ``kl/policy`` (KL-in-loss), ``value_loss`` and ``value/*``
+    ("ppo").
 
     ``counts``: the step's global normalisers when ``mb`` is one micro-batch of it (default:
     ``mb`` is the whole step). The ops normalise over ``mb``; their loss is multiplied by
@@ -675,6 +719,10 @@ def ppo_loss(ctx: PPOContext, mb: PPOBatch, *, counts: StepCounts | None = None)
              for k, v in dict(op_stats).items()}
     if "kl" in stats:  # token-mean KL of the current policy (KL-in-loss); "kl" names the rollout's
         stats["kl/policy"] = stats.pop("kl")
+    # TRL's names for the op's clip fractions
+    stats["clip_ratio/region_mean"] = stats.pop("clipfrac")
+    if "clipfrac_dual" in stats:
+        stats["clip_ratio/dual_mean"] = stats.pop("clipfrac_dual")
     if cfg.algorithm == "ppo":
         values = _critic_values(ctx, batch, hidden)
         v_loss, v_stats = value_loss(values, mb.old_values, mb.returns, batch.response_mask, clip=cfg.value_clip)
@@ -691,7 +739,8 @@ def step(ctx: PPOContext, exp: PPOBatch) -> dict[str, float]:
     then the adaptive KL controller update. Advances ``ctx.state.step`` by one.
 
     Returns float metrics: the rollout stats of ``exp`` plus the minibatch means of ``loss``,
-    ``policy_loss``, ``clipfrac``, ``entropy``, ``value_loss`` (ppo), ... and ``learning_rate``.
+    ``policy_loss``, ``clip_ratio/region_mean``, ``entropy``, ``value_loss`` (ppo), ... and
+    ``learning_rate``.
     """
     cfg = ctx.config
     n = exp.num_rows
@@ -758,10 +807,11 @@ def train_ppo(
     prompts: Sequence[Any],
     config: PPOConfig | None = None,
     *,
-    reward_fn: RewardFn,
+    reward_fn: RewardFn | Sequence[RewardFn],
     ref_model: nn.Module | None = None,
     value_model: nn.Module | None = None,
     critic: nn.Module | None = None,
+    eval_data: Sequence[Any] | None = None,
     callback: Callback | None = None,
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
@@ -773,51 +823,79 @@ def train_ppo(
         policy: causal LM, trained in place; its trainable weights are first cast to the
             dtype of ``config.precision`` (fp32 master weights under the mixed precisions).
         tokenizer: its tokenizer (needs an EOS token).
-        prompts: strings, chat-message lists, or dicts ``{"prompt", "reference"?}`` (references
-            are passed to ``reward_fn`` as ``references=``).
-        config: ``PPOConfig`` (defaults if None).
-        reward_fn: ``reward_fn(prompts, responses) -> Tensor[N] | list[float]`` (a
-            ``RewardScorer``, a Judge, any function).
+        prompts: strings, chat-message lists, or rows ``{"prompt": ..., <column>: ...}`` whose
+            other columns (``answer``, ``reference`` ...) reach the reward functions, one value
+            per sample (see ``methods.rewards``).
+        config: ``PPOConfig`` (defaults if None); ``config.reward_weights`` weighs several
+            reward functions.
+        reward_fn: a reward function or a list of them: TRL's ``f(prompts=, completions=,
+            completion_ids=, **columns)`` or ``f(prompts, responses, **kw)`` (a ``RewardScorer``,
+            a Judge, any function), each returning one score (or None) per sample; the
+            convention is read from the signature (``methods.rewards``). Logged per function
+            as ``rewards/<name>/mean`` and ``/std``.
         ref_model, value_model, critic: see ``make_ppo_context``.
         callback: ``callback(step, metrics)`` after each step.
         state: a ``TrainState`` or its ``state_dict()`` to resume from (``policy`` must hold the
             checkpoint's weights; pass the original model as ``ref_model``, see above).
         checkpoint_fn: ``checkpoint_fn(state)`` every ``config.save_every`` steps and at the end.
         progress: show a tqdm bar.
+        eval_data: held-out prompt data (as ``prompts``): ``group_size`` responses per prompt,
+            sampled as in training with a fixed seed and scored like the training rollouts, as
+            ``eval/reward``, ``eval/reward_std``, ``eval/completions/mean_length`` every
+            ``config.eval_every`` steps and after the last (``rftengine.methods.evaluation``).
     """
     config = config or PPOConfig()
-    texts, references = split_prompt_data(prompts)
+    texts, columns = split_prompt_columns(prompts)
+    eval_texts, eval_columns = split_prompt_columns(eval_data) if eval_data is not None else (None, None)
+    if eval_texts is not None:
+        require_prompt_positions(policy, tokenizer, eval_texts, config)
+    rewards = _reward_functions(config, reward_fn)   # bad weights: before any work
     require_prompt_positions(policy, tokenizer, texts, config)
     num_steps = total_steps(config, len(texts), config.batch_size)
     ctx = make_ppo_context(policy, tokenizer, config, ref_model=ref_model, value_model=value_model,
                            critic=critic, num_training_steps=num_steps, state=state)
 
     def run_step(idx: list[int]) -> dict[str, float]:
-        ro = rollout(ctx, [texts[i] for i in idx],
-                     references=[references[i] for i in idx] if references is not None else None)
-        return step(ctx, compute_advantages(ctx, ro, score(ctx, ro, reward_fn)))
+        ro = rollout(ctx, [texts[i] for i in idx], columns={k: [v[i] for i in idx] for k, v in columns.items()})
+        reward_state = RewardState(ctx.state.step, num_steps, ctx.state.data_position / len(texts))
+        reward_stats: dict[str, float] = {}
+        scores = score(ctx, ro, rewards, trainer_state=reward_state, stats=reward_stats)
+        exp = compute_advantages(ctx, ro, scores)
+        exp.stats.update(reward_stats)
+        return step(ctx, exp)
+
+    evaluate = None
+    if eval_texts is not None:
+        from rftengine.methods.evaluation import rollout_evaluator
+
+        evaluate = rollout_evaluator(ctx.generator, tokenizer, eval_texts, config, lambda ro: score(ctx, ro, rewards),
+                                     num_samples=config.group_size, columns=eval_columns)
 
     history = train_loop(ctx.state, config, num_steps, len(texts), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc=config.algorithm,
-                         postfix={"reward": "reward/mean", "kl": "kl"})
+                         postfix={"reward": "reward", "kl": "kl"}, evaluate=evaluate)
     return PPOResult(policy=policy, state=ctx.state, history=history, context=ctx)
 
 
 def evaluate_reward(
-    ctx: PPOContext, prompts: Sequence[PromptLike], reward_fn: RewardFn, *, seed: int = 12345,
+    ctx: PPOContext, prompts: Sequence[Any], reward_fn: RewardFn | Sequence[RewardFn], *, seed: int = 12345,
     num_samples: int = 1, progress: bool = False,
 ) -> float:
-    """Mean ``reward_fn`` score of ``num_samples`` sampled responses per prompt, with a fixed
-    seed and no training (before/after comparisons); ``progress`` shows a bar over rollouts."""
+    """Mean weighted reward (``score_rollout``, no missing-EOS penalty) of ``num_samples``
+    sampled responses per prompt, with a fixed seed and no training (before/after
+    comparisons); ``prompts`` as ``train_ppo`` takes them; ``progress`` shows a bar over rollouts."""
     if not 1 <= num_samples <= ctx.config.rollouts_per_step:
         raise ValueError(
             f"num_samples must be in [1, batch_size * group_size = {ctx.config.rollouts_per_step}], got {num_samples}"
         )
     per_call = ctx.config.rollouts_per_step // num_samples
+    texts, columns = split_prompt_columns(prompts)
+    rewards = _reward_functions(ctx.config, reward_fn)
     total, count = 0.0, 0
-    for start in track(range(0, len(prompts), per_call), progress, desc="evaluation rollouts"):
-        ro = rollout(ctx, prompts[start:start + per_call], seed=seed + start, num_samples=num_samples)
-        raw = call_reward_fn(reward_fn, ro.prompts, ro.responses)
+    for start in track(range(0, len(texts), per_call), progress, desc="evaluation rollouts"):
+        ro = rollout(ctx, texts[start:start + per_call], seed=seed + start, num_samples=num_samples,
+                     columns={k: v[start:start + per_call] for k, v in columns.items()})
+        raw = score_rollout(ctx, ro, rewards).scores
         total += float(raw.sum())
         count += raw.numel()
     return total / max(count, 1)

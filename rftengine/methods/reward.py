@@ -197,6 +197,7 @@ def train_reward_model(
     config: RewardConfig | None = None,
     *,
     eval_pairs: Sequence[Mapping[str, Any]] | None = None,
+    eval_data: Sequence[Mapping[str, Any]] | None = None,
     callback: Callback | None = None,
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
@@ -211,7 +212,10 @@ def train_reward_model(
         tokenizer: its tokenizer (needs an EOS token; chat-message pairs need a chat template).
         pairs: preference pairs, plain strings or chat messages.
         config: ``RewardConfig`` (defaults if None).
-        eval_pairs: pairs for the final accuracy (default: the training pairs).
+        eval_pairs: pairs for the final accuracy (default: ``eval_data``, else the training pairs).
+        eval_data: held-out pairs: the loss and pair accuracy on them, without grad, as
+            ``eval/loss``, ``eval/accuracy``, ``eval/rewards/margins`` ... every
+            ``config.eval_every`` steps and after the last (``rftengine.methods.evaluation``).
         callback: ``callback(step, metrics)`` after each step (``loss``, ``accuracy``,
             ``rewards/chosen``, ``rewards/margins``, ...).
         state: a ``TrainState`` or its ``state_dict()`` to resume from (the model passed must
@@ -236,11 +240,28 @@ def train_reward_model(
         return reward_step(model, train_state.optimizer, collate_preferences(chunk, pad).to(device), config,
                            scheduler=train_state.scheduler, margin=margin, state=train_state)
 
+    evaluate = None
+    if eval_data is not None:
+        from rftengine.methods.evaluation import example_evaluator
+
+        eval_examples = encode_preferences(tokenizer, eval_data, max_prompt_length=config.max_prompt_length,
+                                           max_response_length=config.max_response_length)
+        require_example_positions(model, eval_examples)
+
+        def eval_stats(batch, idx):
+            margin = _margins([eval_examples[i] for i in idx], device) if config.use_margin else None
+            _, stats = reward_loss(model, batch, margin=margin, center_coef=config.center_coef, packing=config.packing)
+            return {key: (value, len(idx)) for key, value in stats.items()}
+
+        evaluate = example_evaluator(model, eval_examples, lambda ex: collate_preferences(ex, pad), config, eval_stats)
+
     history = train_loop(train_state, config, num_steps, len(examples), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="reward model",
-                         postfix={"loss": "loss", "acc": "accuracy"})
+                         postfix={"loss": "loss", "acc": "accuracy"}, evaluate=evaluate)
     model.eval()
-    accuracy = pairwise_accuracy(model, tokenizer, eval_pairs if eval_pairs is not None else pairs,
+    if eval_pairs is None:
+        eval_pairs = eval_data if eval_data is not None else pairs
+    accuracy = pairwise_accuracy(model, tokenizer, eval_pairs,
                                  max_prompt_length=config.max_prompt_length,
                                  max_response_length=config.max_response_length)
     return RewardResult(model=model, state=train_state, history=history, accuracy=accuracy)

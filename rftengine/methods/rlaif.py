@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from rftengine import distributed
 from rftengine.methods.common import (
     Callback,
     CheckpointFn,
@@ -62,6 +63,7 @@ from rftengine.methods.modeling import (
     check_trainable_model,
     device_of,
     disable_dropout,
+    is_peft_model,
     rollout_dtype,
 )
 from rftengine.methods.ppo import ALGORITHMS as PPO_ALGORITHMS
@@ -77,7 +79,8 @@ _PPO_LOOP_FIELDS = {
     "num_epochs": "num_epochs", "max_steps": "max_steps", "shuffle": "shuffle",
     "max_prompt_length": "max_prompt_length", "max_new_tokens": "max_new_tokens",
     "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed",
-    "save_every": "save_every",
+    "save_every": "save_every", "eval_every": "eval_every", "eval_batch_size": "eval_batch_size",
+    "logging_steps": "logging_steps",
 }
 _DPO_LOOP_FIELDS = {
     "batch_size": "batch_size", "num_epochs": "num_epochs", "max_steps": "max_steps",
@@ -145,12 +148,13 @@ class RLAIFConfig(ConfigBase, SamplingFields, LoopFields):
 
 @dataclass
 class RLAIFResult:
-    """What ``train_rlaif`` returns: the trained policy, the final state (method "rlaif") and
-    per-step metrics."""
+    """What ``train_rlaif`` returns: the trained policy, the final state (method "rlaif"),
+    per-step metrics, and algorithm "ppo"'s trained critic (None otherwise)."""
 
     policy: nn.Module
     state: TrainState
     history: list[dict[str, float]] = field(default_factory=list)
+    critic: nn.Module | None = None
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -168,14 +172,24 @@ def sample_responses(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
+    stop: Sequence[str] | None = None,
     seed: int = 0,
     progress: bool = False,
     desc: str = "sampling",
     length_fields: str = "max_prompt_length or max_new_tokens",
+    first_index: int | None = None,
 ) -> list[list[SampledText]]:
     """``num_samples`` sampled responses per prompt, in chunks of prompts that fit
     ``generator.max_batch_size`` (``progress``: a bar over the chunks), each chunk one
     ``sample_rollout`` (the sampling path of every method).
+
+    ``first_index``: the global index of ``prompts[0]`` (default: ``prompts`` is this rank's
+    contiguous share of a global batch, every rank holding as many, as ``sample_rollout``
+    assumes). Each response's noise is keyed by ``seed`` and its global sequence index, so the
+    responses do not depend on the chunking nor on the number of ranks: N ranks sample what one
+    process samples for all the prompts. Under torchrun every rank must make as many chunks
+    (the rollout gathers the sharded weights): give every rank as many prompts.
 
     Prompts are strings or chat-message lists, truncated from the left to
     ``max_prompt_length``. Returns ``[[response, ...] * num_samples] * len(prompts)``: texts
@@ -187,13 +201,15 @@ def sample_responses(
             f"num_samples ({num_samples}) must be <= the generator's max_batch_size ({generator.max_batch_size})"
         )
     per_call = max(1, generator.max_batch_size // num_samples)
+    if first_index is None:
+        first_index = distributed.rank() * len(prompts)
     out: list[list[SampledText]] = []
-    for chunk_index, start in enumerate(track(range(0, len(prompts), per_call), progress, desc=desc)):
+    for start in track(range(0, len(prompts), per_call), progress, desc=desc):
         chunk = prompts[start:start + per_call]
         texts = sample_rollout(
             generator, tokenizer, chunk, num_samples=num_samples, max_new_tokens=max_new_tokens,
             max_prompt_length=max_prompt_length, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=step_seed(seed, chunk_index), length_fields=length_fields,
+            min_p=min_p, stop=stop, seed=seed, length_fields=length_fields, sequence_offset=(first_index + start) * num_samples,
         ).sampled_texts()
         out += [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
     return out
@@ -223,59 +239,82 @@ def rlaif_dpo_round(
     at ``max_new_tokens`` has no EOS. Skipped non-finite steps are counted in ``state``.
 
     Returns ``(metrics, pairs)``. Metrics: ``judge/score`` (mean candidate strength: expected
-    rating, or mean win probability; also ``reward/mean`` when pointwise), ``judge/margin``
-    (mean chosen-rejected margin), ``pairs`` (pairs formed), ``response_length`` (mean
-    characters), and the DPO step's metrics (``loss``, ``rewards/accuracies``,
-    ``rewards/margins``, ...) when a pair was formed.
+    rating, or mean win probability; also ``reward`` when pointwise), ``judge/margin``
+    (mean chosen-rejected margin), ``pairs`` (pairs formed), ``completions/mean_length``,
+    ``/min_length``, ``/max_length`` (sampled tokens, EOS included, as PPO-mode RLAIF reports
+    them), and the DPO step's metrics (``loss``,
+    ``rewards/accuracies``, ``rewards/margins``, ...) when a pair was formed.
+
+    Under torchrun ``prompts`` is this rank's share: it samples and judges its own rollouts,
+    and the number of pairs it forms varies per rank. ``pairs`` and ``judge/margin`` are then
+    global (sums over the ranks, the same on every rank), the DPO loss divides by the global
+    pair count, and every rank runs as many reference and policy forwards as the busiest one
+    (``dpo_step``'s ``real_pairs``): a round with no pair on any rank trains no rank.
     """
     cfg = config
     policy.eval()
     candidates = sample_responses(
         generator, tokenizer, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
         max_prompt_length=cfg.max_prompt_length, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, seed=seed, progress=progress, desc="rlaif sampling",
+        top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, seed=seed, progress=progress, desc="rlaif sampling",
     )
     scores = judge.candidate_scores(prompts, candidates, mode=cfg.judge_mode, progress=progress or None)
     pairs = pairs_from_scores(prompts, candidates, scores, min_margin=cfg.min_margin)
     flat = [x for row in scores for x in row]
+    # [pairs, margin sum]: global sums (each rank's share of prompts is the same size, so the
+    # per-candidate means below average over the ranks as they are)
+    counts = distributed.all_reduce_sum(torch.tensor([float(len(pairs)), float(sum(p["margin"] for p in pairs))],
+                                                     dtype=torch.float64))
+    num_pairs = int(counts[0])
+    lengths = torch.tensor([float(len(r.token_ids)) for g in candidates for r in g])
     metrics: dict[str, float] = {
         "judge/score": sum(flat) / len(flat),
-        "judge/margin": sum(p["margin"] for p in pairs) / len(pairs) if pairs else 0.0,
-        "pairs": float(len(pairs)),
-        "response_length": sum(len(r) for g in candidates for r in g) / len(flat),
+        "judge/margin": float(counts[1]) / num_pairs if num_pairs else 0.0,
+        "pairs": float(num_pairs),
+        # sampled tokens (EOS included), under the names PPO-mode RLAIF and every rollout logs
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(-distributed.all_reduce_max(-lengths.min())),
+        "completions/max_length": float(distributed.all_reduce_max(lengths.max())),
     }
     if cfg.judge_mode == "pointwise":
-        metrics["reward/mean"] = metrics["judge/score"]     # the name PPO-mode RLAIF logs it under
-    if not pairs:
+        metrics["reward"] = metrics["judge/score"]     # the name PPO-mode RLAIF logs it under
+    if not num_pairs:
         return metrics, pairs
     dpo_cfg = cfg.dpo_config
     pad = pad_token_id(tokenizer)
     device = device_of(policy)
-    examples = encode_preferences(tokenizer, pairs, max_prompt_length=dpo_cfg.max_prompt_length,
+    # A rank that formed no pair still joins every forward (FSDP), on a pair of weight 0.
+    rows = pairs or [{"prompt": prompts[0], "chosen": candidates[0][0], "rejected": candidates[0][0]}]
+    examples = encode_preferences(tokenizer, rows, max_prompt_length=dpo_cfg.max_prompt_length,
                                   max_response_length=dpo_cfg.max_response_length)
     batch = collate_preferences(examples, pad).to(device)
     ref_logps = None
     if dpo_cfg.uses_reference:
         if reference is None:
             raise ValueError(f"loss_type={dpo_cfg.loss_type!r} needs a reference model")
-        ref_logps = precompute_reference_logps(reference, examples, pad, batch_size=dpo_cfg.ref_batch_size,
-                                               chunk_size=dpo_cfg.logprob_chunk_size, progress=progress,
-                                               packing=dpo_cfg.packing)
+        # as many reference forwards on every rank: the pair list padded to the longest rank's
+        most = distributed.max_over_ranks(len(examples))
+        ref_logps = precompute_reference_logps(
+            reference, examples + [examples[0]] * (most - len(examples)), pad, batch_size=dpo_cfg.ref_batch_size,
+            chunk_size=dpo_cfg.logprob_chunk_size, progress=progress, packing=dpo_cfg.packing)[:len(examples)]
+    real = len(pairs) if distributed.is_distributed() else None
     for _ in range(cfg.updates_per_round):
         step_metrics = dpo_step(policy, optimizer, batch, dpo_cfg, ref_logps=ref_logps, scheduler=scheduler,
-                                state=state)
+                                state=state, real_pairs=real)
     policy.eval()
     metrics.update(step_metrics)
     return metrics, pairs
 
 
 def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, callback, state,
-                      checkpoint_fn, progress) -> RLAIFResult:
+                      checkpoint_fn, progress, eval_prompts=None) -> RLAIFResult:
     from rftengine.generation import Generator
 
     cfg = config
     check_trainable_model(policy, tokenizer, cfg.dpo_config.precision)
     require_prompt_positions(policy, tokenizer, prompts, cfg)
+    if eval_prompts is not None:
+        require_prompt_positions(policy, tokenizer, eval_prompts, cfg)
     disable_dropout(policy)
     num_steps = total_steps(cfg, len(prompts), cfg.batch_size)
     dpo_cfg = cfg.dpo_config
@@ -289,6 +328,9 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
     train_state = make_train_state("rlaif", policy, dpo_cfg, num_steps * cfg.updates_per_round, state,
                                    extra={"stage": "dpo"})
     device = device_of(policy)
+    if dpo_cfg.uses_reference and ref_model is None and distributed.is_sharded(policy) and not is_peft_model(policy):
+        raise ValueError("ref_model is required with a policy sharded over the ranks (the default reference is a "
+                         "copy of the policy, which a sharded policy cannot give): pass the initial model, sharded")
     reference = Reference(policy, ref_model, resumed=train_state.step > 0,
                           dtype=frozen_dtype(dpo_cfg, device)) if dpo_cfg.uses_reference else None
     generator = Generator(policy, max_batch_size=cfg.batch_size * cfg.num_samples,
@@ -303,9 +345,20 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
         )
         return metrics
 
+    evaluate = None
+    if eval_prompts is not None:
+        from rftengine.methods.evaluation import rollout_evaluator
+
+        def judged(ro):                 # the judge's strengths of each prompt's num_samples responses
+            groups = [ro.responses[i:i + cfg.num_samples] for i in range(0, len(ro.responses), cfg.num_samples)]
+            scores = judge.candidate_scores(ro.prompts[::cfg.num_samples], groups, mode=cfg.judge_mode, progress=False)
+            return torch.tensor([x for row in scores for x in row])
+
+        evaluate = rollout_evaluator(generator, tokenizer, eval_prompts, cfg, judged, num_samples=cfg.num_samples)
+
     history = train_loop(train_state, cfg, num_steps, len(prompts), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="rlaif-dpo",
-                         postfix={"judge": "judge/score", "pairs": "pairs"})
+                         postfix={"judge": "judge/score", "pairs": "pairs"}, evaluate=evaluate)
     generator.free()
     policy.eval()
     return RLAIFResult(policy=policy, state=train_state, history=history)
@@ -329,6 +382,8 @@ def train_rlaif(
     *,
     ref_model: nn.Module | None = None,
     value_model: nn.Module | None = None,
+    critic: nn.Module | None = None,
+    eval_data: Sequence[Any] | None = None,
     callback: Callback | None = None,
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
@@ -346,11 +401,17 @@ def train_rlaif(
             needs the original model here (ValueError otherwise, unless the policy is PEFT or
             the run has no reference): a copy of the resumed policy would be the wrong reference.
         value_model: PPO's separate critic (see ``make_ppo_context``).
+        critic: algorithm "ppo": a critic built by ``ppo.make_critic`` (whose weights the caller
+            restored, as the CLI does from a sharded checkpoint); default: built by ``train_ppo``.
         callback: ``callback(step, metrics)`` after each step.
         state: a TrainState (method "rlaif") or its ``state_dict()`` to resume from.
         checkpoint_fn: ``checkpoint_fn(state)`` every ``config.save_every`` steps and at the end;
             the state is named "rlaif" (the sub-trainer's state plus ``extra["stage"]``).
         progress: tqdm bars for the steps and, removed when done, for sampling and judging.
+        eval_data: held-out prompts: ``num_samples`` responses each, sampled as in training with
+            a fixed seed and judged, as ``eval/reward`` (the judge's mean score),
+            ``eval/reward_std``, ``eval/completions/mean_length`` every ``config.eval_every``
+            steps and after the last (``rftengine.methods.evaluation``).
     """
     config = config or RLAIFConfig()
     if not isinstance(config, RLAIFConfig):
@@ -361,12 +422,13 @@ def train_rlaif(
     texts, _ = split_prompt_data(prompts)
     if not texts:
         raise ValueError("prompts must hold at least one prompt, got 0")
+    eval_texts = split_prompt_data(eval_data)[0] if eval_data is not None else None
     if config.algorithm == "dpo":
-        if value_model is not None:
-            raise ValueError("value_model is only used by algorithm 'ppo'")
+        if value_model is not None or critic is not None:
+            raise ValueError("value_model and critic are only used by algorithm 'ppo'")
         return _train_online_dpo(policy, tokenizer, texts, judge, config, ref_model=ref_model,
                                  callback=callback, state=state, checkpoint_fn=checkpoint_fn,
-                                 progress=progress)
+                                 progress=progress, eval_prompts=eval_texts)
     sub_state, _ = unwrap_stage_state("rlaif", state)
     if sub_state is not None:
         if sub_state["method"] != config.algorithm:
@@ -380,8 +442,10 @@ def train_rlaif(
     result = train_ppo(
         policy, tokenizer, texts, config.ppo_config,
         reward_fn=judge_reward_fn(judge, config, progress=progress or None),
-        ref_model=ref_model, value_model=value_model, callback=callback, state=sub_state,
+        ref_model=ref_model, value_model=value_model, critic=critic, callback=callback, state=sub_state,
         checkpoint_fn=wrapped_ckpt if checkpoint_fn is not None else None, progress=progress,
+        eval_data=eval_texts,
     )
     result.context.generator.free()
-    return RLAIFResult(policy=result.policy, state=stage_state("rlaif", result.state), history=result.history)
+    return RLAIFResult(policy=result.policy, state=stage_state("rlaif", result.state), history=result.history,
+                       critic=result.context.critic)

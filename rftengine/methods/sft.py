@@ -158,6 +158,7 @@ def train_sft(
     data: Sequence[Mapping[str, Any]],
     config: SFTConfig | None = None,
     *,
+    eval_data: Sequence[Mapping[str, Any]] | None = None,
     callback: Callback | None = None,
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
@@ -171,6 +172,9 @@ def train_sft(
         tokenizer: needs an EOS token (appended to every response).
         data: examples, plain strings or chat messages.
         config: ``SFTConfig`` (defaults if None).
+        eval_data: held-out examples: the token-mean NLL on them, without grad, as
+            ``eval/loss`` (and ``eval/logps/mean``) every ``config.eval_every`` steps and after
+            the last (``rftengine.methods.evaluation``).
         callback: ``callback(step, metrics)`` after each step.
         state: a ``TrainState`` or its ``state_dict()`` to resume from.
         checkpoint_fn: ``checkpoint_fn(state)`` every ``config.save_every`` steps and at the end.
@@ -194,7 +198,25 @@ def train_sft(
         return sft_step(policy, train_state.optimizer, batch.to(device), config, scheduler=train_state.scheduler,
                         state=train_state)
 
+    evaluate = None
+    if eval_data is not None:
+        from rftengine.methods.evaluation import example_evaluator
+
+        eval_examples = encode_sft_examples(tokenizer, eval_data, max_prompt_length=config.max_prompt_length,
+                                            max_response_length=config.max_response_length)
+        require_example_positions(policy, eval_examples)
+
+        def eval_stats(batch, idx):
+            _, stats = sft_loss(policy, batch, chunk_size=config.logprob_chunk_size, packing=config.packing)
+            tokens = batch.response_mask.sum()      # the loss is a token mean
+            return {"loss": (stats["loss"], tokens), "logps/mean": (stats["logps/mean"], tokens)}
+
+        evaluate = example_evaluator(
+            policy, eval_examples, lambda ex: make_sequence_batch([e[0] for e in ex], [e[1] for e in ex], pad),
+            config, eval_stats)
+
     history = train_loop(train_state, config, num_steps, len(examples), run_step, callback=callback,
-                         checkpoint_fn=checkpoint_fn, progress=progress, desc="sft", postfix={"loss": "loss"})
+                         checkpoint_fn=checkpoint_fn, progress=progress, desc="sft", postfix={"loss": "loss"},
+                         evaluate=evaluate)
     policy.eval()
     return SFTResult(policy=policy, state=train_state, history=history)

@@ -11,6 +11,7 @@ from rftengine.ops.linear_logprobs import linear_token_logprobs
 from rftengine.ops.logprobs import token_logprobs
 from rftengine.ops.ppo import ppo_policy_loss, value_loss
 from rftengine.ops.preference import bradley_terry_loss, dpo_loss
+from rftengine.ops.sampling import sample_tokens
 from rftengine.ops.sequence import sequence_logprobs
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "kl_penalty",
     "linear_token_logprobs",
     "ppo_policy_loss",
+    "sample_tokens",
     "sequence_logprobs",
     "token_logprobs",
     "value_loss",

@@ -7,6 +7,7 @@ import pytest
 from rftengine.config import UserError
 from rftengine.datasets import load_preferences, load_prompts, read_jsonl
 from rftengine.toy import char_tokenizer
+from tests.test_datasets_formats import hf_home  # noqa: F401 (fixture: an empty offline HF cache)
 
 
 def write_lines(tmp_path, lines, name="data.jsonl"):
@@ -85,3 +86,40 @@ def test_chat_data_needs_a_chat_template(tmp_path):
                {"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}]
     with pytest.raises(UserError, match=r"data.jsonl:2: the data has chat messages but the tokenizer has no chat template"):
         load_preferences(write_lines(tmp_path, records), char_tokenizer(chat_template=False))
+
+
+# ----------------------------------------------------------------------------- through `rftengine train`
+
+
+def test_cli_trains_on_the_data_split_of_a_parquet_folder(tmp_path, tiny_model_dir, capsys, hf_home):
+    import datasets
+
+    from rftengine.cli import main
+
+    from .cli_helpers import write_config
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    datasets.Dataset.from_list([{"prompt": "p:", "chosen": " aeiou"}] * 2).to_parquet(str(folder / "train.parquet"))
+    datasets.Dataset.from_list([{"chosen": "p: aeiou", "rejected": "p: xyz"}] * 2).to_parquet(str(folder / "test.parquet"))
+    cfg = write_config(tmp_path / "run.yaml", method="reward", model=str(tiny_model_dir), data=str(folder),
+                       output_dir=str(tmp_path / "out"), progress=False, plot=False,
+                       train={"max_steps": 1, "batch_size": 2})
+    assert main(["train", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder} [train] record 0: missing field 'rejected'" in err and "Traceback" not in err
+    assert main(["train", str(cfg), "data_split=test"]) == 0  # implicit prompts, split chosen by the config
+    assert "\r" not in capsys.readouterr().err  # datasets' own bars are off outside a terminal
+
+
+def test_cli_uncached_dataset_id_is_a_one_line_error(tmp_path, tiny_model_dir, capsys, hf_home):
+    from rftengine.cli import main
+
+    from .cli_helpers import write_config
+
+    cfg = write_config(tmp_path / "run.yaml", method="dpo", model=str(tiny_model_dir), data="org/not-cached",
+                       output_dir=str(tmp_path / "out"), train={"max_steps": 1})
+    assert main(["train", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "data 'org/not-cached' is not a local file or folder, and not a dataset in the local Hugging Face cache" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

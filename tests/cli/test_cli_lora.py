@@ -78,12 +78,12 @@ def test_only_adapters_train_and_the_merged_export_loads_without_peft(tmp_path, 
     seen = {}
     export = rftengine.cli.export_model
 
-    def spy(model, tokenizer, out_dir, merge_lora=False):
+    def spy(model, tokenizer, out_dir, merge_lora=False, **kwargs):
         # before the export merges the adapters into the model in place
         seen["peft"] = isinstance(model, peft.PeftModel)
         seen["params"] = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
         seen["logits"] = logits(model, ids)
-        return export(model, tokenizer, out_dir, merge_lora=merge_lora)
+        return export(model, tokenizer, out_dir, merge_lora=merge_lora, **kwargs)
 
     monkeypatch.setattr(rftengine.cli, "export_model", spy)
     train(tiny_model_dir, tmp_path / "out")  # the example merges on export

@@ -23,6 +23,24 @@ def test_one_process_is_the_identity(monkeypatch):
     assert distributed.mean_over_ranks({"loss": 1.5}) == {"loss": 1.5}
     assert distributed.max_over_ranks(None) is None and distributed.max_over_ranks(2) == 2
     distributed.require_divisible(7)  # any batch divides over one rank
+    assert distributed.even_share(5) == (0, 5, 5)
+    assert distributed.all_gather_cat(x) is x and distributed.all_gather_objects("a") == ["a"]
+
+
+@pytest.mark.parametrize("n, world, shares", [
+    (5, 2, [(0, 3, 3), (3, 5, 3)]),          # the last rank's share is short: it pads to 3
+    (1, 3, [(0, 1, 1), (1, 1, 1), (1, 1, 1)]),  # ranks with nothing still run one padded item
+    (6, 3, [(0, 2, 2), (2, 4, 2), (4, 6, 2)]),
+    (0, 2, [(0, 0, 0), (0, 0, 0)]),
+])
+def test_even_share_covers_every_item_once_in_order(monkeypatch, n, world, shares):
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    got = []
+    for r in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        got.append(distributed.even_share(n))
+    assert got == shares
+    assert [i for start, stop, _ in got for i in range(start, stop)] == list(range(n))
 
 
 def test_torchrun_device_setting_is_checked(monkeypatch):

@@ -73,7 +73,9 @@ def assert_same_run(one: Path, two: Path, keys=("loss",)) -> None:
     for r1, r2 in zip(rows1, rows2):
         assert set(r1) == set(r2)
         for key in keys:
-            assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-7), (r1["step"], key)
+            # rewards/margins: β times a difference of summed log-probs, whose rounding is absolute
+            tol = 1e-6 if key == "rewards/margins" else 1e-7
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=tol), (r1["step"], key)
     w1, w2 = weights(one / "final"), weights(two / "final")
     assert w1.keys() == w2.keys() and w1
     for name in w1:
@@ -114,7 +116,7 @@ def test_grpo_two_ranks(grpo_two_ranks):
 
     rows = read_metrics(grpo_two_ranks / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert all(torch.isfinite(torch.tensor([r["loss"], r["reward/mean"], r["grad_norm"]])).all() for r in rows)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["reward"], r["grad_norm"]])).all() for r in rows)
     model = AutoModelForCausalLM.from_pretrained(grpo_two_ranks / "final")
     assert type(model).__name__ == "Qwen2ForCausalLM"
 
@@ -278,7 +280,7 @@ def test_ppo_two_ranks_equal_one_process(tmp_path, model_dir, critic):
     rows1, rows2 = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in rows2] == [r["step"] for r in rows1] == list(range(1, STEPS + 1))
     for r1, r2 in zip(rows1, rows2):
-        for key in ("loss", "value_loss", "kl", "kl_coef", "grad_norm", "reward/mean"):
+        for key in ("loss", "value_loss", "kl", "kl_coef", "grad_norm", "reward"):
             rel = 1e-5 if r1["step"] == 1 else 1e-4
             # kl: a difference of nearly equal log-probs, whose rounding is absolute
             assert r2[key] == pytest.approx(r1[key], rel=rel, abs=1e-5 if key == "kl" else 1e-7), (r1["step"], key)
@@ -339,33 +341,7 @@ def test_rlaif_two_ranks_resume_after_sigkill(tmp_path, model_dir):
     run_cli(2, rlaif_args(tmp_path, model_dir, tmp_path / "whole"))
     rows = read_metrics(tmp_path / "whole" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert all(torch.isfinite(torch.tensor([r["loss"], r["reward/mean"]])).all() for r in rows)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["reward"]])).all() for r in rows)
     out = tmp_path / "killed"
     kill_and_resume(rlaif_args(tmp_path, model_dir, out), out)
     assert_same_as_uninterrupted(out, tmp_path / "whole")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method, extra, message", [
-    ("rlaif", ["train.algorithm=dpo"], "rlaif with algorithm dpo does not run under torchrun yet"),
-    ("cai", [], "method cai does not run under torchrun yet"),
-])
-def test_methods_not_yet_distributed_are_refused_in_one_line(tmp_path, model_dir, method, extra, message):
-    proc = run_torchrun(["-m", "rftengine", "train", str(EXAMPLES / f"{method}.yaml"), f"model={model_dir}",
-                         f"judge={model_dir}", f"output_dir={tmp_path / 'o'}", "device=cpu", *extra])
-    assert proc.returncode != 0
-    assert f"rftengine train: error: {EXAMPLES / method}.yaml: {message}" in proc.stderr  # one line, no crash
-
-
-@pytest.mark.slow
-def test_rlaif_ppo_two_ranks_trains_and_refuses_resume(tmp_path, model_dir):
-    """RLAIF with PPO's critic on 2 ranks trains (value loss logged each step once); resuming
-    its checkpoint is refused in one line, as the critic's shards are not restored there yet."""
-    out = tmp_path / "ppo"
-    run_cli(2, rlaif_args(tmp_path, model_dir, out, "ppo"))
-    rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert all(torch.isfinite(torch.tensor(r["value_loss"])) for r in rows)
-    proc = run_torchrun(["-m", "rftengine", *rlaif_args(tmp_path, model_dir, out, "ppo"), "--resume"])
-    assert proc.returncode != 0
-    assert "a torchrun rlaif checkpoint with a critic cannot be resumed yet" in proc.stderr

@@ -109,9 +109,9 @@ def test_eos_ends_the_response_and_is_kept():
         assert out.finish_reasons[r] == ("eos" if end < len(resp) or resp[-1] == eos else "length")
     assert out.finish_reasons[0] == "eos" and out.response_lengths[0] == 5
 
-    # Every row ends at its first token: the loop stops at the next done check.
+    # Every row ends at its first token: the responses are as wide as the longest one.
     first = gen.generate(PROMPTS, max_new_tokens=12, top_k=1, eos_token_ids=free.responses[:, 0].tolist())
-    assert first.responses.shape[1] == 2 and first.response_lengths.tolist() == [1, 1, 1]
+    assert first.responses.shape[1] == 1 and first.response_lengths.tolist() == [1, 1, 1]
     assert first.finish_reasons == ("eos",) * 3
 
 
@@ -256,8 +256,10 @@ def test_padded_tensor_prompts_equal_list_prompts():
     [
         ([list(range(1, 20))], {"max_new_tokens": 1}, "max_seq_len"),
         ([[1, 2, 3]], {"max_new_tokens": 14}, "max_seq_len"),
-        ([[1, 2]] * 5, {"max_new_tokens": 2}, "max_batch_size"),
-        ([[1, 2]] * 2, {"max_new_tokens": 2, "num_samples": 3}, "max_batch_size"),
+        ([[1, 2]] * 2, {"max_new_tokens": [2]}, r"max_new_tokens must hold one entry per prompt \(2\), got 1"),
+        ([[1, 2]] * 2, {"max_new_tokens": [2, 0]}, r"max_new_tokens\[1\] must be an int >= 1, got 0"),
+        ([[1, 2], [1] * 10], {"max_new_tokens": [13, 7]}, r"max_seq_len \(16\), got 10 \+ 7 = 17 \(prompt 1\)"),
+        ([[1, 2]], {"max_new_tokens": 2, "stop_checker": "x"}, "stop_checker must be a callable"),
         ([[1, 2], []], {"max_new_tokens": 2}, "empty prompt"),
         ([], {"max_new_tokens": 2}, "at least one prompt"),
         ([[1, VOCAB]], {"max_new_tokens": 2}, "token ids"),
@@ -266,7 +268,8 @@ def test_padded_tensor_prompts_equal_list_prompts():
         ([[1, 2]], {"max_new_tokens": 2, "eos_token_ids": [VOCAB + 3]}, "eos_token_ids"),
         ("hello", {"max_new_tokens": 2}, "prompts"),
         ([[1, 2]], {"max_new_tokens": 2, "sequence_offset": -1}, "sequence_offset"),
-        ([[1, 2]], {"max_new_tokens": 2, "sequence_offset": 2**63 - 2}, "sequence_offset"),
+        ([[1, 2]], {"max_new_tokens": 2, "sequence_offset": 2**63 - 1}, "sequence_offset"),
+        ([[1, 2]] * 2, {"max_new_tokens": 2, "sequence_offset": 2**63 - 2}, "sequence_offset"),
         ([[1, 2]], {"max_new_tokens": 2, "sequence_offset": 1.0}, "sequence_offset"),
     ],
 )
@@ -324,6 +327,8 @@ def test_bad_constructor_arguments():
         Generator(qwen2(), max_batch_size=0, max_seq_len=16)
     with pytest.raises(ValueError, match="model"):
         Generator(torch.nn.Linear(2, 2), max_batch_size=1, max_seq_len=16)
+    with pytest.raises(ValueError, match="continuous must be a bool, got 1"):
+        Generator(qwen2(), max_batch_size=1, max_seq_len=16, continuous=1)
 
 
 def test_in_place_weight_update_reaches_the_next_rollout():

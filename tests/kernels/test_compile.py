@@ -241,7 +241,23 @@ def _advantage_cases(k, dtype):
                 scores, group_size, 1.0, code, 1e-6, g)
 
 
-CASES = (_logprobs_cases, _kl_cases, _ppo_cases, _preference_cases, _advantage_cases)
+def _sampling_cases(k, dtype):
+    sampling = k["sampling"]
+    keys = torch.zeros(ROWS, dtype=torch.int64)
+    # (top_k, top_p, log_min_p, with_truncated): greedy, the untruncated race, each search alone
+    # and all of them together
+    variants = ((0, 1.0, float("-inf"), True), (1, 1.0, float("-inf"), True), (1, 1.0, float("-inf"), False),
+                (50, 1.0, float("-inf"), False), (0, 0.9, float("-inf"), True), (0, 1.0, -3.0, False),
+                (50, 0.9, -3.0, True))
+    for vocab in (VOCABS[0], VOCABS[-1]):
+        logits = torch.zeros(ROWS, vocab, dtype=dtype)
+        for top_k, top_p, log_min_p, truncated in _all_or_first(dtype, reversed(variants)):
+            tag = f"V={vocab} {dtype} top_k={top_k} top_p={top_p} log_min_p={log_min_p} truncated={truncated}"
+            yield f"sample_tokens {tag}", lambda: sampling.sample_tokens(
+                logits, keys, 0.7, top_k, top_p, log_min_p, truncated)
+
+
+CASES = (_logprobs_cases, _kl_cases, _ppo_cases, _preference_cases, _advantage_cases, _sampling_cases)
 
 
 def _record_launches(modules) -> list[Launch]:

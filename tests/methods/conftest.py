@@ -12,6 +12,14 @@ def tokenizer():
     return char_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """Qwen2's real tokenizer with a ChatML template (tests/qwen_tokenizer.py; built once, ~4 s)."""
+    from tests.qwen_tokenizer import qwen2_tokenizer
+
+    return qwen2_tokenizer()
+
+
 @pytest.fixture
 def make_lm(tokenizer):
     """``make_lm(seed=0, **config_overrides)``: a random-init Qwen2-family causal LM (fp32)."""

@@ -144,7 +144,7 @@ def test_rollout_micro_batches_give_the_same_experience(tokenizer, make_lm):
     from rftengine.methods.rollout import Rollout
 
     exp = grpo_batch(tokenizer, make_lm(), "ppo")
-    ro = Rollout(prompts=[""] * 8, responses=[""] * 8, references=None, batch=exp.batch,
+    ro = Rollout(prompts=[""] * 8, responses=[""] * 8, columns=None, batch=exp.batch,
                  logprobs=exp.old_logprobs, eos=torch.ones(8, dtype=torch.bool), group_size=1)
     out = []
     for rows in (None, 3):

@@ -99,7 +99,7 @@ def test_three_stages_are_wired_in_order(tokenizer):
     assert [e.principle for e in examples] == [p.name for p in TOY.sample(4, 5)]
 
 
-def test_generation_stages_show_progress(tokenizer, capsys):
+def test_generation_stages_show_progress(tokenizer, capsys, terminal):
     generate_revisions(None, tokenizer, PROMPTS, TOY, small_config(), generator=ScriptedGenerator(tokenizer),
                        progress=True)
     err = capsys.readouterr().err
@@ -237,7 +237,7 @@ def test_train_cai_rl_with_a_principle_judge(make_lm, tokenizer):
     result = train_cai(policy, tokenizer, PROMPTS, config, constitution=TOY, judge=judge,
                        callback=lambda s, m: history.append(m))
     assert len(history) == 2 and set(result.stage_results) == {"rl"}
-    assert history[0]["reward/mean"] == pytest.approx(0.5, abs=1e-5)
+    assert history[0]["reward"] == pytest.approx(0.5, abs=1e-5)
     assert result.state.method == "cai" and result.state.extra["stage"] == "grpo"
 
 

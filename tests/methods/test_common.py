@@ -102,7 +102,7 @@ def test_scheduler_warmup_then_linear_decay():
     assert lrs == pytest.approx([0.0, 1.0, 0.75, 0.5, 0.25])
 
 
-def test_train_loop_runs_resumable_steps_with_callback_checkpoints_and_bar(capsys):
+def test_train_loop_runs_resumable_steps_with_callback_checkpoints_and_bar(capsys, terminal):
     """Batches are drawn at the data position; the step counts once per run_step (also when
     run_step advanced it itself); checkpoints every save_every and at the end."""
     cfg = RewardConfig(batch_size=3, max_steps=4, save_every=3, seed=5)

@@ -246,4 +246,4 @@ def test_resume_may_change_the_fields_declared_resumable():
 
     assert set(RESUME_TRAIN_KEYS) == {"max_steps", "num_epochs", "save_every", "learning_rate", "weight_decay",
                                       "adam_betas", "max_grad_norm", "warmup_steps", "lr_scheduler",
-                                      "max_skipped_steps"}
+                                      "max_skipped_steps", "eval_every", "eval_batch_size", "logging_steps"}

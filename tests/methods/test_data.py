@@ -86,3 +86,47 @@ def test_prompt_data_with_references():
     assert split_prompt_data(["a", "b"]) == (["a", "b"], None)
     with pytest.raises(ValueError, match="prompt data item 0 has no 'prompt' field"):
         split_prompt_data([{"text": "a"}])
+
+
+# ----------------------------------------------------------------------------- a real ChatML tokenizer
+
+
+def test_qwen_tokenizer_gives_qwen2_ids(qwen_tokenizer):
+    tok = qwen_tokenizer
+    assert tok("Hello, world", add_special_tokens=False)["input_ids"] == [9707, 11, 1879]
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
+    assert tok.eos_token_id == 151645
+    prompt = render_prompt(tok, [{"role": "user", "content": "Hi"}])
+    assert tok(prompt, add_special_tokens=False)["input_ids"] == [151644, 872, 198, 13048, 151645, 198, 151644, 77091, 198]
+
+
+def test_chat_pair_has_exactly_one_end_of_turn(qwen_tokenizer):
+    tok = qwen_tokenizer
+    prompt = [{"role": "user", "content": "What colour is the sky?"}]
+    pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "Blue."}],
+            "rejected": [{"role": "assistant", "content": "Green."}]}
+    (ex,) = encode_preferences(tok, [pair])
+    for ids, text in ((ex.chosen_ids, "Blue."), (ex.rejected_ids, "Green.")):
+        assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
+        assert tok.decode(ids) == text + "<|im_end|>"
+    assert tok.decode(ex.prompt_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_response_end_of_turn_rules(qwen_tokenizer):
+    tok = qwen_tokenizer
+    eos = tok.eos_token_id
+    assert encode_response(tok, "Blue.") == [10331, 13, eos]                      # text: EOS appended
+    assert encode_response(tok, "Blue.<|im_end|>") == [10331, 13, eos]            # already ended
+    assert encode_response(tok, "Blue.<|im_end|>\n") == [10331, 13, eos]          # the template's tail is not trained
+    assert encode_response(tok, "a<|im_end|>b")[-1] == eos                          # text after the end: a new end
+    assert encode_response(tok, "a<|im_end|>b").count(eos) == 2
+    assert encode_response(tok, "Blue.", append_eos=False) == [10331, 13]
+
+
+def test_chat_template_without_end_token_gets_eos(tokenizer):
+    # The char tokenizer's template ends a turn with a newline only: EOS is appended, as for text.
+    pair = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yo"}],
+            "rejected": "no"}
+    (ex,) = encode_preferences(tokenizer, [pair])
+    assert ex.chosen_ids[-1] == tokenizer.eos_token_id and ex.chosen_ids.count(tokenizer.eos_token_id) == 1
+    assert tokenizer.decode(ex.chosen_ids[:-1]) == "yo\n"

@@ -138,7 +138,7 @@ def test_group_reward(judge):
         judge.group_scores(prompts, responses, 3)
 
 
-def test_as_reward_fn_and_progress(judge, capsys):
+def test_as_reward_fn_and_progress(judge, capsys, terminal):
     prompts, responses = ["p", "p", "q", "q"], ["aa", "bb", "cc", "dd"]
     assert judge.as_reward_fn("pointwise") is judge
     shown = judge.as_reward_fn("pointwise", progress=True)
@@ -184,3 +184,19 @@ def test_bad_judge_calls(judge):
         judge.preference_pairs(["a"], [["only"]])
     with pytest.raises(ValueError, match="mode must be one of"):
         judge.preference_pairs(["a"], [["x", "y"]], mode="listwise")
+
+
+@pytest.mark.parametrize("option, given, message", [
+    ("choices", ("yes", "no"), r"choice 'yes' must encode to exactly one token .* got 3 tokens .*; "
+                               r"use judge_options.choices=\['y', 'n'\] \(one token each for this tokenizer\)"),
+    ("choices", ("option a", "option b"), r"use judge_options.choices=\['a', 'b'\]"),
+    ("choices", ("A", "B"), r"choice 'A' is not in the judge tokenizer's vocabulary .*; set judge_options.choices to "
+                            r"texts that this tokenizer keeps as one token each"),
+    ("ratings", (" 1 ", " 2 "), r"rating ' 1 ' must .*; use judge_options.ratings=\['1', '2'\]"),
+    # A rating's text is its value: "10" is never shortened to "1".
+    ("ratings", ("10", "20"), r"set judge_options.ratings to texts that this tokenizer keeps as one token each"),
+])
+def test_multi_token_choices_and_ratings_get_a_single_token_spelling_to_use(make_lm, tokenizer, option, given,
+                                                                           message):
+    with pytest.raises(ValueError, match=message):
+        Judge(make_lm(), tokenizer, POINTWISE, pairwise_template=PAIRWISE, **{option: given})

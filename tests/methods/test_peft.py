@@ -1,9 +1,12 @@
 """PEFT LoRA policies: only the adapters train, and the reference is the same model with its
 adapters disabled (no second copy). Runs where peft is installed (the `test` extra has it)."""
 
+import warnings
+
 import pytest
 import torch
 
+from rftengine.generation import EagerFallbackWarning
 from rftengine.methods import DPOConfig, PPOConfig, Reference, make_sequence_batch, train_dpo, train_ppo
 from rftengine.methods.modeling import response_logprobs
 from rftengine.toy import vowel_fraction_reward
@@ -67,7 +70,8 @@ def test_grpo_runs_on_a_lora_policy(make_lm, tokenizer):
     frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
     config = PPOConfig(algorithm="grpo", group_size=2, batch_size=2, max_new_tokens=6, max_steps=2,
                        kl_coef=0.1)
-    with pytest.warns(UserWarning, match="no static runner"):  # PEFT layers: eager generation
+    with warnings.catch_warnings():  # LoRA rolls out on the static runner: no eager fallback
+        warnings.simplefilter("error", EagerFallbackWarning)
         result = train_ppo(policy, tokenizer, ["say:", "pick:"], config, reward_fn=vowel_fraction_reward)
     assert len(result.history) == 2
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in result.history)

@@ -48,8 +48,8 @@ def test_ppo_raises_mean_reward(tokenizer, make_lm):
                                                vf_coef=0.5)
     assert after > before + 0.2, (before, after)
     metrics = result.history[-1]
-    for name in ("reward/mean", "reward/std", "kl", "clipfrac", "entropy", "value_loss",
-                 "response_length", "loss", "kl_coef"):
+    for name in ("reward", "reward_std", "kl", "clip_ratio/region_mean", "entropy", "value_loss",
+                 "completions/mean_length", "loss", "kl_coef", "rewards/vowel_fraction_reward/mean"):
         assert name in metrics, name
     assert metrics["kl"] > 0  # the policy moved away from the reference
 
@@ -126,7 +126,7 @@ def test_fused_step_matches_unfused_hf_step(tokenizer, make_lm, assert_same_para
     loss.backward()
     sgd.step()
 
-    assert 0 < metrics["clipfrac"] < 1
+    assert 0 < metrics["clip_ratio/region_mean"] < 1
     assert metrics["loss"] == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-6)
     assert_same_params(policy, ref_policy, rtol=1e-4, atol=1e-6)
     if ref_critic is not None:
@@ -334,5 +334,6 @@ def test_value_head_init_follows_config_seed(tokenizer, make_lm, critic):
         ctx = make_ppo_context(make_lm(), tokenizer, PPOConfig(critic=critic, seed=config_seed, kl_coef=0.0))
         head = ctx.critic if critic == "shared" else ctx.critic.v_head
         heads.append(head.linear.weight.detach().clone())
+        assert head.linear.bias is None  # as the score layer it exports to (hf_export): exact
     assert torch.equal(heads[0], heads[1])           # same config.seed, different global RNG
     assert not torch.equal(heads[0], heads[2])       # another config.seed

@@ -56,12 +56,12 @@ def test_rlaif_online_rl_end_to_end(make_lm, tokenizer, judge, algorithm, judge_
     assert isinstance(result, RLAIFResult)
     assert [s for s, _ in steps] == [1, 2]
     metrics = steps[-1][1]
-    for key in ("loss", "reward/mean", "kl", "clipfrac", "entropy", "response_length"):
+    for key in ("loss", "reward", "kl", "clip_ratio/region_mean", "entropy", "completions/mean_length"):
         assert key in metrics and metrics[key] == metrics[key]          # present, not NaN
     if judge_mode == "pairwise":
-        assert metrics["reward/mean"] == pytest.approx(0.5, abs=1e-5)  # group strengths average 1/2
+        assert metrics["reward"] == pytest.approx(0.5, abs=1e-5)  # group strengths average 1/2
     else:
-        assert 1.0 <= metrics["reward/mean"] <= 5.0
+        assert 1.0 <= metrics["reward"] <= 5.0
     assert _changed(before, policy)
     assert result.state.method == "rlaif" and result.state.step == 2
     assert [s["method"] for s in states] == ["rlaif", "rlaif"]
@@ -86,7 +86,8 @@ def test_rlaif_online_dpo_end_to_end(make_lm, tokenizer, judge):
 
 
 @pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
-def test_rlaif_progress_bars_cover_steps_sampling_and_judging(make_lm, tokenizer, judge, capsys, algorithm):
+def test_rlaif_progress_bars_cover_steps_sampling_and_judging(make_lm, tokenizer, judge, capsys, algorithm,
+                                                             terminal):
     config = RLAIFConfig(algorithm=algorithm, num_samples=2, batch_size=2, max_steps=1, max_new_tokens=4)
     train_rlaif(make_lm(seed=2), tokenizer, PROMPTS, judge, config, progress=True)
     err = capsys.readouterr().err
@@ -194,3 +195,62 @@ def test_online_dpo_trains_the_sampled_ids_and_never_adds_an_eos(make_lm, tokeni
     assert got == [rows[0], rows[3], rows[1], rows[2]]           # chosen rows, then rejected rows
     assert got[0][-1] != eos and eos not in got[3]               # truncated: no EOS of their own
     assert got[1].count(eos) == 1 and got[2].count(eos) == 1     # finished: their EOS, once
+
+
+def test_online_dpo_reports_response_length_in_sampled_tokens(make_lm, tokenizer, monkeypatch):
+    """The response lengths count the sampled tokens (EOS included), under the names PPO-mode
+    RLAIF logs them, not the characters of the decoded text (here 2.5 tokens against 1.75
+    characters)."""
+    from rftengine.methods import rlaif
+    from rftengine.methods.modeling import Reference
+
+    from .fakes import ScriptedGenerator
+
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos, unk = tokenizer.eos_token_id, tokenizer.unk_token_id
+    rows = [ids("abc"), ids("x") + [eos], [unk] + ids("ef"), ids("o") + [eos]]   # 3, 2, 3, 2 tokens
+    gen = ScriptedGenerator(tokenizer, lambda k, prompts, n: rows)
+    monkeypatch.setattr(rlaif, "dpo_step", lambda *a, **kw: {})
+    policy = make_lm()
+    config = RLAIFConfig(algorithm="dpo", num_samples=2, batch_size=2, max_new_tokens=3)
+    metrics, _ = rlaif.rlaif_dpo_round(
+        policy, tokenizer, _FixedJudge([[1.0, 0.0], [0.0, 1.0]]), ["p:", "q:"], config, generator=gen,
+        optimizer=None, reference=Reference(policy, make_lm(seed=1)))
+    assert "response_length" not in metrics
+    assert metrics["completions/mean_length"] == 2.5
+    assert (metrics["completions/min_length"], metrics["completions/max_length"]) == (2.0, 3.0)
+
+
+def test_sample_responses_do_not_depend_on_the_chunking(make_lm, tokenizer):
+    """Each response's noise is keyed by its global sequence index: prompts sampled in chunks of
+    one, or from a later first index (a rank's share), get the responses of one call over all."""
+    policy = make_lm()
+    kwargs = dict(num_samples=2, max_new_tokens=6, seed=3, temperature=1.0)
+    whole = sample_responses(Generator(policy, max_batch_size=8, max_seq_len=16), tokenizer, PROMPTS[:4], **kwargs)
+    assert len({r for g in whole for r in g}) > 2                    # really sampled
+    chunked = sample_responses(Generator(policy, max_batch_size=2, max_seq_len=16), tokenizer, PROMPTS[:4], **kwargs)
+    assert chunked == whole
+    tail = sample_responses(Generator(policy, max_batch_size=8, max_seq_len=16), tokenizer, PROMPTS[2:4],
+                            first_index=2, **kwargs)
+    assert tail == whole[2:]
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 1])
+def test_dpo_step_padding_pairs_weigh_nothing(make_lm, tokenizer, micro_batch_size):
+    """Online DPO under torchrun pads a rank's pairs (``real_pairs``): the step over 3 pairs of
+    which 2 are real gives the loss, stats and gradient of the step over those 2 alone."""
+    from rftengine.methods.data import collate_preferences, encode_preferences
+    from rftengine.methods.dpo import dpo_step
+
+    pairs = [{"prompt": f"q{i}>", "chosen": "ab" * (i + 1), "rejected": "c" * (i + 2)} for i in range(3)]
+    examples = encode_preferences(tokenizer, pairs)
+    ref = torch.tensor([[-9.0, -7.5], [-12.0, -11.0], [-5.0, -8.0]])
+    config = DPOConfig(beta=0.5, batch_size=2 if micro_batch_size else 1, micro_batch_size=micro_batch_size)
+    out = []
+    for rows, real in ((examples[:2], None), (examples, 2)):
+        policy = make_lm(seed=4)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+        out.append(dpo_step(policy, opt, collate_preferences(rows, tokenizer.pad_token_id), config,
+                            ref_logps=ref[:len(rows)], real_pairs=real))
+    for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies"):
+        assert out[1][key] == pytest.approx(out[0][key], rel=1e-6), key
