@@ -1,6 +1,6 @@
 """Fused PPO / DPO heads against linear_token_logprobs alone and against the composition.
 
-At the ANCHORS.md §1 shapes (N tokens as B sequences of 1024), forward + backward:
+At the anchor shapes of bench/README.md ("Anchor figures" §1) (N tokens as B sequences of 1024), forward + backward:
 - ``linear_token_logprobs``: the lm_head log-probs alone, backward of ``sum(logp * g)``;
 - ``fused_ppo_loss`` (k3 KL in the loss, entropy bonus) and the same loss composed from
   ``linear_token_logprobs`` + the standalone ops;
@@ -27,12 +27,8 @@ from rftengine.bench.bench_linear_logprobs import (
     matmul_floor_ms,
 )
 from rftengine.bench.harness import Results, base_parser, ceilings, error_row, measure
-from rftengine.ops.fused_heads import (
-    dpo_composite_loss,
-    fused_dpo_loss,
-    fused_ppo_loss,
-    ppo_composite_loss,
-)
+from rftengine.ops.fused_dpo_head import dpo_composite_loss, fused_dpo_loss
+from rftengine.ops.fused_ppo_head import fused_ppo_loss, ppo_composite_loss
 from rftengine.ops.linear_logprobs import linear_token_logprobs
 
 SEQ_LEN = 1024
@@ -47,7 +43,7 @@ def _grad(loss, params):
 def make_steps(h, w, t, g, old, ref, adv, ref_seq):
     params = (h, w)
     composite_ppo = dict(
-        kl_clamp=20.0, clip_low=0.2, clip_high=0.2, dual_clip=None, aggregation="token_mean",
+        kl_clamp=20.0, clip_range=0.2, clip_range_high=0.2, dual_clip=None, aggregation="token_mean",
         loss_constant=None, is_weights=None, **PPO_OPTIONS,
     )
 
@@ -55,19 +51,19 @@ def make_steps(h, w, t, g, old, ref, adv, ref_seq):
         return torch.autograd.grad(linear_token_logprobs(h, w, t), params, grad_outputs=g)
 
     def ppo_fused():
-        return _grad(fused_ppo_loss(h, w, t, old, adv, None, ref_logp=ref, **PPO_OPTIONS)[0], params)
+        return _grad(fused_ppo_loss(h, w, t, old, adv, mask=None, ref_logp=ref, **PPO_OPTIONS)[0], params)
 
     def ppo_composed():
         logp, ent = linear_token_logprobs(h, w, t, return_entropy=True)
         return _grad(ppo_composite_loss(logp, ent, old, adv, None, ref_logp=ref, **composite_ppo)[0], params)
 
     def dpo_fused():
-        return _grad(fused_dpo_loss(h, w, t, None, ref_logps=ref_seq, beta=0.1)[0], params)
+        return _grad(fused_dpo_loss(h, w, t, mask=None, ref_logps=ref_seq, beta=0.1)[0], params)
 
     def dpo_composed():
         logp = linear_token_logprobs(h, w, t)
         loss, _ = dpo_composite_loss(logp, None, ref_seq, beta=0.1, loss_type="sigmoid",
-                                     label_smoothing=0.0, gamma=0.0, length_normalized=False)
+                                     label_smoothing=0.0, simpo_gamma=0.0, length_normalized=False)
         return _grad(loss, params)
 
     return [

@@ -1,6 +1,6 @@
 """Rollout generation: rftengine's Generator against transformers `generate` (dynamic and static cache).
 
-Setting (ANCHORS.md section 2): a random-init Qwen2 config of ~494M parameters (hidden 896, 24
+Setting (bench/README.md, "Anchor figures" §2): a random-init Qwen2 config of ~494M parameters (hidden 896, 24
 layers, 14 heads / 2 kv heads, vocab 151936, tied embeddings) in bf16, 128-token prompts, 256 new
 tokens, sampling at temperature 1 with no EOS (every row runs the full length), batches 1, 16,
 64 and 256.

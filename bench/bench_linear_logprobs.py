@@ -1,4 +1,5 @@
-"""Per-token log-probs from hidden states + lm_head, forward + backward (ANCHORS.md §1).
+"""Per-token log-probs from hidden states + lm_head, forward + backward
+(bench/README.md, "Anchor figures" §1).
 
 Work: ``logp[i] = log_softmax(h[i] @ W.T)[t[i]]``, then the backward of ``sum(logp * g)`` into
 h and W. Candidates:
@@ -13,7 +14,7 @@ h and W. Candidates:
 Columns: median ms, ``x_floor`` = ms / floor with floor = 6·N·H·V FLOPs at the bf16 matmul
 rate measured in this run, ``peak_gib`` = peak memory over the inputs during one step, and
 ``extra_gib`` = that peak less the gradients every candidate returns (dh and dW), the figure
-ANCHORS.md §1 reports.
+the anchor table (bench/README.md, "Anchor figures" §1) reports.
 """
 
 from __future__ import annotations

@@ -135,27 +135,27 @@ def _token_ops(b: int, t: int, device, dtype):
             eager_kl,
         ),
         "ppo_policy_loss": (
-            lambda: grad_step(lambda: ppo_policy_loss(logp, old, adv, mask), logp),
+            lambda: grad_step(lambda: ppo_policy_loss(logp, old, adv, mask=mask), logp),
             lambda fn: grad_step(lambda: fn(logp, old, adv, mask), logp),
             eager_ppo,
         ),
         "value_loss": (
-            lambda: grad_step(lambda: value_loss(values, old, returns, mask), values),
+            lambda: grad_step(lambda: value_loss(values, old, returns, mask=mask), values),
             lambda fn: grad_step(lambda: fn(values, old, returns, mask), values),
             eager_value,
         ),
         "gae (forward)": (
-            lambda: (lambda: gae(adv, returns, mask)),
+            lambda: (lambda: gae(adv, returns, mask=mask)),
             lambda fn: (lambda: fn(adv, returns, mask)),
             eager_gae,
         ),
         "whiten": (
-            lambda: grad_step(lambda: whiten(logp, mask), logp, upstream),
+            lambda: grad_step(lambda: whiten(logp, mask=mask), logp, upstream),
             lambda fn: grad_step(lambda: fn(logp, mask), logp, upstream),
             eager_whiten,
         ),
         "sequence_logprobs": (
-            lambda: grad_step(lambda: sequence_logprobs(logp, mask), logp, upstream[:, 0].contiguous()),
+            lambda: grad_step(lambda: sequence_logprobs(logp, mask=mask), logp, upstream[:, 0].contiguous()),
             lambda fn: grad_step(lambda: fn(logp, mask), logp, upstream[:, 0].contiguous()),
             eager_seq,
         ),

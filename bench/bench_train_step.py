@@ -1,6 +1,6 @@
 """End-to-end DPO and GRPO optimizer steps: rftengine's fused heads against a TRL-style loop.
 
-Model: the ANCHORS.md section 2 config (random-init Qwen2, ~494M parameters: hidden 896, 24
+Model: the bench/README.md "Anchor figures" §2 config (random-init Qwen2, ~494M parameters: hidden 896, 24
 layers, 14 heads / 2 KV heads, intermediate 4864, vocab 151936, tied embeddings), fp32 master
 weights, AdamW (fp32 states, fused on CUDA). Precision ``bf16-mixed`` by default on CUDA: the
 decoder runs under bf16 autocast; ``fp32`` on CPU. Sequences of 1,024 tokens:
@@ -45,15 +45,16 @@ from rftengine.bench.bench_generate import build_model
 from rftengine.bench.bench_linear_logprobs import compiled_logp_factory, trl_logp
 from rftengine.bench.harness import GIB, Results, attempt, base_parser, ceilings, error_row, measure
 from rftengine.ops import fused_dpo_loss, fused_ppo_loss, linear_token_logprobs, sequence_logprobs
-from rftengine.ops.fused_heads import dpo_composite_loss, ppo_composite_loss
+from rftengine.ops.fused_dpo_head import dpo_composite_loss
+from rftengine.ops.fused_ppo_head import ppo_composite_loss
 
 METHODS = ("dpo", "grpo")
 BASELINE = "trl-style"
 SPEEDUP_TARGET, MEMORY_TARGET = 2.0, 3.0
 LEARNING_RATE = 1e-5
-DPO_LOSS = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, gamma=0.0, length_normalized=False)
+DPO_LOSS = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, simpo_gamma=0.0, length_normalized=False)
 GRPO_LOSS = dict(
-    kl_coef=0.04, kl_estimator="k3", kl_clamp=20.0, entropy_coef=0.0, clip_low=0.2, clip_high=0.2,
+    kl_coef=0.04, kl_estimator="k3", kl_clamp=20.0, entropy_coef=0.0, clip_range=0.2, clip_range_high=0.2,
     dual_clip=None, aggregation="token_mean", loss_constant=None, is_weights=None,
 )
 COLUMNS = [
@@ -109,9 +110,9 @@ def fused_head(method: str, batch: Batch, compute_dtype: torch.dtype):
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             if method == "dpo":
-                return fused_dpo_loss(h, w, batch.targets, batch.mask, ref_logps=c["ref_logps"],
+                return fused_dpo_loss(h, w, batch.targets, mask=batch.mask, ref_logps=c["ref_logps"],
                                       fp32_weight_grad=True, **DPO_LOSS)[0]
-            return fused_ppo_loss(h, w, batch.targets, c["old_logp"], c["advantages"], None,
+            return fused_ppo_loss(h, w, batch.targets, c["old_logp"], c["advantages"], mask=None,
                                   ref_logp=c["ref_logp"], fp32_weight_grad=True, **GRPO_LOSS)[0]
 
     return head
@@ -150,8 +151,8 @@ def liger_head(method: str, batch: Batch, compute_dtype: torch.dtype):
         targets = batch.targets.masked_fill(~batch.mask, -100)  # Liger's ignore_index
         return lambda h, w: first(loss_fn(w.to(cd), h.to(cd), targets))
     loss_fn = LigerFusedLinearGRPOLoss(
-        beta=GRPO_LOSS["kl_coef"], use_ref_model=True, loss_type="bnpo", epsilon_low=GRPO_LOSS["clip_low"],
-        epsilon_high=GRPO_LOSS["clip_high"], temperature=1.0,
+        beta=GRPO_LOSS["kl_coef"], use_ref_model=True, loss_type="bnpo", epsilon_low=GRPO_LOSS["clip_range"],
+        epsilon_high=GRPO_LOSS["clip_range_high"], temperature=1.0,
     )
     ones = torch.ones_like(batch.targets)
     return lambda h, w: first(loss_fn(
@@ -208,7 +209,7 @@ def make_batch(method: str, shape: Shape, model, amp, compute_dtype: torch.dtype
             hidden = decoder_hidden(model, batch)
         logp = linear_token_logprobs(hidden.to(compute_dtype), weight.to(compute_dtype), batch.targets, mask=mask)
     if method == "dpo":
-        batch.consts["ref_logps"] = sequence_logprobs(logp, mask) + torch.randn(rows, device=device)
+        batch.consts["ref_logps"] = sequence_logprobs(logp, mask=mask) + torch.randn(rows, device=device)
     else:
         batch.consts.update(
             old_logp=logp + 0.05 * torch.randn_like(logp),

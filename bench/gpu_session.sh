@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session in one command: install rftengine beside the preinstalled torch, run the CUDA
-# tests with compiled Triton kernels, then every benchmark at the ANCHORS.md shapes. Each step
+# tests with compiled Triton kernels, then every benchmark at the anchor shapes (bench/README.md). Each step
 # runs under its own time limit and the whole under one deadline (DEADLINE_S, default 560 s,
 # inside the device tool's 600 s per command). Steps run in priority order; a step that no
 # longer fits is skipped and named at the end, with the command that runs it in a second call.
@@ -245,7 +245,7 @@ main() {
             linear_logprobs | fused_heads | logprobs | sampling | losses) bench "$s" "$s" ;;
             train_step) bench train_step train_step ;;
             generate)
-                # ANCHORS.md section 2: batch 64 beside both transformers anchors
+                # anchor §2 (bench/README.md): batch 64 beside both transformers anchors
                 local b=(--batches 64)
                 [[ $QUICK != 0 ]] && b=(--batches 4)
                 bench generate generate "${b[@]}" --anchors dynamic static

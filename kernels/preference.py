@@ -34,10 +34,10 @@ def stable_sigmoid(x):
 
 
 @triton.jit
-def preference_pair(h, beta, gamma, smoothing, LOSS_TYPE: tl.constexpr):
+def preference_pair(h, beta, simpo_gamma, smoothing, LOSS_TYPE: tl.constexpr):
     """(loss, dloss/dh) of one pair from its margin h, fp32 tensors.
 
-    sigmoid/simpo: z = beta*h - gamma, loss = (1-e)*softplus(-z) + e*softplus(z);
+    sigmoid/simpo: z = beta*h - simpo_gamma, loss = (1-e)*softplus(-z) + e*softplus(z);
     robust: ((1-e)*softplus(-z) - e*softplus(z)) / (1 - 2e); ipo: (h - 1/(2 beta))^2;
     hinge: relu(1 - beta*h).
     """
@@ -52,7 +52,7 @@ def preference_pair(h, beta, gamma, smoothing, LOSS_TYPE: tl.constexpr):
         d_h = tl.where(z < 1.0, -beta, 0.0)
         d_h = tl.where(z != z, z, d_h)
     else:
-        z = beta * h - gamma
+        z = beta * h - simpo_gamma
         sig_neg = stable_sigmoid(-z)
         sig_pos = stable_sigmoid(z)
         if LOSS_TYPE == 3:
@@ -85,27 +85,27 @@ def _dpo_margin(pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok,
 
 @triton.jit
 def _dpo_fwd_kernel(
-    pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, loss_ptr, N, beta, gamma, smoothing,
+    pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, loss_ptr, N, beta, simpo_gamma, smoothing,
     LOSS_TYPE: tl.constexpr, HAS_REF: tl.constexpr, HAS_LEN: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     h, _, _ = _dpo_margin(pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, HAS_REF, HAS_LEN)
-    loss, _ = preference_pair(h, beta, gamma, smoothing, LOSS_TYPE)
+    loss, _ = preference_pair(h, beta, simpo_gamma, smoothing, LOSS_TYPE)
     tl.store(loss_ptr + offs, loss, mask=ok)
 
 
 @triton.jit
 def _dpo_bwd_kernel(
     pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, g_ptr,
-    d_pc_ptr, d_pr_ptr, d_rc_ptr, d_rr_ptr, N, beta, gamma, smoothing,
+    d_pc_ptr, d_pr_ptr, d_rc_ptr, d_rr_ptr, N, beta, simpo_gamma, smoothing,
     LOSS_TYPE: tl.constexpr, HAS_REF: tl.constexpr, HAS_LEN: tl.constexpr,
     WANT_POLICY: tl.constexpr, WANT_REF: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     h, a_c, a_r = _dpo_margin(pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, HAS_REF, HAS_LEN)
-    _, d_h = preference_pair(h, beta, gamma, smoothing, LOSS_TYPE)
+    _, d_h = preference_pair(h, beta, simpo_gamma, smoothing, LOSS_TYPE)
     d_h = d_h * tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     d_c = d_h * a_c
     d_r = -d_h * a_r
@@ -193,21 +193,21 @@ def _seq_bwd_kernel(
 # ---------------------------------------------------------------- launchers
 
 
-def dpo_forward(pc, pr, rc, rr, lc, lr, loss_type: int, beta: float, gamma: float, smoothing: float):
+def dpo_forward(pc, pr, rc, rr, lc, lr, loss_type: int, beta: float, simpo_gamma: float, smoothing: float):
     """Pairs [B] (contiguous; rc/rr and lc/lr may be None) -> per-pair losses [B] fp32."""
     n = pc.numel()
     out = torch.empty(n, device=pc.device, dtype=torch.float32)
     if n:
         _dpo_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
             pc, pr, rc if rc is not None else pc, rr if rr is not None else pr,
-            lc if lc is not None else pc, lr if lr is not None else pr, out, n, beta, gamma, smoothing,
+            lc if lc is not None else pc, lr if lr is not None else pr, out, n, beta, simpo_gamma, smoothing,
             LOSS_TYPE=loss_type, HAS_REF=rc is not None, HAS_LEN=lc is not None,
             BLOCK=_BLOCK, num_warps=_WARPS,
         )
     return out
 
 
-def dpo_backward(pc, pr, rc, rr, lc, lr, loss_type: int, beta: float, gamma: float, smoothing: float,
+def dpo_backward(pc, pr, rc, rr, lc, lr, loss_type: int, beta: float, simpo_gamma: float, smoothing: float,
                  grad, want_policy: bool, want_ref: bool):
     """Per-pair upstream gradient [B] -> (d pc, d pr, d rc, d rr), None where not wanted."""
     n = pc.numel()
@@ -222,7 +222,7 @@ def dpo_backward(pc, pr, rc, rr, lc, lr, loss_type: int, beta: float, gamma: flo
             lc if lc is not None else pc, lr if lr is not None else pr, grad,
             d_pc if want_policy else grad, d_pr if want_policy else grad,
             d_rc if want_ref else grad, d_rr if want_ref else grad,
-            n, beta, gamma, smoothing,
+            n, beta, simpo_gamma, smoothing,
             LOSS_TYPE=loss_type, HAS_REF=rc is not None, HAS_LEN=lc is not None,
             WANT_POLICY=want_policy, WANT_REF=want_ref, BLOCK=_BLOCK, num_warps=_WARPS,
         )

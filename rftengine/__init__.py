@@ -30,6 +30,9 @@ def __getattr__(name: str):
         module = importlib.import_module(f"rftengine.{sub}")
         if name in getattr(module, "__all__", ()):
             return getattr(module, name)
+    methods = importlib.import_module("rftengine.methods")
+    if name in methods.DEPRECATED_RESULT_NAMES:  # deprecated aliases of TrainResult (they warn)
+        return getattr(methods, name)
     raise AttributeError(f"module 'rftengine' has no attribute {name!r}")
 
 

@@ -53,8 +53,8 @@ from typing import Any
 
 import torch
 
-from rftengine.config import UserError
-from rftengine.methods.common import FixedTensors, capture_rng_state, restore_rng_state
+from rftengine.errors import UserError
+from rftengine.methods.train_state import FixedTensors, capture_rng_state, restore_rng_state
 from rftengine.methods.model_source import ADAPTER_CONFIG  # noqa: F401 - re-exported (the CLI, the tests)
 from rftengine.methods.model_source import resolve_model, resolve_tokenizer_dir
 
@@ -74,32 +74,14 @@ FORMAT_VERSION = 2  # 2: trainer_state.pt is plain data (weights_only), FixedTen
 
 def check_model_dir(path: str | Path, what: str = "model") -> Path:
     """The local directory of a model given as a directory, a hub id in the local Hugging Face
-    cache or a PEFT adapter directory (`methods.model_source.resolve_model`; a "checkpoint" is
-    a directory only), its config, weights and safetensors headers checked (an adapter's base
-    too); a UserError saying what is missing."""
+    cache or a PEFT adapter directory, checked by the one model-directory check
+    (`methods.model_source.resolve_model`: config, weights, safetensors headers, an adapter's
+    base too; a "checkpoint" is a directory only); a UserError saying what is wrong."""
     try:
         # A checkpoint is a directory, and a LoRA checkpoint's base is the run's `model`, checked as such.
-        source = resolve_model(path, what, hub=what != "checkpoint", adapters=what != "checkpoint")
+        return resolve_model(path, what, hub=what != "checkpoint", adapters=what != "checkpoint", weights=True).path
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    resolved = source.path
-    while source is not None:  # the adapter directory and its base(s)
-        for file in sorted(source.path.glob("*.safetensors")):
-            _check_safetensors(file)
-        source = source.base
-    return resolved
-
-
-def _check_safetensors(path: Path) -> None:
-    """UserError unless `path` is a whole safetensors file: its header parses and covers the
-    file (reads the header only)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, "pt"):
-            pass
-    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: the file is unusable either way
-        raise UserError(f"{path} is truncated or not a safetensors file ({exc})") from None
 
 
 def check_tokenizer_dir(path: str | Path, what: str = "tokenizer") -> Path:

@@ -28,12 +28,13 @@ from typing import Any
 
 import yaml
 
+from rftengine.errors import UserError
 from rftengine.methods.config_base import (
     LoopFields,
     OptimFields,
     aliases_of,
     announce,
-    closest_name,
+    did_you_mean,
     option,
     resolve_aliases,
     resumable_fields,
@@ -67,16 +68,6 @@ _Loader.add_implicit_resolver(
 
 def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
-
-
-class UserError(Exception):
-    """A mistake in the user's input (config, data, paths): reported without a traceback."""
-
-
-def closest(key: str, valid) -> str:
-    """' (did you mean X?)' for the closest valid key, or '' when nothing is close."""
-    match = closest_name(key, valid, cutoff=0.5)
-    return f" (did you mean '{match}'?)" if match else ""
 
 
 LORA_ALL_LINEAR = "all-linear"
@@ -148,8 +139,8 @@ class LoraSettings:
         for key in raw:
             if key not in valid:
                 bare = str(key).removeprefix("lora_")
-                hint = f" (did you mean '{bare}'?)" if bare in valid else closest(str(key), valid)
-                raise UserError(f"unknown lora key '{key}'{hint}")
+                # TRL's lora_ prefix: point to the name without it
+                raise UserError(f"unknown lora key '{key}'{did_you_mean(bare if bare in valid else key, valid)}")
         return cls(**raw)
 
     def peft_config(self):
@@ -218,7 +209,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise UserError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}{closest(str(self.method), METHODS)}")
+            raise UserError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}{did_you_mean(self.method, METHODS)}")
         for name in ("model", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise UserError(f"{name} must be a non-empty path, got {getattr(self, name)!r}")
@@ -320,7 +311,7 @@ def _check_report_to(report_to, tensorboard) -> list[str] | None:
             raise UserError(f"report_to must be a list of {', '.join(REPORTERS)}, got {report_to!r}")
         for name in report_to:
             if name not in REPORTERS:
-                raise UserError(f"report_to: unknown destination {name!r}{closest(name, REPORTERS)}; "
+                raise UserError(f"report_to: unknown destination {name!r}{did_you_mean(name, REPORTERS)}; "
                                 f"choose from {', '.join(REPORTERS)}")
         report_to = list(dict.fromkeys(report_to))
     if tensorboard is None:
@@ -469,7 +460,7 @@ def load_run_config(path: str | Path, overrides: list[str] = (), method_keys=Non
         if key not in RUN_KEYS:
             if method_keys is not None and raw.get("method") in METHODS and key in method_keys(raw["method"]):
                 raise UserError(f"{path}: '{key}' is a setting of the method: put it in the train section (train.{key})")
-            raise UserError(f"{path}: unknown config key '{key}'{closest(str(key), RUN_KEYS)}")
+            raise UserError(f"{path}: unknown config key '{key}'{did_you_mean(key, RUN_KEYS)}")
     for key in ("method", "model"):
         if key not in raw:
             raise UserError(f"{path}: missing required key '{key}'")

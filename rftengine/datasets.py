@@ -24,7 +24,8 @@ import re
 import sys
 from pathlib import Path
 
-from rftengine.config import UserError, decode_utf8, read_text
+from rftengine.config import decode_utf8, read_text
+from rftengine.errors import UserError
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 # Files read with `datasets`, by suffix -> its builder; JSON and JSON Lines are read here.
@@ -251,7 +252,7 @@ def _datasets():
     leave carriage returns."""
     import datasets
 
-    from rftengine.methods.common import interactive_terminal
+    from rftengine.methods.loop import interactive_terminal
 
     if not interactive_terminal():
         datasets.disable_progress_bars()
@@ -304,11 +305,14 @@ def _check_text_or_messages(record, where, name) -> bool:
 
 
 def _require_chat_template(tokenizer, where) -> None:
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise UserError(
-            f"{where}: the data has chat messages but the tokenizer has no chat template; "
-            "give a tokenizer directory with one (tokenizer_config.json 'chat_template') or use plain text"
-        )
+    """The methods' rule (`methods.data.has_chat_template`: an empty template is none), checked
+    here so that the error names the record."""
+    from rftengine.methods.data import require_chat_template
+
+    try:
+        require_chat_template(tokenizer, f"{where}: the data")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def extract_prompt(chosen, rejected):

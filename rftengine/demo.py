@@ -319,47 +319,92 @@ def run_demo(
 
 
 def _run(out_dir: Path, seed: int, device: str | None, quick: bool, log: Callable[[str], None]) -> DemoResult:
+    t_start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    world = _setup(DemoSettings.quick() if quick else DemoSettings(), seed,
+                   torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), log)
+    # The stages draw from one rng in this order, so each run of a seed gives the same numbers.
+    rm_row, rm_model = stage_reward_model(world)
+    rows = [rm_row, stage_ppo(world, rm_model), stage_dpo(world), stage_rlaif(world), stage_cai(world)]
+    seconds = time.perf_counter() - t_start
+    metrics_path = out_dir / "demo_metrics.jsonl"
+    _write_metrics(metrics_path, world.curves, rows)
+    plot_path = out_dir / "demo_curves.png"
+    _plot(world.curves, rows, plot_path)
+    log("")
+    log(format_table(rows))
+    log(f"\nwrote {metrics_path} and {plot_path} in {seconds:.1f}s")
+    return DemoResult(rows=rows, metrics_path=metrics_path, plot_path=plot_path, seconds=seconds,
+                      curves=world.curves)
+
+
+@dataclass
+class DemoWorld:
+    """What every stage starts from: the pretrained policy ``base`` (frozen), the prompts and
+    program-labelled pairs, the evaluator and the base policy's scores; ``curves`` collects each
+    stage's per-step metrics (``recorder``)."""
+
+    settings: DemoSettings
+    seed: int
+    device: torch.device
+    log: Callable[[str], None]
+    rng: random.Random
+    tokenizer: Any
+    base: Any
+    train_prompts: list[str]
+    train_pairs: list[dict[str, str]]
+    eval_pairs: list[dict[str, str]]
+    evaluator: Evaluator
+    base_reward: float
+    base_accuracy: float
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    def recorder(self, stage: str) -> Callable[[int, dict[str, float]], None]:
+        return _recorder(self.curves, stage)
+
+    def fresh_policy(self):
+        """A trainable copy of the pretrained policy."""
+        policy = copy.deepcopy(self.base)
+        for p in policy.parameters():
+            p.requires_grad_(True)
+        return policy
+
+    def policy_row(self, stage: str, policy, seconds: float, note: str = "") -> StageRow:
+        """The table row of a trained policy (measured on the held-out prompts and pairs), logged."""
+        row = StageRow(stage, self.base_reward, self.evaluator.reward(policy), self.base_accuracy,
+                       self.evaluator.accuracy(policy), self.evaluator.kl(policy), seconds, note)
+        self.log(f"{stage}: reward {row.reward_before:.3f} -> {row.reward_after:.3f}, "
+                 f"accuracy {row.accuracy_before:.2f} -> {row.accuracy_after:.2f}, KL {row.kl_after:.3f} "
+                 f"({seconds:.1f}s)")
+        return row
+
+
+def _recorder(curves: dict[str, list[dict[str, float]]], stage: str) -> Callable[[int, dict[str, float]], None]:
+    """The ``callback(step, metrics)`` of a train_* call that files its steps under ``stage``."""
+    curves[stage] = []
+    return lambda step, metrics: curves[stage].append({"step": step, **metrics})
+
+
+def _setup(settings: DemoSettings, seed: int, device: torch.device, log: Callable[[str], None]) -> DemoWorld:
+    """Pretraining (answer, critique, revise), the prompts, and program-labelled pairs of two
+    samples per prompt from the pretrained policy (the better one by the program chosen)."""
     from rftengine.generation import Generator
-    from rftengine.methods.cai import CAIConfig, Constitution, train_cai
-    from rftengine.methods.dpo import DPOConfig, train_dpo
-    from rftengine.methods.judge import Judge
-    from rftengine.methods.modeling import reward_model_from_causal_lm
-    from rftengine.methods.ppo import PPOConfig, train_ppo
-    from rftengine.methods.reward import RewardConfig, RewardScorer, pairwise_accuracy, train_reward_model
-    from rftengine.methods.rlaif import RLAIFConfig, sample_responses, train_rlaif
+    from rftengine.methods.rlaif import sample_responses
     from rftengine.toy import char_tokenizer
 
-    t_start = time.perf_counter()
-    settings = DemoSettings.quick() if quick else DemoSettings()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     tok = char_tokenizer()
     curves: dict[str, list[dict[str, float]]] = {}
-    rows: list[StageRow] = []
-    new_tokens = settings.max_new_tokens
-
-    def recorder(stage: str):
-        curves[stage] = []
-        return lambda step, metrics: curves[stage].append({"step": step, **metrics})
-
-    # -- pretraining: answer, critique, revise --------------------------------------------
     t0 = time.perf_counter()
-    base = pretrain_policy(tok, rng, steps=settings.pretrain_steps, batch_size=settings.pretrain_batch,
-                           seed=seed, device=device, callback=recorder("pretrain"))
+    base = pretrain_policy(tok, rng, steps=settings.pretrain_steps, batch_size=settings.pretrain_batch, seed=seed,
+                           device=device, callback=_recorder(curves, "pretrain"))
     for p in base.parameters():
         p.requires_grad_(False)
     train_prompts = [make_prompt(rng) for _ in range(settings.num_prompts)]
     eval_prompts = [make_prompt(rng) for _ in range(settings.eval_prompts)]
 
-    def fresh_policy():
-        policy = copy.deepcopy(base)
-        for p in policy.parameters():
-            p.requires_grad_(True)
-        return policy
-
-    # Two samples per prompt from the pretrained policy, the better one by the program chosen.
+    new_tokens = settings.max_new_tokens
     gen = Generator(base, max_batch_size=128, max_seq_len=16 + new_tokens)
     pair_prompts = [make_prompt(rng) for _ in range(settings.rm_pairs + settings.eval_prompts)]
     samples = sample_responses(gen, tok, pair_prompts, num_samples=2, max_new_tokens=new_tokens, seed=seed + 7)
@@ -372,103 +417,124 @@ def _run(out_dir: Path, seed: int, device: str | None, quick: bool, log: Callabl
     base_accuracy = evaluator.accuracy(base)
     log(f"pretrained policy: reward {base_reward:.3f}, {len(train_pairs)} training pairs, "
         f"{len(eval_pairs)} held-out pairs ({time.perf_counter() - t0:.1f}s)")
+    return DemoWorld(settings, seed, device, log, rng, tok, base, train_prompts, train_pairs, eval_pairs,
+                     evaluator, base_reward, base_accuracy, curves)
 
-    def policy_row(stage: str, policy, seconds: float, note: str = "") -> StageRow:
-        row = StageRow(stage, base_reward, evaluator.reward(policy), base_accuracy,
-                       evaluator.accuracy(policy), evaluator.kl(policy), seconds, note)
-        log(f"{stage}: reward {row.reward_before:.3f} -> {row.reward_after:.3f}, "
-            f"accuracy {row.accuracy_before:.2f} -> {row.accuracy_after:.2f}, KL {row.kl_after:.3f} "
-            f"({seconds:.1f}s)")
-        return row
 
-    # -- 1. reward model -----------------------------------------------------------------
+def stage_reward_model(world: DemoWorld):
+    """1. A Bradley-Terry reward model on the training pairs. Returns its table row and the
+    trained (frozen) model."""
+    from rftengine.methods.modeling import reward_model_from_causal_lm
+    from rftengine.methods.reward import RewardConfig, pairwise_accuracy, train_reward_model
+
     t0 = time.perf_counter()
-    rm = reward_model_from_causal_lm(fresh_policy())
-    rm_before = pairwise_accuracy(rm, tok, eval_pairs)
-    rm_result = train_reward_model(
-        rm, tok, train_pairs,
-        RewardConfig(learning_rate=1e-3, batch_size=16, max_steps=settings.rm_steps, seed=seed),
-        eval_pairs=eval_pairs, callback=recorder("reward_model"),
+    rm = reward_model_from_causal_lm(world.fresh_policy())
+    before = pairwise_accuracy(rm, world.tokenizer, world.eval_pairs)
+    result = train_reward_model(
+        rm, world.tokenizer, world.train_pairs,
+        RewardConfig(learning_rate=1e-3, batch_size=16, max_steps=world.settings.rm_steps, seed=world.seed),
+        eval_pairs=world.eval_pairs, callback=world.recorder("reward_model"),
     )
-    rm_model = rm_result.model
-    for p in rm_model.parameters():
+    for p in result.model.parameters():
         p.requires_grad_(False)
-    rows.append(StageRow("reward model", math.nan, math.nan, rm_before, rm_result.accuracy, math.nan,
-                         time.perf_counter() - t0, "held-out pair accuracy"))
-    log(f"reward model: held-out pair accuracy {rm_before:.2f} -> {rm_result.accuracy:.2f} "
-        f"({rows[-1].seconds:.1f}s)")
+    row = StageRow("reward model", math.nan, math.nan, before, result.accuracy, math.nan,
+                   time.perf_counter() - t0, "held-out pair accuracy")
+    world.log(f"reward model: held-out pair accuracy {before:.2f} -> {result.accuracy:.2f} ({row.seconds:.1f}s)")
+    return row, result.model
 
-    # -- 2. PPO against the reward model ---------------------------------------------------
+
+def stage_ppo(world: DemoWorld, reward_model) -> StageRow:
+    """2. PPO (with a critic) against the reward model, KL to the pretrained policy (RLHF)."""
+    from rftengine.methods.ppo import train_ppo
+    from rftengine.methods.ppo_config import PPOConfig
+    from rftengine.methods.reward import RewardScorer
+
     t0 = time.perf_counter()
-    policy = fresh_policy()
+    policy = world.fresh_policy()
     train_ppo(
-        policy, tok, train_prompts,
-        PPOConfig(algorithm="ppo", learning_rate=2e-4, batch_size=32, max_steps=settings.ppo_steps,
-                  max_new_tokens=new_tokens, ppo_epochs=2, minibatch_size=16, kl_coef=0.1,
-                  vf_coef=0.5, missing_eos_penalty=1.0, seed=seed),
-        reward_fn=RewardScorer(rm_model, tok), ref_model=base, callback=recorder("ppo"),
+        policy, world.tokenizer, world.train_prompts,
+        PPOConfig(algorithm="ppo", learning_rate=2e-4, batch_size=32, max_steps=world.settings.ppo_steps,
+                  max_new_tokens=world.settings.max_new_tokens, ppo_epochs=2, minibatch_size=16, kl_coef=0.1,
+                  vf_coef=0.5, missing_eos_penalty=1.0, seed=world.seed),
+        reward_fn=RewardScorer(reward_model, world.tokenizer), ref_model=world.base, callback=world.recorder("ppo"),
     )
-    rows.append(policy_row("PPO (reward model)", policy, time.perf_counter() - t0))
+    return world.policy_row("PPO (reward model)", policy, time.perf_counter() - t0)
 
-    # -- 3. DPO on the preference pairs ----------------------------------------------------
-    t0 = time.perf_counter()
-    policy = fresh_policy()
-    train_dpo(policy, tok, train_pairs,
-              DPOConfig(beta=0.1, learning_rate=5e-4, batch_size=16, max_steps=settings.dpo_steps, seed=seed),
-              ref_model=base, callback=recorder("dpo"))
-    rows.append(policy_row("DPO", policy, time.perf_counter() - t0))
 
-    # -- 4. RLAIF with a finetuned judge ---------------------------------------------------
+def stage_dpo(world: DemoWorld) -> StageRow:
+    """3. DPO on the training pairs, against the pretrained policy."""
+    from rftengine.methods.dpo import DPOConfig, train_dpo
+
     t0 = time.perf_counter()
-    judge_lm = pretrain_judge(tok, rng, steps=settings.judge_steps, seed=seed, device=device,
-                              callback=recorder("judge_sft"))
+    policy = world.fresh_policy()
+    train_dpo(policy, world.tokenizer, world.train_pairs,
+              DPOConfig(beta=0.1, learning_rate=5e-4, batch_size=16, max_steps=world.settings.dpo_steps,
+                        seed=world.seed),
+              ref_model=world.base, callback=world.recorder("dpo"))
+    return world.policy_row("DPO", policy, time.perf_counter() - t0)
+
+
+def stage_rlaif(world: DemoWorld) -> StageRow:
+    """4. RLAIF: GRPO with a Judge, a second tiny LM finetuned on program-written ratings; the
+    row's note gives the judge's correlation with the true reward on probe words."""
+    from rftengine.methods.judge import Judge
+    from rftengine.methods.rlaif import RLAIFConfig, train_rlaif
+
+    t0 = time.perf_counter()
+    tok, rng = world.tokenizer, world.rng
+    judge_lm = pretrain_judge(tok, rng, steps=world.settings.judge_steps, seed=world.seed, device=world.device,
+                              callback=world.recorder("judge_sft"))
     judge = Judge(judge_lm, tok, JUDGE_TEMPLATE, ratings=RATINGS, choices=JUDGE_CHOICES, batch_size=64,
                   max_length=64)
     probe = [random_word(rng) if i % 2 else fluent_word(rng) for i in range(64)]
     judge_corr = _pearson(judge.score([""] * len(probe), probe).tolist(), [vowel_fraction(w) for w in probe])
-    policy = fresh_policy()
+    policy = world.fresh_policy()
     train_rlaif(
-        policy, tok, train_prompts, judge,
-        RLAIFConfig(algorithm="grpo", judge_mode="pointwise", num_samples=4, batch_size=8,
-                    max_steps=settings.rlaif_steps, max_new_tokens=new_tokens, seed=seed,
+        policy, tok, world.train_prompts, judge,
+        RLAIFConfig(algorithm="grpo", judge_mode="pointwise", group_size=4, batch_size=8,
+                    max_steps=world.settings.rlaif_steps, max_new_tokens=world.settings.max_new_tokens,
+                    seed=world.seed,
                     ppo={"learning_rate": 2e-4, "kl_coef": 0.1, "ppo_epochs": 2, "missing_eos_penalty": 1.0}),
-        ref_model=base, callback=recorder("rlaif"),
+        ref_model=world.base, callback=world.recorder("rlaif"),
     )
-    rows.append(policy_row("RLAIF (GRPO + judge)", policy, time.perf_counter() - t0,
-                           f"judge vs true reward r={judge_corr:.2f}"))
+    return world.policy_row("RLAIF (GRPO + judge)", policy, time.perf_counter() - t0,
+                            f"judge vs true reward r={judge_corr:.2f}")
 
-    # -- 5. Constitutional AI --------------------------------------------------------------
+
+def stage_cai(world: DemoWorld) -> StageRow:
+    """5. Constitutional AI: answer -> critique -> revision under the toy constitution, then SFT
+    on the revisions and DPO on (revision ≻ original)."""
+    from rftengine.methods.cai import CAIConfig, train_cai
+    from rftengine.methods.constitution import Constitution
+
     t0 = time.perf_counter()
-    policy = fresh_policy()
+    policy = world.fresh_policy()
+    settings, seed = world.settings, world.seed
     cai = train_cai(
-        policy, tok, train_prompts[:settings.cai_prompts],
-        CAIConfig(mode="sft_dpo", max_new_tokens=new_tokens, critique_max_new_tokens=8,
+        policy, world.tokenizer, world.train_prompts[:settings.cai_prompts],
+        CAIConfig(mode="sft_dpo", max_new_tokens=settings.max_new_tokens, critique_max_new_tokens=8,
                   max_context_length=128, generation_batch_size=64, critique_template=CRITIQUE_TEMPLATE,
                   revision_template=REVISION_TEMPLATE, seed=seed,
                   sft={"learning_rate": 1e-3, "batch_size": 16, "max_steps": settings.cai_sft_steps, "seed": seed},
                   dpo={"beta": 0.1, "learning_rate": 3e-4, "batch_size": 16, "max_steps": settings.cai_dpo_steps,
                        "seed": seed}),
         constitution=Constitution.from_list(TOY_CONSTITUTION, "demo constitution"), ref_model=None,
-        callback=recorder("cai"),
+        callback=world.recorder("cai"),
     )
     revised = sum(vowel_fraction(e.revision) for e in cai.examples) / len(cai.examples)
-    rows.append(policy_row("Constitutional AI", policy, time.perf_counter() - t0,
-                           f"{len(cai.pairs)} pairs, revisions score {revised:.2f}"))
+    return world.policy_row("Constitutional AI", policy, time.perf_counter() - t0,
+                            f"{len(cai.pairs)} pairs, revisions score {revised:.2f}")
 
-    seconds = time.perf_counter() - t_start
-    metrics_path = out_dir / "demo_metrics.jsonl"
-    with metrics_path.open("w", encoding="utf-8") as f:
+
+def _write_metrics(path: Path, curves: dict[str, list[dict[str, float]]], rows: list[StageRow]) -> None:
+    """``demo_metrics.jsonl``: every stage's steps (``{"stage", "step", ...}``), then one
+    ``"summary": true`` line per table row (NaN written as null)."""
+    with path.open("w", encoding="utf-8") as f:
         for stage, points in curves.items():
             for point in points:
                 f.write(json.dumps({"stage": stage, **point}) + "\n")
         for row in rows:
             f.write(json.dumps({"stage": row.stage, "summary": True, **_row_dict(row)}) + "\n")
-    plot_path = out_dir / "demo_curves.png"
-    _plot(curves, rows, plot_path)
-    log("")
-    log(format_table(rows))
-    log(f"\nwrote {metrics_path} and {plot_path} in {seconds:.1f}s")
-    return DemoResult(rows=rows, metrics_path=metrics_path, plot_path=plot_path, seconds=seconds, curves=curves)
 
 
 # ----------------------------------------------------------------------------- output

@@ -261,7 +261,7 @@ def shard_model(model: torch.nn.Module, *, precision: str = "fp32") -> torch.nn.
 
     Gradients are summed over the ranks, not averaged: every loss divides by the global count
     of its optimizer step (``all_reduce_sum``), so each rank's gradient is its share of the
-    global one. ``precision`` "bf16-mixed"/"fp16-mixed" (``methods.common.PRECISIONS``): bf16
+    global one. ``precision`` "bf16-mixed"/"fp16-mixed" (``methods.config_base.PRECISIONS``): bf16
     or fp16 compute (FSDP2's param_dtype) and fp32 gradient reduction over the fp32 master
     weights (cast before sharding); "fp32" and "bf16": the weights' own dtype throughout.
     """
@@ -316,7 +316,7 @@ def _value_heads(model: torch.nn.Module) -> list[torch.nn.Module]:
 def _mp_policy(precision: str):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from rftengine.methods.common import compute_dtype, is_mixed, param_dtype
+    from rftengine.methods.precision import compute_dtype, is_mixed, param_dtype
 
     if not is_mixed(precision):
         return MixedPrecisionPolicy()

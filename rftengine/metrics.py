@@ -18,7 +18,8 @@ import math
 import sys
 from pathlib import Path
 
-from rftengine.config import REPORTERS, UserError
+from rftengine.config import REPORTERS
+from rftengine.errors import UserError
 
 JSONL_NAME = "metrics.jsonl"
 CSV_NAME = "metrics.csv"

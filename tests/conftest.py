@@ -56,4 +56,18 @@ def _seed():
 def terminal(monkeypatch):
     """Progress bars drawn as on a terminal (they are off when the output is captured, as it
     is under pytest): for the tests that check the bars themselves."""
-    monkeypatch.setattr("rftengine.methods.common.interactive_terminal", lambda: True)
+    monkeypatch.setattr("rftengine.methods.loop.interactive_terminal", lambda: True)
+
+
+@pytest.fixture
+def notices(caplog):
+    """The config alias notices logged during the test (``notices()`` -> their lines), with the
+    once-per-process memory of ``announce`` cleared before and after."""
+    import logging
+
+    from rftengine.methods.config_base import announce
+
+    announce.cache_clear()
+    caplog.set_level(logging.WARNING, logger="rftengine")
+    yield lambda: [r.getMessage() for r in caplog.records if r.name == "rftengine"]
+    announce.cache_clear()

@@ -9,7 +9,8 @@ import datasets
 import huggingface_hub
 import pytest
 
-from rftengine.config import RunConfig, UserError
+from rftengine.config import RunConfig
+from rftengine.errors import UserError
 from rftengine.datasets import extract_prompt, load_preferences, load_prompt_rows, load_prompts, read_records
 from rftengine.toy import char_tokenizer
 

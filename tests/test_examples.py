@@ -23,7 +23,7 @@ TINY = {
     "ppo": ["train.batch_size=2", "train.max_new_tokens=6", "train.ppo_epochs=1", "train.minibatch_size=2"],
     "grpo": ["train.batch_size=2", "train.group_size=2", "train.max_new_tokens=6"],
     "rloo": ["train.batch_size=2", "train.group_size=2", "train.max_new_tokens=6"],
-    "rlaif": ["train.batch_size=2", "train.num_samples=2", "train.max_new_tokens=6"],
+    "rlaif": ["train.batch_size=2", "train.group_size=2", "train.max_new_tokens=6"],
     # CAI's length is its stages': one SFT step, then one DPO step.
     "cai": ["train.max_new_tokens=6", "train.critique_max_new_tokens=4", "train.sft.max_steps=1",
             "train.sft.batch_size=4", "train.dpo.max_steps=1", "train.dpo.batch_size=4"],

@@ -9,6 +9,9 @@ the three stages run batched through the Generator. Training then uses either
 - mode "rl" (RL-CAI): optionally SFT on the revisions, then PPO/GRPO/RLOO with a Judge whose
   template lists the principles (``principle_judge``).
 
+The constitution itself (principles, loading, validation, prompt templates) is
+``rftengine.methods.constitution``; this module is the CAI driver.
+
 Three lines::
 
     constitution = load_constitution()            # the default set shipped with rftengine
@@ -19,10 +22,8 @@ Three lines::
 from __future__ import annotations
 
 import copy
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,22 +31,18 @@ import torch
 from torch import nn
 
 from rftengine import distributed
-from rftengine.methods.common import (
-    Callback,
-    CheckpointFn,
-    FixedTensors,
-    TrainState,
+from rftengine.methods.config_base import (
     ConfigBase,
     LoopFields,
     SamplingFields,
     option,
     redefault,
-    resolve_precision,
     stage,
     stage_config,
-    stage_state,
-    unwrap_stage_state,
 )
+from rftengine.methods.loop import Callback, CheckpointFn
+from rftengine.methods.precision import resolve_precision
+from rftengine.methods.train_state import FixedTensors, TrainState, stage_state, unwrap_stage_state
 from rftengine.methods.data import (
     PromptLike,
     SampledText,
@@ -53,6 +50,15 @@ from rftengine.methods.data import (
     render_prompt,
     require_eos,
     split_prompt_data,
+)
+from rftengine.methods.constitution import (
+    CRITIQUE_FIELDS,
+    CRITIQUE_TEMPLATE,
+    REVISION_FIELDS,
+    REVISION_TEMPLATE,
+    Constitution,
+    load_constitution,
+    principle_judge,
 )
 from rftengine.methods.dpo import DPOConfig, train_dpo
 from rftengine.methods.judge import JUDGE_MODES, Judge, _template_fields
@@ -63,148 +69,13 @@ from rftengine.methods.modeling import (
     freeze,
     is_peft_model,
 )
-from rftengine.methods.ppo import PPOConfig, require_prompt_positions, train_ppo
+from rftengine.methods.ppo import require_prompt_positions, train_ppo
+from rftengine.methods.ppo_config import PPOConfig
+from rftengine.methods.result import TrainResult
 from rftengine.methods.rlaif import sample_responses
 from rftengine.methods.sft import SFTConfig, train_sft
 
 CAI_MODES = ("sft_dpo", "sft", "dpo", "rl")
-
-CRITIQUE_TEMPLATE = (
-    "{prompt}{response}\n\n"
-    "Critique request: {critique_request}\n"
-    "Critique:"
-)
-REVISION_TEMPLATE = (
-    "{prompt}{response}\n\n"
-    "Critique request: {critique_request}\n"
-    "Critique:{critique}\n\n"
-    "Revision request: {revision_request}\n"
-    "Revision:"
-)
-PRINCIPLE_TEMPLATE = (
-    "Principles:\n{criteria}\n\n"
-    "Rate how well the response to the request follows the principles, from {lowest} (worst) "
-    "to {highest} (best).\n"
-    "Request: {prompt}\n"
-    "Response: {response}\n"
-    "Rating: "
-)
-PRINCIPLE_PAIRWISE_TEMPLATE = (
-    "Principles:\n{criteria}\n\n"
-    "Which response to the request follows the principles better? Answer {first} or {second}.\n"
-    "Request: {prompt}\n"
-    "Response {first}: {response_a}\n"
-    "Response {second}: {response_b}\n"
-    "Better response: "
-)
-
-_CRITIQUE_FIELDS = {"prompt", "response", "critique_request"}
-_REVISION_FIELDS = {"prompt", "response", "critique_request", "critique", "revision_request"}
-
-
-# ----------------------------------------------------------------------------- constitution
-
-
-@dataclass(frozen=True)
-class Principle:
-    """One principle: what to look for in an answer and how to rewrite it."""
-
-    name: str
-    critique_request: str
-    revision_request: str
-
-
-@dataclass(frozen=True)
-class Constitution:
-    """An ordered, non-empty list of principles with distinct names."""
-
-    principles: tuple[Principle, ...]
-
-    def __post_init__(self):
-        if not self.principles:
-            raise ValueError("a constitution needs at least one principle, got none")
-        names = [p.name for p in self.principles]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"constitution principle names must be distinct; repeated: {dup}")
-
-    def __len__(self) -> int:
-        return len(self.principles)
-
-    def __getitem__(self, i: int) -> Principle:
-        return self.principles[i]
-
-    def sample(self, n: int, seed: int) -> list[Principle]:
-        """``n`` principles drawn uniformly with replacement, a pure function of ``seed``."""
-        rng = random.Random(seed)
-        return [self.principles[rng.randrange(len(self.principles))] for _ in range(n)]
-
-    def criteria(self) -> str:
-        """The principles as a bulleted list (what a principle-guided judge reads)."""
-        return "\n".join(f"- {p.name}: {p.critique_request}" for p in self.principles)
-
-    @classmethod
-    def from_list(cls, items: Sequence[Mapping[str, Any]], source: str = "constitution") -> Constitution:
-        """From ``[{"name"?, "critique_request", "revision_request"}, ...]``; errors name the
-        source and the principle index."""
-        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-            raise ValueError(f"{source}: principles must be a list, got {type(items).__name__}")
-        principles = []
-        for i, item in enumerate(items):
-            if not isinstance(item, Mapping):
-                raise ValueError(f"{source}: principle {i} must be a mapping, got {type(item).__name__}")
-            unknown = sorted(set(item) - {"name", "critique_request", "revision_request"})
-            if unknown:
-                raise ValueError(
-                    f"{source}: principle {i} has unknown keys {unknown}; allowed: name, critique_request, "
-                    "revision_request"
-                )
-            for key in ("critique_request", "revision_request"):
-                value = item.get(key)
-                if not isinstance(value, str) or not value.strip():
-                    raise ValueError(f"{source}: principle {i} needs a non-empty string {key!r}, got {value!r}")
-            name = item.get("name", f"principle-{i}")
-            if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"{source}: principle {i} name must be a non-empty string, got {name!r}")
-            principles.append(Principle(name.strip(), item["critique_request"].strip(),
-                                        item["revision_request"].strip()))
-        return cls(tuple(principles))
-
-
-def default_constitution_path() -> Path:
-    """The YAML constitution shipped with rftengine (``rftengine/data/constitution.yaml``)."""
-    return Path(str(resources.files("rftengine") / "data" / "constitution.yaml"))
-
-
-def load_constitution(path: str | Path | None = None) -> Constitution:
-    """A constitution from YAML: ``principles: [{name, critique_request, revision_request}, ...]``
-    (a bare list of principles is accepted too). ``None`` loads the default set."""
-    import yaml
-
-    path = Path(path) if path is not None else default_constitution_path()
-    if not path.is_file():
-        raise ValueError(f"constitution file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from None
-    if isinstance(data, Mapping):
-        unknown = sorted(set(data) - {"principles"})
-        if unknown:
-            raise ValueError(f"{path}: unknown top-level keys {unknown}; expected 'principles'")
-        if "principles" not in data:
-            raise ValueError(f"{path}: no 'principles' list")
-        data = data["principles"]
-    return Constitution.from_list(data, source=str(path))
-
-
-def principle_judge(model: nn.Module, tokenizer, constitution: Constitution, **judge_kwargs: Any) -> Judge:
-    """A Judge whose templates list every principle of ``constitution`` (RL-CAI's feedback
-    model). ``judge_kwargs`` go to ``Judge`` (ratings, choices, chat, batch_size, ...)."""
-    judge_kwargs.setdefault("template", PRINCIPLE_TEMPLATE)
-    judge_kwargs.setdefault("pairwise_template", PRINCIPLE_PAIRWISE_TEMPLATE)
-    judge_kwargs.setdefault("criteria", constitution.criteria())
-    return Judge(model, tokenizer, **judge_kwargs)
 
 
 # ----------------------------------------------------------------------------- config
@@ -250,8 +121,8 @@ class CAIConfig(ConfigBase, SamplingFields):
 
     def validate(self):
         owner = type(self).__name__
-        for name, template, required in (("critique_template", self.critique_template, _CRITIQUE_FIELDS),
-                                         ("revision_template", self.revision_template, _REVISION_FIELDS)):
+        for name, template, required in (("critique_template", self.critique_template, CRITIQUE_FIELDS),
+                                         ("revision_template", self.revision_template, REVISION_FIELDS)):
             fields = _template_fields(f"{owner}.{name}", template)
             if fields != required:
                 raise ValueError(
@@ -455,24 +326,6 @@ def revision_sft_data(examples: Sequence[CAIExample]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- training
 
 
-@dataclass
-class CAIResult:
-    """What ``train_cai`` returns.
-
-    examples: the generated (response, principle, critique, revision) records; pairs: the
-    (revision ≻ original) preference pairs; stage_results: each stage's result (SFTResult,
-    DPOResult, PPOResult) by stage name; history: every step's metrics across stages (each with
-    ``stage_index``); state: the last state (method "cai").
-    """
-
-    policy: nn.Module
-    examples: list[CAIExample]
-    pairs: list[dict[str, Any]]
-    state: TrainState
-    stage_results: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
 def _reference_use(config: CAIConfig, stage: str) -> str | None:
     """How a training stage uses its default reference: "live" (run during training: DPO with
     ``precompute_ref=False``, RL with a KL term), "precompute" (DPO's cache, computed once when
@@ -560,7 +413,7 @@ def train_cai(
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
     progress: bool = False,
-) -> CAIResult:
+) -> TrainResult:
     """Generate critiques and revisions with ``policy`` itself, then train it on them.
 
     Args:
@@ -700,5 +553,5 @@ def train_cai(
         results[stage] = result
         last_state = stage_state("cai", result.state, offset=start_offset, **saved)
     policy.eval()
-    return CAIResult(policy=policy, examples=examples, pairs=pairs, state=last_state,
-                     stage_results=results, history=history)
+    return TrainResult(model=policy, state=last_state, examples=examples, pairs=pairs,
+                       stage_results=results, history=history)

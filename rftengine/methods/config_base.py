@@ -40,7 +40,7 @@ device's default (``resolve_precision``)."""
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 """``lr_scheduler`` values: transformers' schedules of those names, after ``warmup_steps`` of
-linear warmup (``common.make_scheduler``)."""
+linear warmup (``optimization.make_scheduler``)."""
 
 
 logger = logging.getLogger("rftengine")
@@ -387,6 +387,13 @@ def closest_name(key, names, cutoff: float = 0.6) -> str | None:
         if _typo_of(key, name):
             return name
     return None
+
+
+def did_you_mean(key, names) -> str:
+    """`` (did you mean 'NAME'?)`` for the name in ``names`` that a mistyped ``key`` was meant to
+    be (``closest_name``), or "" when none is close: the phrase the run file's errors end with."""
+    match = closest_name(key, names)
+    return f" (did you mean '{match}'?)" if match else ""
 
 
 def _typo_of(key: str, name: str, word_cutoff: float = 0.7, joined_cutoff: float = 0.95) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rftengine.methods.common import track
+from rftengine.methods.loop import track
 
 Message = Mapping[str, str]
 PromptLike = str | Sequence[Message]
@@ -117,22 +117,28 @@ def pad_token_id(tokenizer) -> int:
 
 
 def has_chat_template(tokenizer) -> bool:
+    """The one chat-template rule, for the data loaders' checks (``rftengine.datasets``) and the
+    methods' rendering alike: a tokenizer has a chat template when ``tokenizer.chat_template`` is
+    a non-empty string. None and "" are none (an empty template renders every chat as nothing)."""
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+def require_chat_template(tokenizer, what: str) -> None:
+    """ValueError unless ``has_chat_template(tokenizer)``: ``what`` (a field, or a data file's
+    record) holds chat messages, which need the template to become text."""
+    if not has_chat_template(tokenizer):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"{what} has chat messages but the tokenizer has no chat template ({name!r}: chat_template is "
+            f"{getattr(tokenizer, 'chat_template', None)!r}); give plain text, or a tokenizer with a chat "
+            "template (tokenizer_config.json 'chat_template')"
+        )
 
 
 def _is_messages(value) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, str) and all(
         isinstance(m, Mapping) and "role" in m and "content" in m for m in value
     )
-
-
-def _require_template(tokenizer, what: str) -> None:
-    if not has_chat_template(tokenizer):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(
-            f"{what} is a list of chat messages but the tokenizer {name!r} has no chat template "
-            "(tokenizer.chat_template is empty); give plain strings or set a chat template"
-        )
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -147,7 +153,7 @@ def render_prompt(tokenizer, prompt: PromptLike) -> str:
         raise ValueError(
             f"prompt must be a string or a list of {{'role', 'content'}} messages, got {prompt!r:.80}"
         )
-    _require_template(tokenizer, "prompt")
+    require_chat_template(tokenizer, "prompt")
     return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
 
 
@@ -161,7 +167,7 @@ def render_response(tokenizer, prompt: PromptLike, response: str | Sequence[Mess
         raise ValueError(
             f"response must be a string or a list of chat messages, got {response!r:.80}"
         )
-    _require_template(tokenizer, "response")
+    require_chat_template(tokenizer, "response")
     prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     head = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(

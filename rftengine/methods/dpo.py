@@ -26,28 +26,27 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from rftengine.methods.common import (
-    Callback,
-    CheckpointFn,
-    TrainState,
-    accumulated_step,
+from rftengine.methods.config_base import (
     ConfigBase,
     LengthFields,
     LogprobFields,
     LoopFields,
     OptimFields,
-    frozen_dtype,
+    option,
+    redefault,
+)
+from rftengine.methods.data_order import total_steps
+from rftengine.methods.loop import Callback, CheckpointFn, track, train_loop
+from rftengine.methods.optimization import (
+    accumulated_step,
     global_count,
     make_train_state,
     micro_batch_rows,
-    option,
-    redefault,
     split_rows,
-    total_steps,
-    track,
-    train_loop,
     validate_micro_batches,
 )
+from rftengine.methods.precision import frozen_dtype
+from rftengine.methods.train_state import TrainState
 from rftengine.methods.data import (
     PreferenceExample,
     SequenceBatch,
@@ -69,6 +68,7 @@ from rftengine.methods.modeling import (
     response_logprobs,
 )
 from rftengine.methods.packed import padding_fraction
+from rftengine.methods.result import TrainResult
 from rftengine.ops.preference import DPO_LOSS_TYPES
 
 
@@ -92,7 +92,7 @@ class DPOConfig(ConfigBase, LogprobFields, LengthFields, LoopFields, OptimFields
     the reference every step (False).
     batch_size: pairs per optimizer step (per process), split into micro-batches of
     ``micro_batch_size`` pairs or into ``gradient_accumulation_steps`` equal ones.
-    precision, gradient_checkpointing: see ``rftengine.methods.common.PRECISIONS`` and
+    precision, gradient_checkpointing: see ``rftengine.methods.config_base.PRECISIONS`` and
     ``enable_gradient_checkpointing``.
     The shared fields (optimizer, loop, precision, memory) are declared once in
     ``methods.config_base``; ``rftengine train --help-config METHOD`` lists every field.
@@ -129,16 +129,6 @@ class DPOConfig(ConfigBase, LogprobFields, LengthFields, LoopFields, OptimFields
     @property
     def uses_reference(self) -> bool:
         return self.loss_type != "simpo"
-
-
-@dataclass
-class DPOResult:
-    """What ``train_dpo`` returns: the trained policy, the final state (reference cache
-    included) and per-step metrics."""
-
-    policy: nn.Module
-    state: TrainState
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -226,10 +216,10 @@ def dpo_batch_loss(
         else:
             raise ValueError(f"loss_type={config.loss_type!r} needs ref_logps or a reference model")
     loss, op_stats = fused_dpo_loss(
-        hidden, weight, batch.response_ids, batch.response_mask,
+        hidden, weight, batch.response_ids, mask=batch.response_mask,
         bias=bias, beta=config.beta, loss_type=config.loss_type,
         label_smoothing=config.label_smoothing,
-        gamma=config.simpo_gamma if config.loss_type == "simpo" else 0.0,
+        simpo_gamma=config.simpo_gamma if config.loss_type == "simpo" else 0.0,
         length_normalized=config.length_normalized,
         **({"chunk_size": config.logprob_chunk_size} if config.logprob_chunk_size else {}),
         **kwargs,
@@ -304,7 +294,7 @@ def train_dpo(
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
     progress: bool = False,
-) -> DPOResult:
+) -> TrainResult:
     """Train ``policy`` in place with DPO on ``[{"prompt", "chosen", "rejected"}, ...]``.
 
     Args:
@@ -390,7 +380,7 @@ def train_dpo(
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="dpo",
                          postfix={"loss": "loss", "acc": "rewards/accuracies"}, evaluate=evaluate)
     policy.eval()
-    return DPOResult(policy=policy, state=train_state, history=history)
+    return TrainResult(model=policy, state=train_state, history=history)
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ def run_evaluation(evaluate: Evaluate) -> dict[str, float]:
     """``evaluate()`` without grad, every global RNG (python, numpy, torch, CUDA) restored
     after it, so that evaluating consumes none of the training's random streams; returns its
     metrics as floats named ``eval/<name>``."""
-    from rftengine.methods.common import capture_rng_state, restore_rng_state
+    from rftengine.methods.train_state import capture_rng_state, restore_rng_state
 
     rng = capture_rng_state()
     try:
@@ -135,7 +135,7 @@ def example_evaluator(model: torch.nn.Module, examples: Sequence[Any], collate: 
     ``config.eval_batch_size`` (null: ``batch_size``) indices is collated (``collate(list of
     examples)``, moved to ``model``'s device) and scored by ``stats(batch, indices) -> {name:
     (mean, weight)}``, the method's training loss code, under ``config.precision``."""
-    from rftengine.methods.common import autocast, resolve_precision
+    from rftengine.methods.precision import autocast, resolve_precision
     from rftengine.methods.modeling import device_of
 
     device = device_of(model)
@@ -167,7 +167,7 @@ def rollout_evaluator(
     standard deviation) and ``completions/mean_length`` (mean response tokens, EOS included).
     Response ``s`` of prompt ``p`` is sampled with the same noise whatever the world size and
     chunking (sequence ``p * num_samples + s`` of one fixed seed)."""
-    from rftengine.methods.common import step_seed
+    from rftengine.methods.data_order import step_seed
     from rftengine.methods.modeling import eval_mode
     from rftengine.methods.rollout import sample_rollout
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rftengine.methods.common import track
+from rftengine.methods.loop import track
 from rftengine.methods.data import (
     PromptLike,
     encode_prompt,

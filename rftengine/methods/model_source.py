@@ -85,7 +85,7 @@ def _local_or_cached(spec: str, what: str, *, hub: bool) -> Path:
     raise ValueError(f"{what} directory not found: {spec} is not a directory")
 
 
-def _adapter_base(path: Path, what: str, depth: int = 0) -> ModelSource:
+def _adapter_base(path: Path, what: str, depth: int = 0, weights: bool = False) -> ModelSource:
     """The base model an adapter directory names in adapter_config.json, resolved: as written
     (a directory from the working directory, or a cached hub id), else relative to the adapter."""
     try:
@@ -103,32 +103,37 @@ def _adapter_base(path: Path, what: str, depth: int = 0) -> ModelSource:
     if depth >= _MAX_ADAPTER_DEPTH:
         raise ValueError(f"{what} {path}: more than {_MAX_ADAPTER_DEPTH} adapter directories stacked on one "
                          "another (do they name each other as base?)")
-    return _resolve(base, f"{what} {path}: base model", hub=True, adapters=True, depth=depth + 1)
+    return _resolve(base, f"{what} {path}: base model", hub=True, adapters=True, weights=weights, depth=depth + 1)
 
 
 def resolve_model(spec: str | os.PathLike, what: str = "model", *, hub: bool = True,
-                  adapters: bool = True) -> ModelSource:
+                  adapters: bool = True, weights: bool = False) -> ModelSource:
     """Resolve a model given as a local directory, a cached hub id or a PEFT adapter directory,
     and check its files: config.json and weights, or adapter_config.json, adapter weights and a
-    base that resolves in turn (itself possibly an adapter directory). ``hub=False``: paths
+    base that resolves in turn (itself possibly an adapter directory); with ``weights``, every
+    safetensors file whole too (headers read: what a loader or the CLI's early check wants).
+    The one model-directory check, for the loaders and the CLI alike. ``hub=False``: paths
     only; ``adapters=False``: an adapter directory's files are checked, its base is not
     resolved (``base`` stays None; a checkpoint of a LoRA run).
 
     ValueError naming ``what`` and saying what is missing (for an uncached hub id: that
     rftengine does not download, and the command that fetches it)."""
-    return _resolve(os.fspath(spec), what, hub=hub, adapters=adapters, depth=0)
+    return _resolve(os.fspath(spec), what, hub=hub, adapters=adapters, weights=weights, depth=0)
 
 
 _MAX_ADAPTER_DEPTH = 8
 
 
-def _resolve(spec: str, what: str, *, hub: bool, adapters: bool, depth: int) -> ModelSource:
+def _resolve(spec: str, what: str, *, hub: bool, adapters: bool, weights: bool, depth: int) -> ModelSource:
     path = _local_or_cached(spec, what, hub=hub)
     if (path / ADAPTER_CONFIG).is_file():
         if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
             raise ValueError(f"{what} directory {path} has {ADAPTER_CONFIG} but no adapter weights "
                              f"({' or '.join(ADAPTER_WEIGHTS)})")
-        return ModelSource(path, spec, _adapter_base(path, what, depth) if adapters else None)
+        source = ModelSource(path, spec, _adapter_base(path, what, depth, weights) if adapters else None)
+        if weights:  # after the base: a missing base is the first thing to say
+            _check_safetensors(path)
+        return source
     if not (path / "config.json").is_file():
         raise ValueError(f"{what} directory {path} has no config.json: not a Hugging Face model directory")
     if not any(any(path.glob(pattern)) for pattern in MODEL_WEIGHTS):
@@ -136,7 +141,28 @@ def _resolve(spec: str, what: str, *, hub: bool, adapters: bool, depth: int) -> 
             f"{what} directory {path} has no weights (expected model.safetensors, a sharded "
             "model-*.safetensors with its index, or pytorch_model.bin)"
         )
+    if weights:
+        _check_safetensors(path)
     return ModelSource(path, spec)
+
+
+def _check_safetensors(directory: Path) -> None:
+    """ValueError unless every ``*.safetensors`` file in ``directory`` is whole: its header
+    parses and covers the file (reads the headers only), so that a truncated copy or an
+    interrupted write is named before any loading starts."""
+    from safetensors import safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: the file is unusable either way
+            raise ValueError(f"{path} is truncated or not a safetensors file ({exc})") from None
+
+
+def has_tokenizer_files(path: Path) -> bool:
+    """Whether directory ``path`` holds a tokenizer of its own (any of ``TOKENIZER_FILES``)."""
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def resolve_tokenizer_dir(spec: str | os.PathLike, what: str = "tokenizer") -> Path:
@@ -144,7 +170,7 @@ def resolve_tokenizer_dir(spec: str | os.PathLike, what: str = "tokenizer") -> P
     id); an adapter directory without tokenizer files gives its base's. ValueError otherwise."""
     spec = os.fspath(spec)
     path = _local_or_cached(spec, what, hub=True)
-    if any((path / n).is_file() for n in TOKENIZER_FILES):
+    if has_tokenizer_files(path):
         return path
     if (path / ADAPTER_CONFIG).is_file():
         return resolve_tokenizer_dir(_adapter_base(path, what).path, what)

@@ -70,7 +70,7 @@ def load_causal_lm(
         kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         if dtype is not None:
             kwargs["dtype"] = dtype
-        source, adapters = resolve_model(model_or_path, "model"), []
+        source, adapters = resolve_model(model_or_path, "model", weights=True), []
         while source.is_adapter:  # adapters over adapters: merged innermost first
             adapters.append(source.path)
             source = source.base
@@ -84,16 +84,20 @@ def load_causal_lm(
     return disable_dropout(model)
 
 
+def import_peft(needed_for: str):
+    """The ``peft`` module (an optional extra), or a ValueError saying that ``needed_for`` needs
+    it and how to install it. The one place that checks for peft."""
+    try:
+        import peft
+    except ImportError:
+        raise ValueError(f"{needed_for} needs peft, which is not installed: pip install rftengine[peft]") from None
+    return peft
+
+
 def _merge_adapters(base: nn.Module, adapter_dir: Path) -> nn.Module:
     """``base`` with the PEFT adapters of ``adapter_dir`` folded into its weights."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise ValueError(
-            f"model {adapter_dir} is a PEFT adapter directory: loading it needs peft, which is not "
-            "installed: pip install rftengine[peft]"
-        ) from None
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    peft = import_peft(f"model {adapter_dir} is a PEFT adapter directory: loading it")
+    merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     for p in merged.parameters():  # peft froze the base: trainable again, as any loaded model
         p.requires_grad_(True)
     return merged
@@ -188,7 +192,7 @@ def check_trainable_model(model: nn.Module, tokenizer, precision: str | None = N
     """The checks every ``train_*`` runs before any work: no fp16 trainable weights unless
     ``precision`` (None: the device's default) upcasts them (``require_trainable_dtype``), and
     a vocabulary that holds every id of ``tokenizer``."""
-    from rftengine.methods.common import require_trainable_dtype, resolve_precision
+    from rftengine.methods.precision import require_trainable_dtype, resolve_precision
 
     require_trainable_dtype(model.parameters(), resolve_precision(precision, device_of(model)))
     vocab = vocab_size_of(model)
@@ -267,7 +271,7 @@ def rollout_dtype(model: nn.Module, precision: str) -> torch.dtype | None:
     bf16/fp16 copy of fp32 master weights under the mixed precisions), or None (the model's
     own dtype) where the Generator falls back to the model's eager forward, which cannot cast."""
     from rftengine.generation.weights import unsupported_reason
-    from rftengine.methods.common import compute_dtype
+    from rftengine.methods.precision import compute_dtype
 
     if unsupported_reason(model) is not None:
         return None

@@ -25,6 +25,10 @@ subtracted from each sample's score before the group advantages (as TRL's RLOO d
 
 The policy loss goes through the fused head ``rftengine.ops.fused_ppo_loss`` (hidden states +
 lm-head weight in, no ``[N, T, V]`` logits); the value loss through ``rftengine.ops.value_loss``.
+
+The options are ``methods.ppo_config.PPOConfig``; the pure advantage math (KL-shaped rewards,
+GAE, group advantages, the KL controller) is in ``methods.ppo_advantages``; this module holds
+the trainer: context, rollout, scoring forwards, the update step and ``train_ppo``.
 """
 
 from __future__ import annotations
@@ -32,42 +36,26 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from rftengine import distributed
-from rftengine.methods.common import (
-    Callback,
-    CheckpointFn,
-    TrainState,
+from rftengine.methods.data_order import step_seed, total_steps
+from rftengine.methods.loop import Callback, CheckpointFn, to_floats, track, train_loop
+from rftengine.methods.optimization import (
     accumulate_gradients,
-    cast_trainable,
-    autocast,
     clip_and_step,
-    ConfigBase,
-    LogprobFields,
-    LoopFields,
-    OptimFields,
-    SamplingFields,
-    frozen_dtype,
     global_count,
     make_train_state,
     micro_batch_rows,
-    option,
-    redefault,
     skipped_steps,
     step_scheduler,
     split_rows,
-    step_seed,
-    to_floats,
-    total_steps,
-    track,
-    train_loop,
-    resolve_precision,
-    validate_micro_batches,
 )
+from rftengine.methods.precision import autocast, cast_trainable, frozen_dtype, resolve_precision
+from rftengine.methods.train_state import TrainState
 from rftengine.methods.data import (
     PromptLike,
     SequenceBatch,
@@ -91,163 +79,12 @@ from rftengine.methods.modeling import (
     response_hidden,
     rollout_dtype,
 )
-from rftengine.methods import trl_names
-from rftengine.methods.config_base import trl
 from rftengine.methods.packed import padding_fraction
+from rftengine.methods.ppo_advantages import KLController, critic_advantages, critic_free_advantages
+from rftengine.methods.ppo_config import PPOConfig, aggregation_constant
+from rftengine.methods.result import TrainResult
 from rftengine.methods.rewards import RewardFn, RewardFunctions, RewardOutput, RewardState
 from rftengine.methods.rollout import Rollout, sample_rollout
-from rftengine.ops.advantages import GROUP_SCALES
-from rftengine.ops.kl import KL_ESTIMATORS
-from rftengine.ops.ppo import AGGREGATIONS
-
-ALGORITHMS = ("ppo", "grpo", "rloo")
-CRITICS = ("shared", "separate")
-
-
-@dataclass
-class PPOConfig(ConfigBase, LogprobFields, SamplingFields, LoopFields, OptimFields):
-    """Options of PPO / GRPO / RLOO (validated on construction; ``from_dict`` rejects unknown
-    keys with the closest valid one).
-
-    Rollout: ``batch_size`` prompts per step, ``group_size`` responses each (N = product),
-    sampled with temperature/top_k/top_p up to ``max_new_tokens``.
-    Update: ``ppo_epochs`` passes over the N rollouts in minibatches of ``minibatch_size``
-    sequences (None = all N), one optimizer step per minibatch, each accumulated over
-    micro-batches of ``micro_batch_size`` sequences (or ``gradient_accumulation_steps`` equal
-    ones) with the step's global normalisers; ``rollout_micro_batch_size`` (None = all N)
-    chunks the no-grad old/ref log-prob and value passes. precision, gradient_checkpointing:
-    see ``rftengine.methods.common.PRECISIONS`` and ``enable_gradient_checkpointing``.
-    KL: coefficient ``kl_coef`` (β ≥ 0), estimator k1/k2/k3 (default k1 for "ppo", k3 for
-    "grpo"/"rloo"), in the reward (default for "ppo": per token for "ppo", the sequence sum
-    subtracted from each score for "grpo"/"rloo") or in the loss (default otherwise);
-    ``adaptive_kl`` steers β toward ``target_kl`` (sequence-level nats) over ``kl_horizon``.
-    Reward: ``reward_weights`` weighs several reward functions (TRL's, one per function;
-    null: all 1); ``missing_eos_penalty`` is subtracted from the score of responses that hit
-    ``max_new_tokens`` without EOS.
-    Aggregation: "token_sum_norm" (Dr. GRPO) divides each sequence's token sum by the fixed
-    ``loss_constant`` (None: ``max_new_tokens``, TRL's ``max_completion_length``), so the
-    loss scale does not follow each batch's longest response.
-    Critic-free: ``group_scale`` divides group-centred scores by the group std ("group", the
-    default for "grpo"), the batch std ("batch") or nothing ("none", the default for "rloo").
-    Critic ("ppo" only): "shared" = a value head on the policy's final hidden states (one
-    forward for both), "separate" = its own trunk (a copy of the policy, or ``value_model``).
-    The shared fields (optimizer, loop, precision, memory) are declared once in
-    ``methods.config_base``; ``rftengine train --help-config METHOD`` lists every field.
-    """
-
-    algorithm: Literal[ALGORITHMS] = option("ppo", "ppo (critic and GAE), grpo or rloo (group baselines)")
-    learning_rate: float = redefault(OptimFields, "learning_rate", 1e-6)
-    group_size: int = option(1, "responses sampled per prompt (>= 2 for grpo/rloo)", min=1,
-                             aliases=(trl("num_generations"),))
-    # update
-    ppo_epochs: int = option(4, "passes over each step's rollouts", min=1,
-                             aliases=(trl("num_iterations"), trl("num_ppo_epochs")))
-    minibatch_size: int | None = option(None, "sequences per optimizer step (null: all rollouts of the step)",
-                                        min=1)
-    rollout_micro_batch_size: int | None = option(None, "sequences per no-grad log-prob/value pass (null: all)",
-                                                  min=1)
-    clip_range: float = option(0.2, "PPO ratio clip ε", min=0.0, exclusive_min=True,
-                               aliases=(trl("epsilon"), trl("cliprange")))
-    clip_range_high: float | None = option(None, "upper clip ε_high (DAPO clip-higher; null: clip_range)",
-                                           min=0.0, exclusive_min=True, aliases=(trl("epsilon_high"),))
-    dual_clip: float | None = option(None, "dual-clip c for negative advantages (null: off)",
-                                     min=1.0, exclusive_min=True)
-    aggregation: Literal[AGGREGATIONS] = option("token_mean", "how token losses become the step's loss",
-                                                aliases=(trl("loss_type", trl_names.loss_type),))
-    loss_constant: float | None = option(None, "token_sum_norm divisor (null: max_new_tokens)",
-                                         min=0.0, exclusive_min=True)
-    entropy_coef: float = option(0.0, "entropy bonus weight", min=0.0)
-    # KL
-    kl_coef: float = option(0.05, "KL penalty β", min=0.0, aliases=(trl("beta"),))
-    kl_estimator: Literal[KL_ESTIMATORS] | None = option(None, "k1, k2 or k3 (null: k1 for ppo, k3 otherwise)")
-    kl_in_loss: bool | None = option(None, "KL in the loss rather than the reward (null: false for ppo, "
-                                           "true otherwise)")
-    adaptive_kl: bool = option(False, "steer β toward target_kl (needs the KL in the reward)")
-    target_kl: float = option(6.0, "adaptive KL target, sequence-level nats", min=0.0, exclusive_min=True)
-    kl_horizon: int = option(10000, "adaptive KL horizon", min=1)
-    # reward
-    reward_weights: list[float] | None = option(None, "one weight per reward function, summed over the functions "
-                                                      "that scored a sample (null: all 1)")
-    missing_eos_penalty: float | None = option(None, "subtracted from the score of responses without EOS")
-    # critic and GAE ("ppo")
-    critic: Literal[CRITICS] = option("shared", "value head on the policy (shared) or its own trunk (separate)")
-    vf_coef: float = option(0.1, "value loss weight", min=0.0)
-    value_clip: float = option(0.2, "value clip range", min=0.0, exclusive_min=True,
-                               aliases=(trl("cliprange_value"),))
-    gamma: float = option(1.0, "GAE discount", min=0.0, max=1.0)
-    lam: float = option(0.95, "GAE λ", min=0.0, max=1.0)
-    whiten_advantages: bool = option(True, "whiten advantages over the batch")
-    # critic-free ("grpo", "rloo")
-    group_scale: Literal[GROUP_SCALES] | None = option(None, "divide group-centred scores by the group std, "
-                                                       "the batch std or none (null: group for grpo, "
-                                                       "none for rloo)",
-                                                       aliases=(trl("scale_rewards", trl_names.scale_rewards),))
-    # misc
-    recompute_logprobs: bool = option(False, "old log-probs from a training forward pass instead of the "
-                                             "sampler's own")
-
-    def validate(self):
-        owner = type(self).__name__
-        if self.algorithm != "ppo" and self.group_size < 2:
-            raise ValueError(
-                f"{owner}.group_size must be >= 2 for algorithm={self.algorithm!r} (advantages "
-                f"compare responses within a prompt's group), got {self.group_size}"
-            )
-        if self.minibatch_size is not None and self.minibatch_size > self.batch_size * self.group_size:
-            raise ValueError(
-                f"{owner}.minibatch_size must be <= batch_size * group_size "
-                f"({self.batch_size * self.group_size}), got {self.minibatch_size}"
-            )
-        validate_micro_batches(self, self.minibatch_size or self.rollouts_per_step,
-                               "minibatch_size" if self.minibatch_size else "batch_size * group_size")
-        if self.loss_constant is not None and self.aggregation != "token_sum_norm":
-            raise ValueError(
-                f"{owner}.loss_constant is only used with aggregation='token_sum_norm', got "
-                f"aggregation={self.aggregation!r}"
-            )
-        # Defaults that follow the algorithm (kept as given otherwise).
-        if self.kl_estimator is None:
-            self.kl_estimator = "k1" if self.algorithm == "ppo" else "k3"
-        if self.kl_in_loss is None:
-            self.kl_in_loss = self.algorithm != "ppo"
-        if self.group_scale is None:
-            self.group_scale = "group" if self.algorithm == "grpo" else "none"
-        if self.adaptive_kl:
-            if self.kl_in_loss:
-                raise ValueError(
-                    f"{owner}.adaptive_kl steers the KL penalty in the reward; it needs kl_in_loss=False"
-                )
-            if self.kl_coef <= 0:
-                raise ValueError(f"{owner}.kl_coef must be > 0 with adaptive_kl (it scales β), got {self.kl_coef}")
-
-    @property
-    def rollouts_per_step(self) -> int:
-        return self.batch_size * self.group_size
-
-
-# ----------------------------------------------------------------------------- KL control
-
-
-@dataclass
-class KLController:
-    """β for the KL penalty: fixed, or adaptive toward ``target`` (Ziegler et al. 2019, §2.2)::
-
-        e = clip(KL / target - 1, -0.2, 0.2);   β ← β · (1 + e · n / horizon)
-
-    where KL is the measured sequence-level KL and n the number of rollouts in the batch.
-    """
-
-    value: float
-    adaptive: bool = False
-    target: float = 6.0
-    horizon: int = 10000
-
-    def update(self, current_kl: float, n: int) -> float:
-        if self.adaptive:
-            error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-            self.value *= 1.0 + error * n / self.horizon
-        return self.value
-
 
 # ----------------------------------------------------------------------------- containers
 
@@ -317,16 +154,6 @@ class PPOContext:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
-
-
-@dataclass
-class PPOResult:
-    """What ``train_ppo`` returns: the trained policy, the final state and per-step metrics."""
-
-    policy: nn.Module
-    state: TrainState
-    history: list[dict[str, float]] = field(default_factory=list)
-    context: PPOContext | None = None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -578,7 +405,7 @@ def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PP
     EOS), ``train/padding_fraction`` (the rollout batch's padded share: what ``packing`` saves).
     All over the global batch (every rank's rollouts).
     """
-    from rftengine.ops import gae, group_advantages, kl_penalty, whiten
+    from rftengine.ops import kl_penalty
 
     cfg = ctx.config
     batch = ro.batch
@@ -589,27 +416,16 @@ def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PP
         token_kl = kl_penalty(old_logp, ref_logp, estimator=cfg.kl_estimator, mask=mask)
         seq_kl = token_kl.sum(-1)
 
+    kl_in_reward = ref_logp is not None and not cfg.kl_in_loss
     returns = old_values = None
     if cfg.algorithm == "ppo":
-        old_values = values * mask
-        rewards = torch.zeros_like(old_logp)
-        if ref_logp is not None and not cfg.kl_in_loss:
-            rewards = -ctx.kl.value * token_kl
-        last = (mask.sum(-1) - 1).clamp(min=0)
-        rewards = rewards.scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1))
-        advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        if cfg.whiten_advantages:
-            # over every rank's valid tokens: N ranks whiten as one process whitens the global batch
-            advantages = whiten(advantages, mask,
-                                reduce=distributed.all_reduce_sum if distributed.is_distributed() else None)
-        advantages = advantages * mask
+        advantages, returns, old_values = critic_advantages(
+            scores, values, mask, token_kl if kl_in_reward else None, kl_coef=ctx.kl.value, gamma=cfg.gamma,
+            lam=cfg.lam, whiten_advantages=cfg.whiten_advantages,
+            reduce=distributed.all_reduce_sum if distributed.is_distributed() else None)
     else:
-        sample_scores = scores
-        if ref_logp is not None and not cfg.kl_in_loss:
-            # KL in the reward (TRL's RLOO): β·(sequence KL) leaves each sample's score before
-            # the group baseline, so kl_coef shapes the advantages.
-            sample_scores = scores - ctx.kl.value * seq_kl
-        advantages = group_advantages(sample_scores, ro.group_size, mode=cfg.algorithm, scale=cfg.group_scale)
+        advantages = critic_free_advantages(scores, ro.group_size, seq_kl if kl_in_reward else None,
+                                            kl_coef=ctx.kl.value, mode=cfg.algorithm, scale=cfg.group_scale)
 
     lengths = mask.sum(-1).float()
     # Over the global batch (every rank's rollouts): the adaptive KL controller reads "kl".
@@ -640,14 +456,6 @@ def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PP
         scores=scores,
         stats=to_floats(stats),
     )
-
-
-def aggregation_constant(config: PPOConfig) -> float | None:
-    """The divisor of "token_sum_norm" (``loss_constant``, default ``max_new_tokens``); None
-    for the other aggregations."""
-    if config.aggregation != "token_sum_norm":
-        return None
-    return float(config.loss_constant if config.loss_constant is not None else config.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -692,15 +500,15 @@ def ppo_loss(ctx: PPOContext, mb: PPOBatch, *, counts: StepCounts | None = None)
     weight, bias = output_head(ctx.policy)
     kl_coef = ctx.kl.value if (cfg.kl_in_loss and mb.ref_logprobs is not None) else 0.0
     loss, op_stats = fused_ppo_loss(
-        hidden, weight, batch.response_ids, mb.old_logprobs, mb.advantages, batch.response_mask,
+        hidden, weight, batch.response_ids, mb.old_logprobs, mb.advantages, mask=batch.response_mask,
         bias=bias,
         ref_logp=mb.ref_logprobs if kl_coef > 0 else None,
         kl_coef=kl_coef,
         kl_estimator=cfg.kl_estimator,
         entropy_coef=cfg.entropy_coef,
         temperature=cfg.temperature,
-        clip_low=cfg.clip_range,
-        clip_high=cfg.clip_range_high if cfg.clip_range_high is not None else cfg.clip_range,
+        clip_range=cfg.clip_range,
+        clip_range_high=cfg.clip_range_high,
         dual_clip=cfg.dual_clip,
         aggregation=cfg.aggregation,
         loss_constant=aggregation_constant(cfg),
@@ -725,7 +533,7 @@ def ppo_loss(ctx: PPOContext, mb: PPOBatch, *, counts: StepCounts | None = None)
         stats["clip_ratio/dual_mean"] = stats.pop("clipfrac_dual")
     if cfg.algorithm == "ppo":
         values = _critic_values(ctx, batch, hidden)
-        v_loss, v_stats = value_loss(values, mb.old_values, mb.returns, batch.response_mask, clip=cfg.value_clip)
+        v_loss, v_stats = value_loss(values, mb.old_values, mb.returns, mask=batch.response_mask, clip_range=cfg.value_clip)
         v_loss = v_loss * token_share      # value_loss is a token mean
         stats.update({f"value/{k}": v.detach() * token_share for k, v in dict(v_stats).items() if k != "loss"})
         stats["value_loss"] = v_loss.detach()
@@ -816,7 +624,7 @@ def train_ppo(
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
     progress: bool = False,
-) -> PPOResult:
+) -> TrainResult:
     """Optimise ``policy`` against ``reward_fn`` with PPO, GRPO or RLOO (``config.algorithm``).
 
     Args:
@@ -874,7 +682,7 @@ def train_ppo(
     history = train_loop(ctx.state, config, num_steps, len(texts), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc=config.algorithm,
                          postfix={"reward": "reward", "kl": "kl"}, evaluate=evaluate)
-    return PPOResult(policy=policy, state=ctx.state, history=history, context=ctx)
+    return TrainResult(model=policy, state=ctx.state, history=history, critic=ctx.critic, context=ctx)
 
 
 def evaluate_reward(

@@ -21,24 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from rftengine.methods.common import (
-    Callback,
-    CheckpointFn,
-    TrainState,
+from rftengine.methods.config_base import ConfigBase, LengthFields, LoopFields, OptimFields, option
+from rftengine.methods.data_order import total_steps
+from rftengine.methods.loop import Callback, CheckpointFn, train_loop
+from rftengine.methods.optimization import (
     accumulated_step,
-    ConfigBase,
-    LengthFields,
-    LoopFields,
-    OptimFields,
     global_count,
     make_train_state,
     micro_batch_rows,
-    option,
     split_rows,
-    total_steps,
-    train_loop,
     validate_micro_batches,
 )
+from rftengine.methods.train_state import TrainState
 from rftengine.methods.data import (
     PreferenceExample,
     SequenceBatch,
@@ -59,6 +53,7 @@ from rftengine.methods.modeling import (
     require_example_positions,
 )
 from rftengine.methods.packed import padding_fraction
+from rftengine.methods.result import TrainResult
 
 
 @dataclass
@@ -69,7 +64,7 @@ class RewardConfig(ConfigBase, LengthFields, LoopFields, OptimFields):
     batch_size counts preference pairs per optimizer step (2·batch_size sequences, per
     process), split into micro-batches of ``micro_batch_size`` pairs or into
     ``gradient_accumulation_steps`` equal ones. precision, gradient_checkpointing: see
-    ``rftengine.methods.common.PRECISIONS`` and ``enable_gradient_checkpointing``.
+    ``rftengine.methods.config_base.PRECISIONS`` and ``enable_gradient_checkpointing``.
     use_margin: subtract each pair's ``"margin"`` field inside the sigmoid (pairs without one
     get 0). center_coef: weight of the ``mean((r_c + r_r)²)`` centering term (None = off).
     The shared fields (optimizer, loop, precision, memory) are declared once in
@@ -82,17 +77,6 @@ class RewardConfig(ConfigBase, LengthFields, LoopFields, OptimFields):
 
     def validate(self):
         validate_micro_batches(self, self.batch_size)
-
-
-@dataclass
-class RewardResult:
-    """What ``train_reward_model`` returns: the trained model, the final state (for resuming),
-    per-step metrics and the pairwise accuracy on ``eval_pairs`` (or the training pairs)."""
-
-    model: RewardModel
-    state: TrainState
-    history: list[dict[str, float]] = field(default_factory=list)
-    accuracy: float = float("nan")
 
 
 def as_reward_model(model: nn.Module) -> RewardModel:
@@ -202,7 +186,7 @@ def train_reward_model(
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
     progress: bool = False,
-) -> RewardResult:
+) -> TrainResult:
     """Train a scalar reward model on ``[{"prompt", "chosen", "rejected"[, "margin"]}, ...]``.
 
     Args:
@@ -264,7 +248,7 @@ def train_reward_model(
     accuracy = pairwise_accuracy(model, tokenizer, eval_pairs,
                                  max_prompt_length=config.max_prompt_length,
                                  max_response_length=config.max_response_length)
-    return RewardResult(model=model, state=train_state, history=history, accuracy=accuracy)
+    return TrainResult(model=model, state=train_state, history=history, accuracy=accuracy)
 
 
 class RewardScorer:

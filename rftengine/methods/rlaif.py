@@ -1,6 +1,6 @@
 """RLAIF: reinforcement learning from AI feedback (Bai et al. 2022; Lee et al. 2023).
 
-The policy samples ``num_samples >= 2`` responses per prompt, a ``Judge`` (any causal LM plus a
+The policy samples ``group_size >= 2`` responses per prompt, a ``Judge`` (any causal LM plus a
 prompt template) scores or compares them, and the policy is trained on that feedback online:
 
 - algorithm "ppo" / "grpo" / "rloo": the judge is the reward function of ``train_ppo``
@@ -13,40 +13,35 @@ prompt template) scores or compares them, and the policy is trained on that feed
 Three lines::
 
     judge = Judge(judge_model, judge_tokenizer)
-    config = RLAIFConfig(algorithm="dpo", num_samples=4, max_steps=100, dpo={"beta": 0.1})
+    config = RLAIFConfig(algorithm="dpo", group_size=4, max_steps=100, dpo={"beta": 0.1})
     result = train_rlaif(policy, tokenizer, prompts, judge, config)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from rftengine import distributed
-from rftengine.methods.common import (
-    Callback,
-    CheckpointFn,
-    TrainState,
+from rftengine.methods.config_base import (
+    Alias,
     ConfigBase,
     LoopFields,
     SamplingFields,
-    frozen_dtype,
-    make_train_state,
     option,
-    resolve_precision,
-    stage_state,
-    step_seed,
-    total_steps,
-    track,
-    train_loop,
     stage,
     stage_config,
-    unwrap_stage_state,
+    trl,
 )
+from rftengine.methods.data_order import step_seed, total_steps
+from rftengine.methods.loop import Callback, CheckpointFn, track, train_loop
+from rftengine.methods.optimization import make_train_state
+from rftengine.methods.precision import frozen_dtype, resolve_precision
+from rftengine.methods.train_state import TrainState, stage_state, unwrap_stage_state
 from rftengine.methods.data import (
     PromptLike,
     SampledText,
@@ -66,8 +61,10 @@ from rftengine.methods.modeling import (
     is_peft_model,
     rollout_dtype,
 )
-from rftengine.methods.ppo import ALGORITHMS as PPO_ALGORITHMS
-from rftengine.methods.ppo import PPOConfig, require_prompt_positions, train_ppo
+from rftengine.methods.ppo import require_prompt_positions, train_ppo
+from rftengine.methods.ppo_config import ALGORITHMS as PPO_ALGORITHMS
+from rftengine.methods.ppo_config import PPOConfig
+from rftengine.methods.result import TrainResult
 from rftengine.methods.rollout import sample_rollout
 
 RLAIF_ALGORITHMS = PPO_ALGORITHMS + ("dpo",)
@@ -75,7 +72,7 @@ RLAIF_ALGORITHMS = PPO_ALGORITHMS + ("dpo",)
 # RLAIFConfig owns the loop and sampling: these fields of the nested PPOConfig / DPOConfig are
 # set from it, and giving them a different non-default value there is an error.
 _PPO_LOOP_FIELDS = {
-    "algorithm": "algorithm", "group_size": "num_samples", "batch_size": "batch_size",
+    "algorithm": "algorithm", "group_size": "group_size", "batch_size": "batch_size",
     "num_epochs": "num_epochs", "max_steps": "max_steps", "shuffle": "shuffle",
     "max_prompt_length": "max_prompt_length", "max_new_tokens": "max_new_tokens",
     "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed",
@@ -96,7 +93,8 @@ class RLAIFConfig(ConfigBase, SamplingFields, LoopFields):
     algorithm: "ppo", "grpo", "rloo" (the judge is the reward) or "dpo" (judged pairs).
     judge_mode: "pointwise" (expected rating) or "pairwise" (both-order comparisons within a
         prompt's samples).
-    num_samples: responses sampled per prompt (>= 2; the group size of GRPO/RLOO).
+    group_size: responses sampled per prompt (>= 2; the group of GRPO/RLOO). ``num_samples``, its
+        earlier name, and TRL's ``num_generations`` are taken by ``from_dict`` with a notice.
     batch_size: prompts per step; max_steps / num_epochs: how long (as everywhere).
     max_prompt_length, max_new_tokens, temperature, top_k, top_p: rollout sampling.
     min_margin ("dpo"): prompts whose best and worst responses differ by at most this judge
@@ -112,8 +110,9 @@ class RLAIFConfig(ConfigBase, SamplingFields, LoopFields):
                                                   "(judged pairs)")
     judge_mode: Literal[JUDGE_MODES] = option("pointwise", "pointwise (expected rating) or pairwise "
                                               "(both-order comparisons)")
-    num_samples: int = option(2, "responses sampled per prompt", min=2,
-                              why="the judge compares responses to the same prompt")
+    group_size: int = option(2, "responses sampled per prompt", min=2,
+                             why="the judge compares responses to the same prompt",
+                             aliases=(trl("num_generations"), Alias("num_samples", library="rftengine 0.1")))
     min_margin: float = option(0.0, "dpo: prompts whose best and worst responses differ by at most this "
                                     "judge margin give no pair", min=0.0)
     updates_per_round: int = option(1, "dpo: optimizer steps on each round's pairs", min=1)
@@ -144,17 +143,6 @@ class RLAIFConfig(ConfigBase, SamplingFields, LoopFields):
         if self.algorithm != "dpo":
             raise ValueError(f"RLAIFConfig.dpo_config: algorithm is {self.algorithm!r}, which trains with ppo_config")
         return stage_config(self, "dpo", {"max_response_length": self.max_new_tokens + 1})
-
-
-@dataclass
-class RLAIFResult:
-    """What ``train_rlaif`` returns: the trained policy, the final state (method "rlaif"),
-    per-step metrics, and algorithm "ppo"'s trained critic (None otherwise)."""
-
-    policy: nn.Module
-    state: TrainState
-    history: list[dict[str, float]] = field(default_factory=list)
-    critic: nn.Module | None = None
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -233,7 +221,7 @@ def rlaif_dpo_round(
     progress: bool = False,
     state: TrainState | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """One online round: sample ``num_samples`` responses per prompt, judge them into pairs,
+    """One online round: sample ``group_size`` responses per prompt, judge them into pairs,
     take ``updates_per_round`` DPO steps on those pairs (``progress``: bars for sampling,
     judging and the reference pass). The pairs train on the sampled token ids: a response cut
     at ``max_new_tokens`` has no EOS. Skipped non-finite steps are counted in ``state``.
@@ -254,7 +242,7 @@ def rlaif_dpo_round(
     cfg = config
     policy.eval()
     candidates = sample_responses(
-        generator, tokenizer, prompts, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
+        generator, tokenizer, prompts, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
         max_prompt_length=cfg.max_prompt_length, temperature=cfg.temperature, top_k=cfg.top_k,
         top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, seed=seed, progress=progress, desc="rlaif sampling",
     )
@@ -307,7 +295,7 @@ def rlaif_dpo_round(
 
 
 def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, callback, state,
-                      checkpoint_fn, progress, eval_prompts=None) -> RLAIFResult:
+                      checkpoint_fn, progress, eval_prompts=None) -> TrainResult:
     from rftengine.generation import Generator
 
     cfg = config
@@ -333,7 +321,7 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
                          "copy of the policy, which a sharded policy cannot give): pass the initial model, sharded")
     reference = Reference(policy, ref_model, resumed=train_state.step > 0,
                           dtype=frozen_dtype(dpo_cfg, device)) if dpo_cfg.uses_reference else None
-    generator = Generator(policy, max_batch_size=cfg.batch_size * cfg.num_samples,
+    generator = Generator(policy, max_batch_size=cfg.batch_size * cfg.group_size,
                           max_seq_len=cfg.max_prompt_length + cfg.max_new_tokens,
                           dtype=rollout_dtype(policy, resolve_precision(dpo_cfg.precision, device)))
 
@@ -349,19 +337,19 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
     if eval_prompts is not None:
         from rftengine.methods.evaluation import rollout_evaluator
 
-        def judged(ro):                 # the judge's strengths of each prompt's num_samples responses
-            groups = [ro.responses[i:i + cfg.num_samples] for i in range(0, len(ro.responses), cfg.num_samples)]
-            scores = judge.candidate_scores(ro.prompts[::cfg.num_samples], groups, mode=cfg.judge_mode, progress=False)
+        def judged(ro):                 # the judge's strengths of each prompt's group_size responses
+            groups = [ro.responses[i:i + cfg.group_size] for i in range(0, len(ro.responses), cfg.group_size)]
+            scores = judge.candidate_scores(ro.prompts[::cfg.group_size], groups, mode=cfg.judge_mode, progress=False)
             return torch.tensor([x for row in scores for x in row])
 
-        evaluate = rollout_evaluator(generator, tokenizer, eval_prompts, cfg, judged, num_samples=cfg.num_samples)
+        evaluate = rollout_evaluator(generator, tokenizer, eval_prompts, cfg, judged, num_samples=cfg.group_size)
 
     history = train_loop(train_state, cfg, num_steps, len(prompts), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="rlaif-dpo",
                          postfix={"judge": "judge/score", "pairs": "pairs"}, evaluate=evaluate)
     generator.free()
     policy.eval()
-    return RLAIFResult(policy=policy, state=train_state, history=history)
+    return TrainResult(model=policy, state=train_state, history=history)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -370,7 +358,7 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
 def judge_reward_fn(judge: Judge, config: RLAIFConfig, *, progress: bool | None = None):
     """The reward function RLAIF hands to PPO/GRPO/RLOO: ``judge`` itself (pointwise) or its
     within-group pairwise strengths (pairwise). ``progress`` None follows ``judge.progress``."""
-    return judge.as_reward_fn(config.judge_mode, group_size=config.num_samples, progress=progress)
+    return judge.as_reward_fn(config.judge_mode, group_size=config.group_size, progress=progress)
 
 
 def train_rlaif(
@@ -388,7 +376,7 @@ def train_rlaif(
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
     progress: bool = False,
-) -> RLAIFResult:
+) -> TrainResult:
     """Train ``policy`` in place from the feedback of ``judge`` on its own samples.
 
     Args:
@@ -408,7 +396,7 @@ def train_rlaif(
         checkpoint_fn: ``checkpoint_fn(state)`` every ``config.save_every`` steps and at the end;
             the state is named "rlaif" (the sub-trainer's state plus ``extra["stage"]``).
         progress: tqdm bars for the steps and, removed when done, for sampling and judging.
-        eval_data: held-out prompts: ``num_samples`` responses each, sampled as in training with
+        eval_data: held-out prompts: ``group_size`` responses each, sampled as in training with
             a fixed seed and judged, as ``eval/reward`` (the judge's mean score),
             ``eval/reward_std``, ``eval/completions/mean_length`` every ``config.eval_every``
             steps and after the last (``rftengine.methods.evaluation``).
@@ -447,5 +435,5 @@ def train_rlaif(
         eval_data=eval_texts,
     )
     result.context.generator.free()
-    return RLAIFResult(policy=result.policy, state=stage_state("rlaif", result.state), history=result.history,
+    return TrainResult(model=result.policy, state=stage_state("rlaif", result.state), history=result.history,
                        critic=result.context.critic)

@@ -21,25 +21,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from rftengine.methods.common import (
-    Callback,
-    CheckpointFn,
-    TrainState,
-    accumulated_step,
+from rftengine.methods.config_base import (
     ConfigBase,
     LengthFields,
     LogprobFields,
     LoopFields,
     OptimFields,
+    option,
+)
+from rftengine.methods.data_order import total_steps
+from rftengine.methods.loop import Callback, CheckpointFn, train_loop
+from rftengine.methods.optimization import (
+    accumulated_step,
     global_count,
     make_train_state,
     micro_batch_rows,
-    option,
     split_rows,
-    total_steps,
-    train_loop,
     validate_micro_batches,
 )
+from rftengine.methods.train_state import TrainState
 from rftengine.methods.data import (
     SequenceBatch,
     encode_prompt,
@@ -57,6 +57,7 @@ from rftengine.methods.modeling import (
     response_logprobs,
 )
 from rftengine.methods.packed import padding_fraction
+from rftengine.methods.result import TrainResult
 
 
 @dataclass
@@ -66,7 +67,7 @@ class SFTConfig(ConfigBase, LogprobFields, LengthFields, LoopFields, OptimFields
     batch_size counts (prompt, response) examples per optimizer step (per process), split into
     micro-batches of ``micro_batch_size`` or into ``gradient_accumulation_steps`` equal ones;
     the loss stays the token mean of the whole step. precision, gradient_checkpointing: see
-    ``rftengine.methods.common.PRECISIONS`` and ``enable_gradient_checkpointing``.
+    ``rftengine.methods.config_base.PRECISIONS`` and ``enable_gradient_checkpointing``.
     The shared fields (optimizer, loop, precision, memory) are declared once in
     ``methods.config_base``; ``rftengine train --help-config METHOD`` lists every field.
     """
@@ -74,15 +75,6 @@ class SFTConfig(ConfigBase, LogprobFields, LengthFields, LoopFields, OptimFields
 
     def validate(self):
         validate_micro_batches(self, self.batch_size)
-
-
-@dataclass
-class SFTResult:
-    """What ``train_sft`` returns: the trained policy, the final state and per-step metrics."""
-
-    policy: nn.Module
-    state: TrainState
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def encode_sft_examples(
@@ -163,7 +155,7 @@ def train_sft(
     state: TrainState | Mapping[str, Any] | None = None,
     checkpoint_fn: CheckpointFn | None = None,
     progress: bool = False,
-) -> SFTResult:
+) -> TrainResult:
     """Finetune ``policy`` in place on ``[{"prompt", "response"}, ...]``.
 
     Args:
@@ -219,4 +211,4 @@ def train_sft(
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="sft", postfix={"loss": "loss"},
                          evaluate=evaluate)
     policy.eval()
-    return SFTResult(policy=policy, state=train_state, history=history)
+    return TrainResult(model=policy, state=train_state, history=history)

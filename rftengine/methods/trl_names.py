@@ -26,7 +26,7 @@ def per_device_batch(value, options: Mapping[str, Any]) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"per_device_train_batch_size must be an integer >= 1, got {value!r}")
     accumulation = options.get("gradient_accumulation_steps") or 1
-    group = options.get("group_size") or options.get("num_samples") or 1
+    group = options.get("group_size") or 1
     devices = int(os.environ.get("WORLD_SIZE", "1"))
     completions = value * accumulation * devices
     if completions % group:

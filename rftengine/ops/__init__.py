@@ -5,7 +5,8 @@ Every op dispatches to Triton on CUDA tensors and to a plain-torch reference els
 """
 
 from rftengine.ops.advantages import gae, group_advantages, whiten
-from rftengine.ops.fused_heads import fused_dpo_loss, fused_ppo_loss
+from rftengine.ops.fused_dpo_head import fused_dpo_loss
+from rftengine.ops.fused_ppo_head import fused_ppo_loss
 from rftengine.ops.kl import kl_penalty
 from rftengine.ops.linear_logprobs import linear_token_logprobs
 from rftengine.ops.logprobs import token_logprobs

@@ -23,6 +23,7 @@ from rftengine.ops._checks import (
     check_same_device,
     check_shape,
 )
+from rftengine.ops._deprecation import deprecated_call_forms
 from rftengine.ops._dispatch import use_triton
 from rftengine.ops._precision import accumulation_dtype
 from rftengine.ops.logprobs import rows_view
@@ -130,11 +131,12 @@ def _check_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
 
+@deprecated_call_forms(positional=("mask",))
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
-    mask: torch.Tensor | None,
     *,
+    mask: torch.Tensor | None = None,
     gamma: float = 1.0,
     lam: float = 0.95,
 ):
@@ -350,10 +352,11 @@ class _Whiten(torch.autograd.Function):
         return dx, None, None, None, None, None
 
 
+@deprecated_call_forms(positional=("mask",))
 def whiten(
     x: torch.Tensor,
-    mask: torch.Tensor | None,
     *,
+    mask: torch.Tensor | None = None,
     shift_mean: bool = True,
     eps: float = 1e-8,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,

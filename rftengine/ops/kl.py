@@ -17,6 +17,7 @@ from rftengine.ops._checks import (
     check_same_device,
     check_shape,
 )
+from rftengine.ops._deprecation import required_with_old_default
 from rftengine.ops._dispatch import use_triton
 from rftengine.ops._precision import accumulation_dtype
 
@@ -106,7 +107,7 @@ def kl_penalty(
     logp: torch.Tensor,
     ref_logp: torch.Tensor,
     *,
-    estimator: str = "k1",
+    estimator: str | None = None,
     mask: torch.Tensor | None = None,
     clamp: float = 20.0,
 ) -> torch.Tensor:
@@ -122,7 +123,9 @@ def kl_penalty(
     Args:
         logp: ``[..., T]`` float16/bfloat16/float32/float64 policy log-probs.
         ref_logp: ``[..., T]`` reference log-probs, same shape (any floating dtype).
-        estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"``; required (see `docs/conventions.md`,
+            "KL estimators", for which to pick). Leaving it out still gives ``"k1"`` for one
+            release, with a DeprecationWarning.
         mask: optional ``[..., T]`` bool or 0/1; masked positions are not read, return 0
             and get zero gradient.
         clamp: > 0 bound on |r| for k3 (``math.inf`` disables it).
@@ -135,6 +138,7 @@ def kl_penalty(
     check_floating("ref_logp", ref_logp)
     check_shape("ref_logp", ref_logp, logp.shape, "logp.shape")
     device = check_same_device(logp=logp, ref_logp=ref_logp, mask=mask)
+    estimator = required_with_old_default("kl_penalty", "estimator", estimator, "k1")
     check_choice("estimator", estimator, KL_ESTIMATORS)
     check_positive("clamp", clamp, allow_inf=True)
     keep = as_mask("mask", mask, logp.shape, device)

@@ -23,6 +23,7 @@ from rftengine.ops._checks import (
     check_same_device,
     check_shape,
 )
+from rftengine.ops._deprecation import deprecated_call_forms
 from rftengine.ops._dispatch import use_triton
 from rftengine.ops._precision import accumulation_dtype
 from rftengine.ops.logprobs import rows_view
@@ -276,29 +277,41 @@ def check_aggregation(aggregation: str, loss_constant: float | None) -> None:
         check_positive("loss_constant", loss_constant)
 
 
-def check_clips(clip_low: float, clip_high: float, dual_clip: float | None) -> None:
-    """Finite ``0 <= clip_low < 1``, ``clip_high >= 0``, ``dual_clip`` None or > 1."""
-    check_non_negative("clip_low", clip_low)
-    if clip_low >= 1:
-        raise ValueError(f"clip_low must be < 1 (the ratio floor is 1 - clip_low), got {clip_low!r}")
-    check_non_negative("clip_high", clip_high)
+def resolve_clips(
+    clip_range: float, clip_range_high: float | None, dual_clip: float | None,
+) -> tuple[float, float, float | None]:
+    """Check ``0 <= clip_range < 1``, ``clip_range_high`` None or >= 0, ``dual_clip`` None or
+    > 1; returns ``(low, high, dual)`` as floats, high = clip_range where clip_range_high is None."""
+    check_non_negative("clip_range", clip_range)
+    if clip_range >= 1:
+        raise ValueError(f"clip_range must be < 1 (the ratio floor is 1 - clip_range), got {clip_range!r}")
+    if clip_range_high is None:
+        clip_range_high = clip_range
+    check_non_negative("clip_range_high", clip_range_high)
     if dual_clip is not None:
         check_positive("dual_clip", dual_clip)
         if dual_clip <= 1:
             raise ValueError(f"dual_clip must be None or > 1, got {dual_clip!r}")
+    return float(clip_range), float(clip_range_high), None if dual_clip is None else float(dual_clip)
+
+
+# the old keywords of the clip ranges; clip_high defaulted to 0.2 whatever clip_low was
+DEPRECATED_CLIP_KEYWORDS = dict(renamed={"clip_low": "clip_range", "clip_high": "clip_range_high"},
+                                old_defaults={"clip_range_high": 0.2})
 
 
 # ---------------------------------------------------------------- public API
 
 
+@deprecated_call_forms(positional=("mask",), **DEPRECATED_CLIP_KEYWORDS)
 def ppo_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
-    mask: torch.Tensor | None,
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
+    mask: torch.Tensor | None = None,
+    clip_range: float = 0.2,
+    clip_range_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: str = "token_mean",
     is_weights: torch.Tensor | None = None,
@@ -307,12 +320,13 @@ def ppo_policy_loss(
     """Clipped PPO policy loss (Schulman et al., 2017), as used by PPO, GRPO and RLOO.
 
     Per valid token, with ``ρ = exp(clamp(logp - old_logp, ±20))``:
-    ``l = max(-A·ρ, -A·clip(ρ, 1 - clip_low, 1 + clip_high))`` (asymmetric clip as in DAPO);
+    ``l = max(-A·ρ, -A·clip(ρ, 1 - ε, 1 + ε_high))`` with ε = ``clip_range`` and ε_high =
+    ``clip_range_high`` (asymmetric clip as in DAPO);
     with ``dual_clip = c > 1`` and ``A < 0``: ``l = min(l, -A·c)`` (Ye et al., 2020);
     with ``is_weights`` w: ``l = w·l`` (truncated importance-sampling correction for the
     rollout/trainer mismatch; w is a constant, no gradient).
 
-    Aggregation (explicit, see DESIGN.md):
+    Aggregation (explicit; see `docs/conventions.md`, "Aggregation"):
 
     - ``"token_mean"``: sum of l over all valid tokens / their number;
     - ``"seq_mean_token_mean"``: mean over sequences (those with ≥ 1 valid token) of each
@@ -328,7 +342,9 @@ def ppo_policy_loss(
             at valid positions.
         mask: ``[B, T]`` bool or 0/1 (True = token counts) or None (all count). Masked
             positions are never read.
-        clip_low, clip_high: ``0 <= clip_low < 1``, ``clip_high >= 0``.
+        clip_range: ``0 <= clip_range < 1``, the ratio floor is ``1 - clip_range``.
+        clip_range_high: ``>= 0`` or None (= ``clip_range``), the ratio ceiling is
+            ``1 + clip_range_high``. (``clip_low`` / ``clip_high``: deprecated names.)
         dual_clip: None or a number > 1.
         aggregation: one of the three above.
         is_weights: optional ``[B, T]`` finite weights (constant).
@@ -358,14 +374,14 @@ def ppo_policy_loss(
         logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, is_weights=is_weights
     )
     keep = as_mask("mask", mask, shape, device)
-    check_clips(clip_low, clip_high, dual_clip)
+    low, high, dual = resolve_clips(clip_range, clip_range_high, dual_clip)
     check_aggregation(aggregation, loss_constant)
     _check_finite_where("advantages", advantages, keep)
     if is_weights is not None:
         _check_finite_where("is_weights", is_weights, keep)
 
     triton_path = use_triton(logp, old_logp, advantages) and accumulation_dtype(logp, old_logp) == torch.float32
-    clips = (float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip), LOG_RATIO_CLAMP)
+    clips = (low, high, dual, LOG_RATIO_CLAMP)
     loss, stats = _PPOPolicyLoss.apply(
         rows_view(logp), rows_view(old_logp),
         advantages.contiguous() if advantages.dim() == 1 else rows_view(advantages),
@@ -377,25 +393,26 @@ def ppo_policy_loss(
     return loss, {"loss": loss.detach(), **dict(zip(names, stats.unbind()))}
 
 
+@deprecated_call_forms(positional=("mask",), renamed={"clip": "clip_range"})
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor | None,
     returns: torch.Tensor,
-    mask: torch.Tensor | None,
     *,
-    clip: float | None = 0.2,
+    mask: torch.Tensor | None = None,
+    clip_range: float | None = 0.2,
     aggregation: str = "token_mean",
     loss_constant: float | None = None,
 ):
-    """Clipped value loss: ``0.5·max((V - R)², (clip(V, V_old - clip, V_old + clip) - R)²)``.
+    """Clipped value loss: ``0.5·max((V - R)², (clip(V, V_old - ε, V_old + ε) - R)²)``, ε = ``clip_range``.
 
     Args:
         values: ``[B, T]`` float value predictions (gets the gradient).
         old_values: ``[B, T]`` values at rollout time (constant); may be None when
-            ``clip`` is None (plain ``0.5·(V - R)²``).
+            ``clip_range`` is None (plain ``0.5·(V - R)²``).
         returns: ``[B, T]`` targets (constant), finite at valid positions.
         mask: ``[B, T]`` bool or 0/1 or None; masked positions are never read.
-        clip: > 0 or None.
+        clip_range: > 0 or None (no clipping). (``clip``: deprecated name.)
         aggregation, loss_constant: as in :func:`ppo_policy_loss`.
 
     Returns:
@@ -408,10 +425,10 @@ def value_loss(
     check_ndim("values", values, (2,), "[B, T]")
     shape = values.shape
     _check_tokens("returns", returns, shape)
-    if clip is not None:
-        check_positive("clip", clip)
+    if clip_range is not None:
+        check_positive("clip_range", clip_range)
         if old_values is None:
-            raise ValueError("old_values must be a [B, T] tensor when clip is set, got None")
+            raise ValueError("old_values must be a [B, T] tensor when clip_range is set, got None")
     if old_values is not None:
         _check_tokens("old_values", old_values, shape)
     device = check_same_device(values=values, old_values=old_values, returns=returns, mask=mask)
@@ -420,11 +437,11 @@ def value_loss(
     _check_finite_where("returns", returns, keep)
 
     triton_path = use_triton(values, returns) and accumulation_dtype(values, returns) == torch.float32
-    old = rows_view(old_values) if old_values is not None and clip is not None else None
+    old = rows_view(old_values) if old_values is not None and clip_range is not None else None
     loss, stats = _ValueLoss.apply(
         rows_view(values), old, rows_view(returns),
         keep.contiguous() if keep is not None else None,
-        None if clip is None else float(clip), aggregation, loss_constant, triton_path,
+        None if clip_range is None else float(clip_range), aggregation, loss_constant, triton_path,
     )
     names = ("clipfrac", "values/mean", "returns/mean")
     return loss, {"loss": loss.detach(), **dict(zip(names, stats.unbind()))}

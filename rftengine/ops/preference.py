@@ -25,6 +25,7 @@ from rftengine.ops._checks import (
     check_shape,
     check_tensor,
 )
+from rftengine.ops._deprecation import deprecated_call_forms
 from rftengine.ops._dispatch import use_triton
 from rftengine.ops._precision import accumulation_dtype
 
@@ -34,7 +35,7 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo")
 # ---------------------------------------------------------------- closed forms
 
 
-def preference_pair_reference(h: torch.Tensor, beta: float, gamma: float, smoothing: float, loss_type: str):
+def preference_pair_reference(h: torch.Tensor, beta: float, simpo_gamma: float, smoothing: float, loss_type: str):
     """One pair's loss and ``dloss/dh`` from its margin h (fp32/fp64 tensors).
 
     - sigmoid / simpo (``z = β·h - γ``): ``(1-ε)·softplus(-z) + ε·softplus(z)``
@@ -51,7 +52,7 @@ def preference_pair_reference(h: torch.Tensor, beta: float, gamma: float, smooth
         # built from z so that float64 keeps β exact; a NaN margin keeps a NaN derivative
         d_h = torch.where(z < 1.0, torch.full_like(z, -beta), torch.zeros_like(z))
         return torch.relu(1.0 - z), torch.where(torch.isnan(z), z, d_h)
-    z = beta * h - gamma
+    z = beta * h - simpo_gamma
     sig_neg, sig_pos = torch.sigmoid(-z), torch.sigmoid(z)
     if loss_type == "robust":
         inv = 1.0 / (1.0 - 2.0 * smoothing)
@@ -75,15 +76,15 @@ def dpo_margin_reference(pc, pr, rc, rr, lc, lr):
     return a_c * chosen - a_r * rejected, a_c, a_r
 
 
-def dpo_forward_reference(pc, pr, rc, rr, lc, lr, loss_type: str, beta, gamma, smoothing):
+def dpo_forward_reference(pc, pr, rc, rr, lc, lr, loss_type: str, beta, simpo_gamma, smoothing):
     h, _, _ = dpo_margin_reference(pc, pr, rc, rr, lc, lr)
-    return preference_pair_reference(h, beta, gamma, smoothing, loss_type)[0]
+    return preference_pair_reference(h, beta, simpo_gamma, smoothing, loss_type)[0]
 
 
-def dpo_backward_reference(pc, pr, rc, rr, lc, lr, loss_type: str, beta, gamma, smoothing,
+def dpo_backward_reference(pc, pr, rc, rr, lc, lr, loss_type: str, beta, simpo_gamma, smoothing,
                            grad, want_policy, want_ref):
     h, a_c, a_r = dpo_margin_reference(pc, pr, rc, rr, lc, lr)
-    d_h = preference_pair_reference(h, beta, gamma, smoothing, loss_type)[1] * grad.to(h.dtype)
+    d_h = preference_pair_reference(h, beta, simpo_gamma, smoothing, loss_type)[1] * grad.to(h.dtype)
     d_c, d_r = d_h * a_c, -d_h * a_r
     want_ref = want_ref and rc is not None
     return (
@@ -117,16 +118,16 @@ def bradley_terry_backward_reference(r_chosen, r_rejected, margin_t, margin: flo
 
 class _DPOPairs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pc, pr, rc, rr, lc, lr, loss_type, beta, gamma, smoothing, triton_path):
+    def forward(ctx, pc, pr, rc, rr, lc, lr, loss_type, beta, simpo_gamma, smoothing, triton_path):
         if triton_path:
             from rftengine.kernels import preference as kernel
 
             code = kernel.DPO_LOSS_TYPES[loss_type]
-            losses = kernel.dpo_forward(pc, pr, rc, rr, lc, lr, code, beta, gamma, smoothing)
+            losses = kernel.dpo_forward(pc, pr, rc, rr, lc, lr, code, beta, simpo_gamma, smoothing)
         else:
-            losses = dpo_forward_reference(pc, pr, rc, rr, lc, lr, loss_type, beta, gamma, smoothing)
+            losses = dpo_forward_reference(pc, pr, rc, rr, lc, lr, loss_type, beta, simpo_gamma, smoothing)
         ctx.save_for_backward(pc, pr, rc, rr, lc, lr)
-        ctx.args, ctx.triton_path = (loss_type, beta, gamma, smoothing), triton_path
+        ctx.args, ctx.triton_path = (loss_type, beta, simpo_gamma, smoothing), triton_path
         return losses
 
     @staticmethod
@@ -137,17 +138,17 @@ class _DPOPairs(torch.autograd.Function):
         nones = (None,) * 7
         if not (want_policy or want_ref):
             return (None, None, None, None) + nones
-        loss_type, beta, gamma, smoothing = ctx.args
+        loss_type, beta, simpo_gamma, smoothing = ctx.args
         if ctx.triton_path:
             from rftengine.kernels import preference as kernel
 
             grads = kernel.dpo_backward(
-                pc, pr, rc, rr, lc, lr, kernel.DPO_LOSS_TYPES[loss_type], beta, gamma, smoothing,
+                pc, pr, rc, rr, lc, lr, kernel.DPO_LOSS_TYPES[loss_type], beta, simpo_gamma, smoothing,
                 grad.contiguous(), want_policy, want_ref,
             )
         else:
             grads = dpo_backward_reference(
-                pc, pr, rc, rr, lc, lr, loss_type, beta, gamma, smoothing, grad, want_policy, want_ref
+                pc, pr, rc, rr, lc, lr, loss_type, beta, simpo_gamma, smoothing, grad, want_policy, want_ref
             )
         return grads + nones
 
@@ -207,7 +208,7 @@ def _check_lengths(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
     return lengths.contiguous()
 
 
-def check_dpo_options(loss_type: str, beta: float, label_smoothing: float, gamma: float) -> None:
+def check_dpo_options(loss_type: str, beta: float, label_smoothing: float, simpo_gamma: float) -> None:
     """The scalar options of `dpo_loss` (shared with `fused_dpo_loss`): finite, in range."""
     check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
     check_positive("beta", beta)
@@ -218,9 +219,9 @@ def check_dpo_options(loss_type: str, beta: float, label_smoothing: float, gamma
         raise ValueError(f"label_smoothing must be < 0.5 for loss_type='robust', got {label_smoothing!r}")
     if label_smoothing > 0.5:
         raise ValueError(f"label_smoothing must be <= 0.5, got {label_smoothing!r}")
-    check_non_negative("gamma", gamma)
-    if loss_type != "simpo" and gamma != 0:
-        raise ValueError(f"gamma (SimPO target margin) must be 0 for loss_type={loss_type!r}, got {gamma!r}")
+    check_non_negative("simpo_gamma", simpo_gamma)
+    if loss_type != "simpo" and simpo_gamma != 0:
+        raise ValueError(f"simpo_gamma (SimPO target margin) must be 0 for loss_type={loss_type!r}, got {simpo_gamma!r}")
 
 
 def _mean_stats(**values: torch.Tensor) -> dict:
@@ -230,6 +231,7 @@ def _mean_stats(**values: torch.Tensor) -> dict:
 # ---------------------------------------------------------------- public API
 
 
+@deprecated_call_forms(renamed={"gamma": "simpo_gamma"})
 def dpo_loss(
     pol_chosen: torch.Tensor,
     pol_rejected: torch.Tensor,
@@ -239,7 +241,7 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-    gamma: float = 0.0,
+    simpo_gamma: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
 ):
@@ -259,7 +261,7 @@ def dpo_loss(
       them the inputs are used as given (pass averaged log-probs yourself);
     - ``"hinge"``: SLiC hinge (Zhao et al., 2023, arXiv 2305.10425): ``relu(1 - βh)``;
     - ``"simpo"``: SimPO (Meng et al., 2024, arXiv 2405.14734): no reference,
-      length-normalised policy log-probs and a target margin γ = ``gamma``:
+      length-normalised policy log-probs and a target margin γ = ``simpo_gamma``:
       ``-(1-ε)·log σ(β(π_c/|y_c| - π_r/|y_r|) - γ) - ε·log σ(-(...))``.
 
     The loss is the mean over pairs.
@@ -272,7 +274,8 @@ def dpo_loss(
         loss_type: one of ``"sigmoid"``, ``"ipo"``, ``"hinge"``, ``"robust"``, ``"simpo"``.
         label_smoothing: ε in [0, 0.5] for sigmoid/simpo, [0, 0.5) for robust; must be 0
             for ipo and hinge.
-        gamma: SimPO target margin >= 0; must be 0 for other loss types.
+        simpo_gamma: SimPO target margin >= 0; must be 0 for other loss types
+            (``gamma``: deprecated name).
         chosen_lengths, rejected_lengths: ``[B]`` token counts > 0 (int or float); required
             for ``"simpo"``, optional for ``"ipo"``, rejected for the others.
 
@@ -286,7 +289,7 @@ def dpo_loss(
     _check_pairs("pol_chosen", pol_chosen, None)
     n = pol_chosen.shape[0]
     _check_pairs("pol_rejected", pol_rejected, n)
-    check_dpo_options(loss_type, beta, label_smoothing, gamma)
+    check_dpo_options(loss_type, beta, label_smoothing, simpo_gamma)
     simpo = loss_type == "simpo"
     if not simpo:
         for name, ref in (("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
@@ -315,7 +318,7 @@ def dpo_loss(
     triton_path = use_triton(pol_chosen, pol_rejected) and acc == torch.float32
     losses = _DPOPairs.apply(
         pol_chosen.contiguous(), pol_rejected.contiguous(), *refs, lc, lr,
-        loss_type, float(beta), float(gamma), float(label_smoothing), triton_path,
+        loss_type, float(beta), float(simpo_gamma), float(label_smoothing), triton_path,
     )
     loss = losses.mean()
     with torch.no_grad():

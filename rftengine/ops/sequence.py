@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from rftengine.ops._checks import as_mask, check_choice, check_floating, check_ndim, check_same_device
+from rftengine.ops._deprecation import deprecated_call_forms
 from rftengine.ops._dispatch import use_triton
 from rftengine.ops._precision import accumulation_dtype
 from rftengine.ops.logprobs import rows_view
@@ -67,10 +68,11 @@ class _SequenceLogprobs(torch.autograd.Function):
         return backward_impl(keep, count, grad.contiguous(), ctx.shape, ctx.dtype, ctx.mean), None, None, None
 
 
+@deprecated_call_forms(positional=("mask",))
 def sequence_logprobs(
     token_logp: torch.Tensor,
-    mask: torch.Tensor | None,
     *,
+    mask: torch.Tensor | None = None,
     reduction: str = "sum",
 ) -> torch.Tensor:
     """Log-prob of each whole sequence from its per-token log-probs.

@@ -2,14 +2,14 @@
 
 import pytest
 
-from rftengine import cli
-from rftengine.cli import BENCH_SUITES, main
+from rftengine.cli import main
+from rftengine.cli.bench import BENCH_SUITES, _bench_module
 
 
 def test_every_benchmark_module_is_present():
     for names in BENCH_SUITES.values():
         for name in names:
-            assert callable(cli._bench_module(name).main), f"rftengine.bench.{name} is missing"
+            assert callable(_bench_module(name).main), f"rftengine.bench.{name} is missing"
 
 
 def test_bench_quick_all_suites(capsys, tmp_path):

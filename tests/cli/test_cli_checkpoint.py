@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rftengine import checkpoint as ckpt
-from rftengine.config import UserError
+from rftengine.errors import UserError
 from rftengine.toy import char_tokenizer, tiny_causal_lm
 
 
@@ -140,7 +140,8 @@ def test_export_plain_directory(tmp_path, tiny):
 
 def train_state(tiny, **extra):
     """The state_dict of a real TrainState: AdamW and LambdaLR after one step, RNG states."""
-    from rftengine.methods.common import TrainState, make_optimizer, make_scheduler
+    from rftengine.methods.optimization import make_optimizer, make_scheduler
+    from rftengine.methods.train_state import TrainState
     from rftengine.methods.dpo import DPOConfig
 
     model = tiny[0]
@@ -176,17 +177,17 @@ def test_state_file_loads_with_weights_only(tmp_path, tiny):
 
 
 def test_one_rng_snapshot_for_train_state_and_checkpoint():
-    from rftengine.methods import common
+    from rftengine.methods import train_state
 
-    assert not hasattr(ckpt, "rng_state")  # one function, common.capture_rng_state, for both
-    state = common.capture_rng_state()
+    assert not hasattr(ckpt, "rng_state")  # one function, train_state.capture_rng_state, for both
+    state = train_state.capture_rng_state()
     assert {"python", "numpy", "torch"} <= set(state)
     np.random.seed(5)
     expected = np.random.rand()
     np.random.seed(5)
-    state = common.capture_rng_state()
+    state = train_state.capture_rng_state()
     np.random.rand()
-    common.restore_rng_state(state)
+    train_state.restore_rng_state(state)
     assert np.random.rand() == expected
 
 
@@ -317,7 +318,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 def test_fixed_tensors_are_written_once_and_survive_pruning(tmp_path, tiny):
     """The CAI stage reference: a safetensors file written by the first checkpoint of its stage and
     hard-linked (one copy on disk) into the later ones, each of which stays self-contained."""
-    from rftengine.methods.common import FixedTensors
+    from rftengine.methods.train_state import FixedTensors
 
     weights = {k: v.clone() for k, v in tiny[0].state_dict().items()}  # tied: embed == lm_head
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"]

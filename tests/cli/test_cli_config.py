@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from rftengine.config import UserError, apply_overrides, load_run_config, parse_override
+from rftengine.config import apply_overrides, load_run_config, parse_override
+from rftengine.errors import UserError
 
 
 def write(tmp_path, text, name="run.yaml"):
@@ -97,7 +98,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yam
 def test_every_example_train_section_loads_into_its_method_config(path):
     """The YAML stays flat: each example's train section builds its config unchanged, every
     value given (stage sections included) lands on the field of that name."""
-    from rftengine.cli import METHOD_RUNNERS
+    from rftengine.cli.runners import METHOD_RUNNERS
     from rftengine.config import method_config
 
     cfg = load_run_config(path)
@@ -130,4 +131,4 @@ def test_help_config_lists_every_field_of_the_method(capsys):
     assert out.startswith("RLAIFConfig")
     for f in dataclasses.fields(RLAIFConfig):
         assert f"\n  {f.name} " in out
-    assert "num_samples" in out and "default 2; >= 2" in out
+    assert "group_size" in out and "default 2; >= 2" in out

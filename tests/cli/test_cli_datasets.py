@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from rftengine.config import UserError
-from rftengine.datasets import load_preferences, load_prompts, read_jsonl
+from rftengine.datasets import load_preferences, load_prompt_rows, load_prompts, read_jsonl
+from rftengine.errors import UserError
 from rftengine.toy import char_tokenizer
 from tests.test_datasets_formats import hf_home  # noqa: F401 (fixture: an empty offline HF cache)
 
@@ -86,6 +86,20 @@ def test_chat_data_needs_a_chat_template(tmp_path):
                {"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}]
     with pytest.raises(UserError, match=r"data.jsonl:2: the data has chat messages but the tokenizer has no chat template"):
         load_preferences(write_lines(tmp_path, records), char_tokenizer(chat_template=False))
+
+
+def test_an_empty_chat_template_is_none_for_the_data_as_for_the_methods(tmp_path):
+    from rftengine.methods.data import render_prompt
+
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = ""  # renders nothing: no template, wherever the chat messages are checked
+    chat = [{"role": "user", "content": "a"}]
+    with pytest.raises(UserError, match=r"data.jsonl:1: the data has chat messages but the tokenizer has no chat template"):
+        load_preferences(write_lines(tmp_path, [{"prompt": chat, "chosen": "b", "rejected": "c"}]), tokenizer)
+    with pytest.raises(UserError, match=r"data.jsonl:1: the data has chat messages but the tokenizer has no chat template"):
+        load_prompt_rows(write_lines(tmp_path, [{"prompt": chat}]), tokenizer)
+    with pytest.raises(ValueError, match="prompt has chat messages but the tokenizer has no chat template"):
+        render_prompt(tokenizer, chat)
 
 
 # ----------------------------------------------------------------------------- through `rftengine train`

@@ -9,7 +9,7 @@ import pytest
 
 from rftengine import checkpoint as ckpt
 from rftengine.cli import main
-from rftengine.config import UserError
+from rftengine.errors import UserError
 from rftengine.toy import char_tokenizer, tiny_causal_lm
 
 from .cli_helpers import save_tiny_model, write_config, write_jsonl
@@ -121,7 +121,7 @@ def test_usage_errors_exit_2(capsys, setup):
 
 def test_overrides_after_resume_flag(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr("rftengine.cli.run_training", lambda path, overrides, resume: seen.update(o=overrides, r=resume))
+    monkeypatch.setattr("rftengine.cli.train.run_training", lambda path, overrides, resume: seen.update(o=overrides, r=resume))
     assert main(["train", "run.yaml", "a=1", "--resume", "b=2", "c=3"]) == 0
     assert seen == {"o": ["a=1", "b=2", "c=3"], "r": ""}
     assert main(["train", "run.yaml", "--resume", str(tmp_path), "a=1"]) == 0
@@ -160,12 +160,12 @@ def test_output_dir_read_only(capsys, setup, monkeypatch):
 
 def test_output_dir_permission_error_on_write(capsys, setup, monkeypatch):
     tmp_path, cfg = setup
-    import rftengine.cli
+    import rftengine.cli.train
 
     def deny(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "out" / "run_config.yaml"))
 
-    monkeypatch.setattr(rftengine.cli, "_write_run_config", deny)
+    monkeypatch.setattr(rftengine.cli.train, "_write_run_config", deny)
     err = run_error(capsys, ["train", str(cfg)])
     assert "Permission denied" in err and str(tmp_path / "out" / "run_config.yaml") in err
 

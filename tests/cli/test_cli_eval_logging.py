@@ -11,7 +11,8 @@ import pytest
 from .cli_helpers import EXAMPLES, write_jsonl
 
 from rftengine.cli import main
-from rftengine.config import RunConfig, UserError
+from rftengine.config import RunConfig
+from rftengine.errors import UserError
 from rftengine.metrics import read_metrics
 
 PAIRS = [json.loads(line) for line in (EXAMPLES / "data" / "pairs.jsonl").read_text().splitlines() if line.strip()]
@@ -63,12 +64,12 @@ def test_no_escape_codes_in_a_log_file(tmp_path, tiny_model_dir, monkeypatch, in
     """RLAIF draws bars inside the step bar (sampling, judging): in a log file they would leave
     cursor-up codes (ESC[A); with the output not a terminal, plain lines are printed instead."""
     if interactive:      # the check itself: bars forced on do leave escape codes in the file
-        monkeypatch.setattr("rftengine.methods.common.interactive_terminal", lambda: True)
+        monkeypatch.setattr("rftengine.methods.loop.interactive_terminal", lambda: True)
     held_out = write_jsonl(tmp_path / "held_out.jsonl", [{"prompt": "ab> "}, {"prompt": "cd> "}])
     out = tmp_path / "out"
     argv = ["train", str(EXAMPLES / "rlaif.yaml"), f"model={tiny_model_dir}", f"judge={tiny_model_dir}",
             f"output_dir={out}", f"eval_data={held_out}", "train.max_steps=2", "train.batch_size=2",
-            "train.num_samples=2", "train.max_new_tokens=4", "train.logging_steps=1", "judge_options.batch_size=8",
+            "train.group_size=2", "train.max_new_tokens=4", "train.logging_steps=1", "judge_options.batch_size=8",
             "plot=false", "progress=true"]
     code, log = run_logged(argv, tmp_path / "log.txt")
     assert code == 0, log

@@ -2,24 +2,16 @@
 the usage on a bare call, TRL's names with a notice, and the start-up banner."""
 
 import dataclasses
-import logging
 from importlib.metadata import version
 
 import pytest
 import yaml
 from .cli_helpers import EXAMPLES, write_config
 
-from rftengine.cli import METHOD_RUNNERS, _method_keys, main
-from rftengine.config import METHODS, RunConfig, UserError, load_run_config
-from rftengine.methods.config_base import announce
-
-
-@pytest.fixture
-def notices(caplog):
-    announce.cache_clear()
-    caplog.set_level(logging.WARNING, logger="rftengine")
-    yield lambda: [r.getMessage() for r in caplog.records if r.name == "rftengine"]
-    announce.cache_clear()
+from rftengine.cli import main
+from rftengine.cli.runners import METHOD_RUNNERS, method_keys
+from rftengine.config import METHODS, RunConfig, load_run_config
+from rftengine.errors import UserError
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -80,7 +72,7 @@ def test_a_trl_name_at_the_top_level_is_pointed_to_the_train_section(tmp_path):
                         num_generations=4)
     with pytest.raises(UserError, match=r"'num_generations' is a setting of the method: put it in the train "
                                         r"section \(train.num_generations\)"):
-        load_run_config(path, method_keys=_method_keys)
+        load_run_config(path, method_keys=method_keys)
 
 
 def test_a_trl_grpo_recipe_trains_with_notices_and_the_banner(tmp_path, tiny_model_dir, monkeypatch, capsys, notices):

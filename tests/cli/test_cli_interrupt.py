@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rftengine.cli
+import rftengine.cli.run
 from rftengine import checkpoint as ckpt
-from rftengine.cli import main, stop_on_signals
-from rftengine.methods.common import STOP
+from rftengine.cli import main
+from rftengine.cli.interrupt import stop_on_signals
+from rftengine.methods.loop import STOP
 from rftengine.metrics import read_metrics
 
 from .cli_helpers import EXAMPLES
@@ -99,14 +100,14 @@ def test_second_signal_aborts_and_handlers_are_restored():
 def test_stop_leaves_a_multi_stage_run(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """CAI's SFT stage is stopped after its first step: no later stage starts, exit 130."""
     monkeypatch.chdir(EXAMPLES.parent)
-    log = rftengine.cli.Run.callback
+    log = rftengine.cli.run.Run.callback
 
     def callback(self, step, metrics):
         log(self, step, metrics)
         if step == 1:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(rftengine.cli.Run, "callback", callback)
+    monkeypatch.setattr(rftengine.cli.run.Run, "callback", callback)
     out = tmp_path / "cai"
     argv = ["train", str(EXAMPLES / "cai.yaml"), f"model={tiny_model_dir}", f"output_dir={out}", "progress=false",
             "plot=false", "tensorboard=false", "train.max_new_tokens=4", "train.critique_max_new_tokens=4",

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rftengine.cli
+import rftengine.cli.run
+import rftengine.cli.train
 from rftengine.checkpoint import ADAPTER_CONFIG
 from rftengine.cli import main
 from rftengine.metrics import read_metrics
@@ -32,7 +33,7 @@ def no_reference_model(monkeypatch):
     def forbidden(self):
         raise AssertionError("a LoRA run loaded a separate reference model")
 
-    monkeypatch.setattr(rftengine.cli.Run, "load_reference", forbidden)
+    monkeypatch.setattr(rftengine.cli.run.Run, "load_reference", forbidden)
     monkeypatch.chdir(EXAMPLES.parent)  # the example's data path is relative to the repository root
 
 
@@ -41,14 +42,14 @@ def train(model_dir, out, *extra, steps=2, crash_at=None):
             "progress=false", "plot=false", f"train.max_steps={steps}", *DPO, *extra]
     with pytest.MonkeyPatch.context() as mp:
         if crash_at is not None:
-            log = rftengine.cli.Run.callback
+            log = rftengine.cli.run.Run.callback
 
             def callback(self, step, metrics):
                 if step == crash_at:
                     raise Crash(f"simulated crash after step {step}")
                 log(self, step, metrics)
 
-            mp.setattr(rftengine.cli.Run, "callback", callback)
+            mp.setattr(rftengine.cli.run.Run, "callback", callback)
             with pytest.raises(Crash):
                 main(argv)
         else:
@@ -76,7 +77,7 @@ def base_model(model_dir):
 def test_only_adapters_train_and_the_merged_export_loads_without_peft(tmp_path, tiny_model_dir, monkeypatch):
     ids = probe_ids(tiny_model_dir)
     seen = {}
-    export = rftengine.cli.export_model
+    export = rftengine.cli.train.export_model
 
     def spy(model, tokenizer, out_dir, merge_lora=False, **kwargs):
         # before the export merges the adapters into the model in place
@@ -85,7 +86,7 @@ def test_only_adapters_train_and_the_merged_export_loads_without_peft(tmp_path, 
         seen["logits"] = logits(model, ids)
         return export(model, tokenizer, out_dir, merge_lora=merge_lora, **kwargs)
 
-    monkeypatch.setattr(rftengine.cli, "export_model", spy)
+    monkeypatch.setattr(rftengine.cli.train, "export_model", spy)
     train(tiny_model_dir, tmp_path / "out")  # the example merges on export
 
     assert seen["peft"]

@@ -91,7 +91,7 @@ def test_resume_drops_a_torn_last_line(tmp_path, capsys):
 def test_a_broken_line_before_the_last_is_an_error(tmp_path):
     import pytest
 
-    from rftengine.config import UserError
+    from rftengine.errors import UserError
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 3.0}\n')
     with pytest.raises(UserError, match=r"metrics\.jsonl.*line 2"):

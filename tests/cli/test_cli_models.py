@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rftengine import checkpoint as ckpt
-from rftengine.cli import METHOD_RUNNERS, main
+from rftengine.cli import main
+from rftengine.cli.runners import METHOD_RUNNERS
 from rftengine.methods.model_source import resolve_model, resolve_tokenizer_dir
 from rftengine.methods.modeling import RewardModel, load_causal_lm, load_tokenizer
 
@@ -158,7 +159,7 @@ def test_rlaif_ppo_exports_its_critic(tiny_model_dir, tmp_path):
     cfg = write_config(tmp_path / "rlaif.yaml", method="rlaif", model=str(tiny_model_dir), judge=str(tiny_model_dir),
                        data=str(prompts), output_dir=str(tmp_path / "rlaif"), progress=False, plot=False,
                        judge_options={"choices": ["a", "b"], "batch_size": 8},
-                       train={"algorithm": "ppo", "batch_size": 2, "num_samples": 2, "max_new_tokens": 4,
+                       train={"algorithm": "ppo", "batch_size": 2, "group_size": 2, "max_new_tokens": 4,
                               "max_steps": 1, "ppo": {"ppo_epochs": 1, "minibatch_size": 4}})
     assert main(["train", str(cfg)]) == 0
     _, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rlaif" / "final" / "critic",

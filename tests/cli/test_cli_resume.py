@@ -9,10 +9,10 @@ import yaml
 from .cli_helpers import EXAMPLES
 from safetensors.torch import load_file
 
-import rftengine.cli
+import rftengine.cli.run
 from rftengine import checkpoint as ckpt
 from rftengine.cli import main
-from rftengine.methods import common
+from rftengine.methods import loop
 from rftengine.metrics import read_metrics
 
 STEPS, CRASH_AT = 4, 3  # checkpoints after step 2 (and 4); the crash loses step 3
@@ -28,7 +28,7 @@ FAST = {
     "cai": ["train.max_new_tokens=4", "train.critique_max_new_tokens=4", "train.max_prompt_length=24",
             "train.max_context_length=48", "train.sft.max_steps=1", "train.sft.batch_size=4",
             "train.dpo.max_steps=3", "train.dpo.batch_size=3", "train.dpo.learning_rate=1e-3", "train.dpo.save_every=1"],
-    "rlaif": ["train.batch_size=2", "train.num_samples=2", "train.max_new_tokens=4", "train.dpo.learning_rate=1e-3",
+    "rlaif": ["train.batch_size=2", "train.group_size=2", "train.max_new_tokens=4", "train.dpo.learning_rate=1e-3",
               "judge_options.choices=[a,b]"],
 }
 
@@ -40,8 +40,8 @@ class Crash(RuntimeError):
 def run(method, model_dir, out, *, crash_at=None, resume=False):
     """Train, recording every batch's example indices; optionally crash when step `crash_at` ends."""
     batches = []
-    original = common.batch_indices
-    log = rftengine.cli.Run.callback
+    original = loop.batch_indices
+    log = rftengine.cli.run.Run.callback
 
     def spy(*args, **kwargs):
         batches.append(original(*args, **kwargs))
@@ -61,8 +61,8 @@ def run(method, model_dir, out, *, crash_at=None, resume=False):
     if resume:
         argv.append("--resume")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(common, "batch_indices", spy)  # the one place every trainer draws batches
-        mp.setattr(rftengine.cli.Run, "callback", callback)
+        mp.setattr(loop, "batch_indices", spy)  # the one place every trainer draws batches
+        mp.setattr(rftengine.cli.run.Run, "callback", callback)
         if crash_at is not None:
             with pytest.raises(Crash):
                 main(argv)
@@ -104,7 +104,7 @@ def dpo_argv(model_dir, out, *extra):
 
 
 def crash_after(step):
-    log = rftengine.cli.Run.callback
+    log = rftengine.cli.run.Run.callback
 
     def callback(self, at, metrics):
         if at == step:
@@ -123,7 +123,7 @@ def test_resume_from_an_older_checkpoint_starts_a_branch(tmp_path, tiny_model_di
 
     # The branch from checkpoint-2 crashes after its step 3, before writing its own checkpoint-3.
     with monkeypatch.context() as mp, pytest.raises(Crash):
-        mp.setattr(rftengine.cli.Run, "callback", crash_after(3))
+        mp.setattr(rftengine.cli.run.Run, "callback", crash_after(3))
         main(dpo_argv(tiny_model_dir, out, "train.max_steps=4", "train.learning_rate=1e-4",
                       "--resume", str(out / "checkpoint-2")))
     console = capsys.readouterr().out
@@ -177,7 +177,7 @@ def test_run_config_is_fully_resolved(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_resolved_config_of_nested_stages():
-    from rftengine.cli import resolved_run_config
+    from rftengine.cli.resume import resolved_run_config
     from rftengine.config import RunConfig
     from rftengine.methods.cai import CAIConfig
     from rftengine.methods.sft import SFTConfig

@@ -15,7 +15,7 @@ FAST = {
     "ppo": ["train.batch_size=2", "train.max_new_tokens=6", "train.ppo_epochs=1", "train.minibatch_size=2"],
     "grpo": ["train.batch_size=2", "train.group_size=2", "train.max_new_tokens=6"],
     "rloo": ["train.batch_size=2", "train.group_size=2", "train.max_new_tokens=6"],
-    "rlaif": ["train.batch_size=2", "train.num_samples=2", "train.max_new_tokens=6", "judge_options.batch_size=8",
+    "rlaif": ["train.batch_size=2", "train.group_size=2", "train.max_new_tokens=6", "judge_options.batch_size=8",
               "judge_options.choices=[a,b]"],
 }
 

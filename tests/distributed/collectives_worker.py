@@ -33,7 +33,7 @@ def _whiten_rows(r: int) -> dict:
         for shift_mean in (True, False):
             x, mask, g = whiten_batch(shift_mean)
             xs = x[rows].clone().requires_grad_()
-            y = whiten(xs, mask[rows], shift_mean=shift_mean, reduce=distributed.all_reduce_sum)
+            y = whiten(xs, mask=mask[rows], shift_mean=shift_mean, reduce=distributed.all_reduce_sum)
             (dx,) = torch.autograd.grad((y * g[rows]).sum(), xs)
             parts = [None, None]
             torch.distributed.all_gather_object(parts, (y.tolist(), dx.tolist()))

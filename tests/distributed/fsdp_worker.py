@@ -31,8 +31,8 @@ def main(out: str, tie: str) -> None:
         batch = collate_preferences([examples[i] for i in idx], tok.pad_token_id)
         hidden = response_hidden(model, batch)  # the trunk first: it gathers the root unit (head)
         weight, bias = output_head(model)
-        loss, _ = fused_dpo_loss(hidden, weight, batch.response_ids, batch.response_mask, bias=bias,
-                                 beta=0.5, loss_type="simpo", gamma=0.1)
+        loss, _ = fused_dpo_loss(hidden, weight, batch.response_ids, mask=batch.response_mask, bias=bias,
+                                 beta=0.5, loss_type="simpo", simpo_gamma=0.1)
         # A share of the global mean: the gradients are summed over the ranks.
         (loss * len(idx) / 4).backward()
         grads = {}

@@ -84,7 +84,7 @@ def test_two_ranks_whiten_as_one_process_whitens_the_concatenated_batch(tmp_path
         for shift_mean in (True, False):
             x, mask, g = whiten_batch(shift_mean)
             x.requires_grad_()
-            y = whiten(x, mask, shift_mean=shift_mean)
+            y = whiten(x, mask=mask, shift_mean=shift_mean)
             (dx,) = torch.autograd.grad((y * g).sum(), x)
             y2, dx2 = (torch.tensor(v) for v in got[f"{backend}/{shift_mean}"])
             torch.testing.assert_close(y2, y.detach(), rtol=1e-5, atol=1e-6)

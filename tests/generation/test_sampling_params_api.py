@@ -226,7 +226,8 @@ def test_text_errors_are_clear(model, tok):
 
 
 def test_method_rollouts_train_on_stop_cut_responses(tok):
-    from rftengine.methods.ppo import PPOConfig, train_ppo
+    from rftengine.methods.ppo import train_ppo
+    from rftengine.methods.ppo_config import PPOConfig
 
     stops = list("aeiou")
     seen = []

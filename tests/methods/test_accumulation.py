@@ -13,7 +13,8 @@ import torch
 from rftengine.methods.data import collate_preferences, encode_preferences, make_sequence_batch, pad_token_id
 from rftengine.methods.dpo import DPOConfig, dpo_step
 from rftengine.methods.modeling import response_logprobs
-from rftengine.methods.ppo import PPOBatch, PPOConfig, make_ppo_context, step
+from rftengine.methods.ppo import PPOBatch, make_ppo_context, step
+from rftengine.methods.ppo_config import PPOConfig
 from rftengine.methods.reward import RewardConfig, as_reward_model, reward_step
 from rftengine.methods.sft import SFTConfig, sft_step
 

@@ -7,17 +7,19 @@ import torch
 
 from rftengine.methods.cai import (
     CAIConfig,
-    Constitution,
-    default_constitution_path,
     generate_revisions,
-    load_constitution,
-    principle_judge,
     revision_pairs,
     revision_sft_data,
     train_cai,
 )
-from rftengine.methods.common import config_to_dict
-from rftengine.methods.ppo import PPOConfig
+from rftengine.methods.config_base import config_to_dict
+from rftengine.methods.constitution import (
+    Constitution,
+    default_constitution_path,
+    load_constitution,
+    principle_judge,
+)
+from rftengine.methods.ppo_config import PPOConfig
 
 from . import fakes
 

@@ -7,7 +7,8 @@ import torch
 
 from rftengine.methods.dpo import DPOConfig, dpo_step
 from rftengine.methods.modeling import enable_gradient_checkpointing
-from rftengine.methods.ppo import PPOConfig, make_ppo_context, rollout, step
+from rftengine.methods.ppo import make_ppo_context, rollout, step
+from rftengine.methods.ppo_config import PPOConfig
 from rftengine.methods.reward import RewardConfig, train_reward_model
 
 from .test_accumulation import assert_same_step, grpo_batch, pair_batch, sgd_gradients

@@ -1,24 +1,14 @@
 """TRL's names for config fields: taken with one notice each, converted where TRL counts
 differently, refused where the meaning differs; and "did you mean" only for typos."""
 
-import logging
-
 import pytest
 
 from rftengine.methods.cai import CAIConfig
-from rftengine.methods.config_base import announce, config_to_dict, unknown_key_hint
+from rftengine.methods.config_base import config_to_dict, unknown_key_hint
 from rftengine.methods.dpo import DPOConfig
-from rftengine.methods.ppo import PPOConfig
+from rftengine.methods.ppo_config import PPOConfig
 from rftengine.methods.reward import RewardConfig
-
-
-@pytest.fixture
-def notices(caplog):
-    """The alias notices logged during the test (the once-per-process memory cleared first)."""
-    announce.cache_clear()
-    caplog.set_level(logging.WARNING, logger="rftengine")
-    yield lambda: [r.getMessage() for r in caplog.records if r.name == "rftengine"]
-    announce.cache_clear()
+from rftengine.methods.rlaif import RLAIFConfig
 
 
 def grpo(**options):
@@ -146,3 +136,12 @@ def test_typos_still_get_the_field(typo, meant):
     with pytest.raises(ValueError, match=f"unknown PPOConfig key '{typo}'; did you mean {meant}".replace("(", r"\(")
                        .replace(")", r"\)")):
         PPOConfig.from_dict({typo: 1})
+
+
+def test_rlaif_num_samples_is_the_earlier_name_of_group_size(notices):
+    cfg = RLAIFConfig.from_dict({"algorithm": "grpo", "num_samples": 3})
+    assert cfg.group_size == 3 and cfg.ppo_config.group_size == 3
+    assert notices() == ["train.num_samples is rftengine 0.1's name for train.group_size; using it"]
+    assert RLAIFConfig.from_dict({"num_generations": 4}).group_size == 4     # TRL's name, as for PPO
+    with pytest.raises(ValueError, match="give only one of train.num_samples and train.group_size"):
+        RLAIFConfig.from_dict({"num_samples": 3, "group_size": 3})

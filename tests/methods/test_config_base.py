@@ -17,22 +17,21 @@ from transformers.optimization import (
 )
 
 from rftengine.methods.cai import CAIConfig
-from rftengine.methods.common import (
+from rftengine.methods.config_base import (
     ConfigBase,
     LengthFields,
     LogprobFields,
     LoopFields,
     OptimFields,
     SamplingFields,
-    apply_optimizer_settings,
+    config_from_dict,
     config_to_dict,
     describe_config,
-    make_optimizer,
-    make_scheduler,
     option,
 )
+from rftengine.methods.optimization import apply_optimizer_settings, make_optimizer, make_scheduler
 from rftengine.methods.dpo import DPOConfig
-from rftengine.methods.ppo import PPOConfig
+from rftengine.methods.ppo_config import PPOConfig
 from rftengine.methods.reward import RewardConfig
 from rftengine.methods.rlaif import RLAIFConfig
 from rftengine.methods.sft import SFTConfig
@@ -145,7 +144,7 @@ ROUND_TRIPS = [
     DPOConfig(loss_type="ipo", length_normalized=True, max_response_length=None, packing=True),
     SFTConfig(learning_rate=3e-4, gradient_checkpointing=True, max_steps=7),
     RewardConfig(center_coef=0.01, use_margin=True, batch_size=4, micro_batch_size=2),
-    RLAIFConfig(algorithm="grpo", num_samples=4, ppo=PPOConfig(learning_rate=2e-5, kl_coef=0.2)),
+    RLAIFConfig(algorithm="grpo", group_size=4, ppo=PPOConfig(learning_rate=2e-5, kl_coef=0.2)),
     RLAIFConfig(algorithm="dpo", dpo={"beta": 0.3, "loss_type": "hinge"}),
     CAIConfig(mode="rl", sft=SFTConfig(num_epochs=2), rl={"learning_rate": 1e-5, "group_size": 2}),
     CAIConfig(dpo=DPOConfig(beta=0.2), revision_max_new_tokens=9),
@@ -172,8 +171,8 @@ def test_every_method_config_round_trips_through_a_plain_dict(config):
 
 def test_stage_objects_and_mappings_merge_the_same_way():
     """RLAIF binds its loop fields into the stage; a conflicting value names both fields."""
-    as_object = RLAIFConfig(algorithm="rloo", num_samples=3, batch_size=2, ppo=PPOConfig(kl_coef=0.2)).ppo_config
-    as_mapping = RLAIFConfig(algorithm="rloo", num_samples=3, batch_size=2, ppo={"kl_coef": 0.2}).ppo_config
+    as_object = RLAIFConfig(algorithm="rloo", group_size=3, batch_size=2, ppo=PPOConfig(kl_coef=0.2)).ppo_config
+    as_mapping = RLAIFConfig(algorithm="rloo", group_size=3, batch_size=2, ppo={"kl_coef": 0.2}).ppo_config
     assert as_object == as_mapping
     merged = (as_object.algorithm, as_object.group_size, as_object.batch_size, as_object.kl_estimator)
     assert merged == ("rloo", 3, 2, "k3")
@@ -247,3 +246,27 @@ def test_resume_may_change_the_fields_declared_resumable():
     assert set(RESUME_TRAIN_KEYS) == {"max_steps", "num_epochs", "save_every", "learning_rate", "weight_decay",
                                       "adam_betas", "max_grad_norm", "warmup_steps", "lr_scheduler",
                                       "max_skipped_steps", "eval_every", "eval_batch_size", "logging_steps"}
+
+
+
+@pytest.mark.parametrize("cls", [RewardConfig, PPOConfig, DPOConfig])
+def test_unknown_key_suggests_closest(cls):
+    with pytest.raises(ValueError, match=r"unknown \w+Config key 'learning_rat'.*did you mean 'learning_rate'"):
+        cls.from_dict({"learning_rat": 1e-5})
+
+
+def test_unknown_key_without_close_match_lists_valid_keys():
+    with pytest.raises(ValueError, match="valid keys: .*learning_rate"):
+        RewardConfig.from_dict({"zzzzzz": 1})
+
+
+def test_from_dict_roundtrip_and_validation():
+    cfg = PPOConfig.from_dict({"algorithm": "grpo", "group_size": 4, "adam_betas": [0.9, 0.95]})
+    assert cfg.kl_estimator == "k3" and cfg.kl_in_loss is True and cfg.adam_betas == (0.9, 0.95)
+    assert PPOConfig.from_dict(config_to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match="RewardConfig.learning_rate must be > 0"):
+        config_from_dict(RewardConfig, {"learning_rate": 0})
+    with pytest.raises(ValueError, match="lr_scheduler must be one of"):
+        RewardConfig(lr_scheduler="step")
+    with pytest.raises(ValueError, match="expects a mapping"):
+        RewardConfig.from_dict([("learning_rate", 1.0)])

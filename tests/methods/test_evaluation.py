@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rftengine.methods.common import TrainState, metrics_line, train_loop
+from rftengine.methods.loop import metrics_line, train_loop
+from rftengine.methods.train_state import TrainState
 from rftengine.methods.config_base import LoopFields
 from rftengine.methods.data import collate_preferences, encode_preferences
 from rftengine.methods.dpo import DPOConfig, dpo_batch_loss, train_dpo
@@ -82,7 +83,7 @@ def test_logging_lines_when_no_bar_is_drawn(capsys):
 
 @pytest.mark.parametrize("out_tty, err_tty", [(True, True), (True, False), (False, True)])
 def test_bars_only_when_stdout_and_stderr_are_terminals(monkeypatch, out_tty, err_tty):
-    from rftengine.methods import common
+    from rftengine.methods import loop
 
     class Stream:
         def __init__(self, tty):
@@ -90,10 +91,10 @@ def test_bars_only_when_stdout_and_stderr_are_terminals(monkeypatch, out_tty, er
 
     monkeypatch.setattr("sys.stdout", Stream(out_tty))
     monkeypatch.setattr("sys.stderr", Stream(err_tty))
-    assert common.interactive_terminal() is (out_tty and err_tty)
+    assert loop.interactive_terminal() is (out_tty and err_tty)
     if not (out_tty and err_tty):
         items = [1, 2]
-        assert common.progress_bar(True, total=2, desc="x") is None and common.track(items, True, desc="x") is items
+        assert loop.progress_bar(True, total=2, desc="x") is None and loop.track(items, True, desc="x") is items
 
 
 def test_progress_bar_is_drawn_on_a_terminal(capsys, terminal):
@@ -169,7 +170,8 @@ def test_grpo_eval_scores_held_out_prompts_without_changing_training(tokenizer, 
     import dataclasses
 
     from rftengine.methods.evaluation import rollout_evaluator
-    from rftengine.methods.ppo import PPOConfig, score, train_ppo
+    from rftengine.methods.ppo import score, train_ppo
+    from rftengine.methods.ppo_config import PPOConfig
     from rftengine.toy import vowel_fraction_reward
 
     prompts, held_out = ["ab:", "cde:", "fg:", "hij:"], ["ka:", "lmn:", "op:"]
@@ -202,7 +204,7 @@ def test_rlaif_eval_judges_held_out_prompts_without_changing_training(make_lm, t
     judge = Judge(make_lm(seed=9), tokenizer, "rate {response} =", pairwise_template="1: {response_a} 2: {response_b} =",
                   choices=("1", "2"), batch_size=16)
     prompts, held_out = ["ab> ", "cd> ", "efg> ", "h> "], ["ijk> ", "lm> ", "n> "]
-    config = RLAIFConfig(algorithm=algorithm, judge_mode=judge_mode, num_samples=2, batch_size=2, max_steps=2,
+    config = RLAIFConfig(algorithm=algorithm, judge_mode=judge_mode, group_size=2, batch_size=2, max_steps=2,
                          max_new_tokens=4, eval_every=2)
     plain = train_rlaif(make_lm(seed=8), tokenizer, prompts, judge, config, ref_model=make_lm(seed=8))
     result = train_rlaif(make_lm(seed=8), tokenizer, prompts, judge, config, ref_model=make_lm(seed=8),

@@ -146,6 +146,35 @@ def test_load_causal_lm_from_directory_and_errors(make_lm, tmp_path):
         load_causal_lm(tmp_path / "empty")
 
 
+def test_truncated_weights_are_named_by_the_one_model_directory_check(make_lm, tmp_path):
+    from rftengine.checkpoint import check_model_dir
+    from rftengine.errors import UserError
+
+    make_lm().save_pretrained(tmp_path / "lm")
+    weights = tmp_path / "lm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    # the loaders and the CLI's early check (the same rule, as a UserError) say the same
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated or not a safetensors file"):
+        load_causal_lm(tmp_path / "lm")
+    with pytest.raises(UserError, match=r"model\.safetensors is truncated or not a safetensors file"):
+        check_model_dir(tmp_path / "lm")
+
+
+def test_adapter_directory_without_peft_says_how_to_install_it(make_lm, tmp_path, monkeypatch):
+    peft = pytest.importorskip("peft")
+    import sys
+
+    base = make_lm()
+    base.save_pretrained(tmp_path / "base")
+    adapters = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    adapters.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    adapters.save_pretrained(tmp_path / "adapters")
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if the optional extra were not installed
+    with pytest.raises(ValueError, match=r"is a PEFT adapter directory: loading it needs peft, which is not "
+                                         r"installed: pip install rftengine\[peft\]"):
+        load_causal_lm(tmp_path / "adapters")
+
+
 def test_classifier_needs_one_label(make_lm):
     from transformers import AutoModelForSequenceClassification
 

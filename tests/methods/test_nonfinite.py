@@ -10,10 +10,11 @@ import torch
 
 from rftengine.cli import main
 from rftengine.methods.cai import CAIConfig, train_cai
-from rftengine.methods.common import NonFiniteStepError, optimizer_step
+from rftengine.methods.optimization import NonFiniteStepError, optimizer_step
 from rftengine.methods.dpo import DPOConfig, train_dpo
 from rftengine.methods.judge import Judge
-from rftengine.methods.ppo import PPOConfig, make_ppo_context, rollout, score, train_ppo
+from rftengine.methods.ppo import make_ppo_context, rollout, score, train_ppo
+from rftengine.methods.ppo_config import PPOConfig
 from rftengine.methods.reward import RewardConfig, train_reward_model
 from rftengine.methods.rlaif import RLAIFConfig, train_rlaif
 from rftengine.methods.sft import SFTConfig, train_sft

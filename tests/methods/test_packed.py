@@ -25,7 +25,8 @@ from rftengine.methods.modeling import (
     response_logprobs,
     reward_model_from_causal_lm,
 )
-from rftengine.methods.ppo import PPOConfig, compute_advantages, make_ppo_context, ppo_loss
+from rftengine.methods.ppo import compute_advantages, make_ppo_context, ppo_loss
+from rftengine.methods.ppo_config import PPOConfig
 from rftengine.methods.reward import RewardConfig, reward_loss, reward_step
 from rftengine.methods.rollout import Rollout
 from rftengine.methods.sft import SFTConfig, sft_loss, sft_step

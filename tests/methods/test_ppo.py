@@ -7,17 +7,9 @@ import random
 import pytest
 import torch
 
-from rftengine.methods.ppo import (
-    KLController,
-    PPOConfig,
-    compute_advantages,
-    evaluate_reward,
-    make_ppo_context,
-    rollout,
-    score,
-    step,
-    train_ppo,
-)
+from rftengine.methods.ppo import compute_advantages, evaluate_reward, make_ppo_context, rollout, score, step, train_ppo
+from rftengine.methods.ppo_advantages import KLController
+from rftengine.methods.ppo_config import PPOConfig
 from rftengine.toy import vowel_fraction_reward
 
 

@@ -9,14 +9,9 @@ import yaml
 from safetensors.torch import load_file
 
 from rftengine.cli import main
-from rftengine.methods.common import (
-    NonFiniteStepError,
-    TrainState,
-    clip_and_step,
-    compute_dtype,
-    param_dtype,
-    resolve_precision,
-)
+from rftengine.methods.optimization import NonFiniteStepError, clip_and_step
+from rftengine.methods.precision import compute_dtype, param_dtype, resolve_precision
+from rftengine.methods.train_state import TrainState
 from rftengine.methods.dpo import DPOConfig, train_dpo
 from rftengine.methods.sft import SFTConfig, train_sft
 
@@ -159,7 +154,8 @@ def test_cli_precision_is_accepted_recorded_and_checked(capsys, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
 def test_grpo_mixed_rolls_out_in_the_compute_dtype_and_trains_fp32_masters(make_lm, tokenizer, precision):
-    from rftengine.methods.ppo import PPOConfig, train_ppo
+    from rftengine.methods.ppo import train_ppo
+    from rftengine.methods.ppo_config import PPOConfig
     from rftengine.toy import vowel_fraction_reward
 
     policy = make_lm()

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from rftengine.methods.ppo import PPOConfig, make_ppo_context, rollout, score, train_ppo
+from rftengine.methods.ppo import make_ppo_context, rollout, score, train_ppo
+from rftengine.methods.ppo_config import PPOConfig
 from rftengine.methods.rewards import (
     NamedReward,
     RewardFunctions,

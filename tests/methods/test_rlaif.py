@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from rftengine.generation import Generator
-from rftengine.methods.common import config_to_dict
+from rftengine.methods.config_base import config_to_dict
 from rftengine.methods.dpo import DPOConfig
 from rftengine.methods.judge import Judge
-from rftengine.methods.ppo import PPOConfig
+from rftengine.methods.ppo_config import PPOConfig
+from rftengine.methods.result import TrainResult
 from rftengine.methods.rlaif import (
     RLAIFConfig,
-    RLAIFResult,
     sample_responses,
     train_rlaif,
 )
@@ -48,12 +48,12 @@ def test_rlaif_online_rl_end_to_end(make_lm, tokenizer, judge, algorithm, judge_
     policy = make_lm(seed=1)
     before = _params(policy)
     steps, states = [], []
-    config = RLAIFConfig(algorithm=algorithm, judge_mode=judge_mode, num_samples=3, batch_size=2, max_steps=2,
+    config = RLAIFConfig(algorithm=algorithm, judge_mode=judge_mode, group_size=3, batch_size=2, max_steps=2,
                          max_new_tokens=6, save_every=1, ppo={"learning_rate": 1e-3, "ppo_epochs": 1})
     result = train_rlaif(policy, tokenizer, PROMPTS, judge, config,
                          callback=lambda step, m: steps.append((step, m)),
                          checkpoint_fn=lambda s: states.append(s.state_dict()))
-    assert isinstance(result, RLAIFResult)
+    assert isinstance(result, TrainResult)
     assert [s for s, _ in steps] == [1, 2]
     metrics = steps[-1][1]
     for key in ("loss", "reward", "kl", "clip_ratio/region_mean", "entropy", "completions/mean_length"):
@@ -72,7 +72,7 @@ def test_rlaif_online_dpo_end_to_end(make_lm, tokenizer, judge):
     policy = make_lm(seed=2)
     before = _params(policy)
     history = []
-    config = RLAIFConfig(algorithm="dpo", judge_mode="pairwise", num_samples=2, batch_size=3, max_steps=2,
+    config = RLAIFConfig(algorithm="dpo", judge_mode="pairwise", group_size=2, batch_size=3, max_steps=2,
                          max_new_tokens=6, dpo={"beta": 0.1, "learning_rate": 1e-3})
     result = train_rlaif(policy, tokenizer, PROMPTS, judge, config, callback=lambda s, m: history.append(m))
     assert len(history) == 2 and result.state.step == 2 and result.state.data_position == 6
@@ -88,7 +88,7 @@ def test_rlaif_online_dpo_end_to_end(make_lm, tokenizer, judge):
 @pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
 def test_rlaif_progress_bars_cover_steps_sampling_and_judging(make_lm, tokenizer, judge, capsys, algorithm,
                                                              terminal):
-    config = RLAIFConfig(algorithm=algorithm, num_samples=2, batch_size=2, max_steps=1, max_new_tokens=4)
+    config = RLAIFConfig(algorithm=algorithm, group_size=2, batch_size=2, max_steps=1, max_new_tokens=4)
     train_rlaif(make_lm(seed=2), tokenizer, PROMPTS, judge, config, progress=True)
     err = capsys.readouterr().err
     expected = ("rlaif-dpo", "rlaif sampling", "reference log-probs") if algorithm == "dpo" else ("grpo",)
@@ -96,12 +96,12 @@ def test_rlaif_progress_bars_cover_steps_sampling_and_judging(make_lm, tokenizer
 
 
 def test_rlaif_dpo_resume_continues_the_data_order(make_lm, tokenizer, judge):
-    config = RLAIFConfig(algorithm="dpo", num_samples=2, batch_size=2, max_steps=3, max_new_tokens=5,
+    config = RLAIFConfig(algorithm="dpo", group_size=2, batch_size=2, max_steps=3, max_new_tokens=5,
                          dpo={"learning_rate": 1e-3})
     full_policy = make_lm(seed=4)
     ref = make_lm(seed=4)
     full = train_rlaif(full_policy, tokenizer, PROMPTS, judge, config, ref_model=ref)
-    part_config = RLAIFConfig(algorithm="dpo", num_samples=2, batch_size=2, max_steps=1, max_new_tokens=5,
+    part_config = RLAIFConfig(algorithm="dpo", group_size=2, batch_size=2, max_steps=1, max_new_tokens=5,
                               dpo={"learning_rate": 1e-3})
     policy = make_lm(seed=4)
     first = train_rlaif(policy, tokenizer, PROMPTS, judge, part_config, ref_model=ref)
@@ -116,14 +116,14 @@ def test_rlaif_dpo_resume_continues_the_data_order(make_lm, tokenizer, judge):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"num_samples": 1}, "num_samples must be an integer >= 2"),
+    ({"group_size": 1}, "group_size must be an integer >= 2"),
     ({"algorithm": "a2c"}, "algorithm must be one of"),
     ({"judge_mode": "listwise"}, "judge_mode must be one of"),
     ({"batch_size": 0}, "batch_size must be >= 1"),
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"algorithm": "dpo", "ppo": {"kl_coef": 0.1}}, "ppo is only used"),
     ({"algorithm": "grpo", "dpo": {"beta": 0.1}}, "dpo is only used"),
-    ({"num_samples": 4, "ppo": {"group_size": 3}}, "ppo.group_size=3 conflicts with RLAIFConfig.num_samples=4"),
+    ({"group_size": 4, "ppo": {"group_size": 3}}, "ppo.group_size=3 conflicts with RLAIFConfig.group_size=4"),
     ({"ppo": {"kl_coef": -1.0}}, "PPOConfig.kl_coef must be >= 0"),
     ({"ppo": {"kl_cof": 0.1}}, "did you mean 'kl_coef'"),
     ({"algorithm": "dpo", "dpo": {"beta": -0.1}}, "DPOConfig.beta must be"),
@@ -135,9 +135,9 @@ def test_bad_rlaif_configs(kwargs, match):
 
 
 def test_rlaif_config_from_dict_and_nested_objects():
-    with pytest.raises(ValueError, match="did you mean 'num_samples'"):
+    with pytest.raises(ValueError, match=r"did you mean 'group_size' \(rftengine 0.1: 'num_samples'\)"):
         RLAIFConfig.from_dict({"num_sample": 2})
-    cfg = RLAIFConfig.from_dict({"algorithm": "rloo", "num_samples": 4, "ppo": {"learning_rate": 1e-5}})
+    cfg = RLAIFConfig.from_dict({"algorithm": "rloo", "group_size": 4, "ppo": {"learning_rate": 1e-5}})
     ppo = cfg.ppo_config
     assert isinstance(ppo, PPOConfig)
     assert (ppo.algorithm, ppo.group_size, ppo.learning_rate) == ("rloo", 4, 1e-5)
@@ -146,7 +146,7 @@ def test_rlaif_config_from_dict_and_nested_objects():
     with pytest.raises(ValueError, match="trains with ppo_config"):
         cfg.dpo_config
     # A PPOConfig object left at algorithm defaults follows the RLAIF algorithm, KL defaults included.
-    ppo = RLAIFConfig(algorithm="grpo", num_samples=2, ppo=PPOConfig(learning_rate=2e-5)).ppo_config
+    ppo = RLAIFConfig(algorithm="grpo", group_size=2, ppo=PPOConfig(learning_rate=2e-5)).ppo_config
     assert (ppo.algorithm, ppo.kl_in_loss, ppo.learning_rate) == ("grpo", True, 2e-5)
     cfg = RLAIFConfig(algorithm="dpo", dpo=DPOConfig(beta=0.3))
     assert cfg.dpo_config.beta == 0.3 and cfg.dpo_config.max_response_length == cfg.max_new_tokens + 1
@@ -185,7 +185,7 @@ def test_online_dpo_trains_the_sampled_ids_and_never_adds_an_eos(make_lm, tokeni
     trained = []
     monkeypatch.setattr(rlaif, "dpo_step", lambda policy, opt, batch, cfg, **kw: trained.append(batch) or {})
     policy = make_lm()
-    config = RLAIFConfig(algorithm="dpo", num_samples=2, batch_size=2, max_new_tokens=3)
+    config = RLAIFConfig(algorithm="dpo", group_size=2, batch_size=2, max_new_tokens=3)
     _, pairs = rlaif.rlaif_dpo_round(
         policy, tokenizer, _FixedJudge([[1.0, 0.0], [0.0, 1.0]]), ["p:", "q:"], config, generator=gen,
         optimizer=None, reference=Reference(policy, make_lm(seed=1)))
@@ -212,7 +212,7 @@ def test_online_dpo_reports_response_length_in_sampled_tokens(make_lm, tokenizer
     gen = ScriptedGenerator(tokenizer, lambda k, prompts, n: rows)
     monkeypatch.setattr(rlaif, "dpo_step", lambda *a, **kw: {})
     policy = make_lm()
-    config = RLAIFConfig(algorithm="dpo", num_samples=2, batch_size=2, max_new_tokens=3)
+    config = RLAIFConfig(algorithm="dpo", group_size=2, batch_size=2, max_new_tokens=3)
     metrics, _ = rlaif.rlaif_dpo_round(
         policy, tokenizer, _FixedJudge([[1.0, 0.0], [0.0, 1.0]]), ["p:", "q:"], config, generator=gen,
         optimizer=None, reference=Reference(policy, make_lm(seed=1)))

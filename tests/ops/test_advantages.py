@@ -1,4 +1,5 @@
-"""gae, whiten and group_advantages on both backends against float64 oracles from DESIGN.md.
+"""gae, whiten and group_advantages on both backends against float64 oracles written from the
+formulas in `docs/conventions.md` ("GAE") and the ops' docstrings.
 
 GAE sums at most T geometric terms of O(1) fp32 values: rtol 1e-5 / atol 1e-5. Whitening and
 group normalisation divide by standard deviations of O(1) inputs: same tolerances.
@@ -7,17 +8,18 @@ group normalisation divide by standard deviations of O(1) inputs: same tolerance
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from rftengine.ops.advantages import gae, group_advantages, whiten
+from tests.ops.helpers import assert_close_f64
 
 F64 = torch.float64
 
 
-def _close(actual, expected, rtol=1e-5, atol=1e-5):
-    torch.testing.assert_close(actual.to(F64), expected.to(F64), rtol=rtol, atol=atol)
+_close = partial(assert_close_f64, atol=1e-5)  # this file's default tolerance
 
 
 # ---------------------------------------------------------------- GAE
@@ -69,7 +71,7 @@ def test_gae_matches_oracle(backend, device, kind, gamma, lam):
     rewards = torch.randn(b, t).to(device).requires_grad_()
     values = torch.randn(b, t).to(device).requires_grad_()
     mask = _masks(kind, b, t, device)
-    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    adv, ret = gae(rewards, values, mask=mask, gamma=gamma, lam=lam)
     exp_adv, exp_ret, exp_dr, exp_dv, g_adv, g_ret = gae_oracle(rewards, values, mask, gamma, lam)
     assert adv.dtype == torch.float32 and ret.dtype == torch.float32
     _close(adv, exp_adv)
@@ -86,7 +88,7 @@ def test_gae_long_rows_cross_scan_blocks(backend, device):
     values = torch.randn(b, t).to(device).requires_grad_()
     mask = torch.rand(b, t).to(device) > 0.2
     mask[0, 250:262] = False
-    adv, ret = gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    adv, ret = gae(rewards, values, mask=mask, gamma=0.99, lam=0.95)
     exp_adv, exp_ret, exp_dr, exp_dv, g_adv, g_ret = gae_oracle(rewards, values, mask, 0.99, 0.95)
     _close(adv, exp_adv)
     _close(ret, exp_ret)
@@ -94,7 +96,7 @@ def test_gae_long_rows_cross_scan_blocks(backend, device):
     _close(d_r, exp_dr)
     _close(d_v, exp_dv)
     # only one output used: the other's gradient is None inside the backward
-    adv, _ = gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    adv, _ = gae(rewards, values, mask=mask, gamma=0.99, lam=0.95)
     (d_r,) = torch.autograd.grad((adv * g_adv.float()).sum(), rewards)
     assert torch.isfinite(d_r).all() and d_r.abs().max() > 0
 
@@ -102,10 +104,10 @@ def test_gae_long_rows_cross_scan_blocks(backend, device):
 def test_gae_closed_form(backend, device):
     rewards = torch.tensor([[0.0, 0.0, 1.0]], device=device)
     values = torch.full((1, 3), 0.5, device=device)
-    adv, ret = gae(rewards, values, None, gamma=1.0, lam=1.0)  # Monte Carlo: A = 1 - V
+    adv, ret = gae(rewards, values, mask=None, gamma=1.0, lam=1.0)  # Monte Carlo: A = 1 - V
     _close(adv, torch.full((1, 3), 0.5, dtype=F64))
     _close(ret, torch.ones(1, 3, dtype=F64))
-    adv, _ = gae(rewards, values, None, gamma=1.0, lam=0.0)  # one-step TD errors
+    adv, _ = gae(rewards, values, mask=None, gamma=1.0, lam=0.0)  # one-step TD errors
     _close(adv, torch.tensor([[0.0, 0.0, 0.5]], dtype=F64))
 
 
@@ -114,8 +116,8 @@ def test_gae_left_and_right_padding_agree(backend, device):
     values = torch.randn(1, 6).to(device)
     right = torch.tensor([[1, 1, 1, 1, 0, 0]], dtype=torch.bool, device=device)
     left = right.flip(-1)
-    adv_r, ret_r = gae(rewards, values, right)
-    adv_l, ret_l = gae(rewards.roll(2, -1), values.roll(2, -1), left)
+    adv_r, ret_r = gae(rewards, values, mask=right)
+    adv_l, ret_l = gae(rewards.roll(2, -1), values.roll(2, -1), mask=left)
     torch.testing.assert_close(adv_r[:, :4], adv_l[:, 2:])
     torch.testing.assert_close(ret_r[:, :4], ret_l[:, 2:])
     assert adv_r[:, 4:].abs().max() == 0 and adv_l[:, :2].abs().max() == 0
@@ -125,7 +127,7 @@ def test_gae_empty_mask_and_padding_not_read(backend, device):
     rewards = torch.full((2, 5), float("nan"), device=device, requires_grad=True)
     values = torch.full((2, 5), float("inf"), device=device, requires_grad=True)
     mask = torch.zeros(2, 5, dtype=torch.bool, device=device)
-    adv, ret = gae(rewards, values, mask)
+    adv, ret = gae(rewards, values, mask=mask)
     d_r, d_v = torch.autograd.grad(adv.sum() + ret.sum(), (rewards, values))
     for x in (adv, ret, d_r, d_v):
         assert x.abs().max() == 0
@@ -134,15 +136,15 @@ def test_gae_empty_mask_and_padding_not_read(backend, device):
 def test_gae_errors():
     x = torch.zeros(2, 4)
     with pytest.raises(ValueError, match="gamma"):
-        gae(x, x, None, gamma=1.5)
+        gae(x, x, mask=None, gamma=1.5)
     with pytest.raises(ValueError, match="lam"):
-        gae(x, x, None, lam=-0.1)
+        gae(x, x, mask=None, lam=-0.1)
     with pytest.raises(ValueError, match="values"):
-        gae(x, torch.zeros(2, 5), None)
+        gae(x, torch.zeros(2, 5), mask=None)
     with pytest.raises(ValueError, match="rewards"):
-        gae(torch.full((2, 4), float("nan")), x, None)
+        gae(torch.full((2, 4), float("nan")), x, mask=None)
     with pytest.raises(ValueError, match="rewards"):
-        gae(torch.zeros(8), torch.zeros(8), None)
+        gae(torch.zeros(8), torch.zeros(8), mask=None)
 
 
 # ---------------------------------------------------------------- whiten
@@ -168,7 +170,7 @@ def whiten_oracle(x, mask, shift_mean):
 def test_whiten_matches_oracle(backend, device, shift_mean, shape, masked):
     x = (3 * torch.randn(shape) + 1).to(device).requires_grad_()
     mask = (torch.rand(shape).to(device) > 0.3) if masked else None
-    y = whiten(x, mask, shift_mean=shift_mean)
+    y = whiten(x, mask=mask, shift_mean=shift_mean)
     exp_y, exp_dx, g = whiten_oracle(x, mask, shift_mean)
     _close(y, exp_y)
     (d_x,) = torch.autograd.grad((y * g.float()).sum(), x)
@@ -181,22 +183,22 @@ def test_whiten_matches_oracle(backend, device, shift_mean, shape, masked):
 def test_whiten_empty_and_single(backend, device):
     x = torch.randn(2, 6).to(device).requires_grad_()
     mask = torch.zeros(2, 6, dtype=torch.bool, device=device)
-    y = whiten(x, mask)
+    y = whiten(x, mask=mask)
     (d_x,) = torch.autograd.grad(y.sum(), x)
     assert y.abs().max() == 0 and d_x.abs().max() == 0
     mask[1, 3] = True  # one valid entry: centred to 0, finite gradient
-    y = whiten(x, mask)
+    y = whiten(x, mask=mask)
     (d_x,) = torch.autograd.grad((y * torch.randn(y.shape, dtype=y.dtype).to(y.device)).sum(), x)
     assert y.abs().max() == 0 and torch.isfinite(d_x).all()
 
 
 def test_whiten_errors():
     with pytest.raises(ValueError, match="eps"):
-        whiten(torch.zeros(3), None, eps=0.0)
+        whiten(torch.zeros(3), mask=None, eps=0.0)
     with pytest.raises(ValueError, match="mask"):
-        whiten(torch.zeros(3), torch.ones(4, dtype=torch.bool))
+        whiten(torch.zeros(3), mask=torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="x"):
-        whiten(torch.tensor([1.0, float("nan")]), None)
+        whiten(torch.tensor([1.0, float("nan")]), mask=None)
 
 
 # ---------------------------------------------------------------- group advantages
@@ -337,7 +339,7 @@ def test_whiten_extreme_magnitudes(backend, device, shift_mean, magnitude):
     """Values around 1e20 whiten like values around 1: (x - μ)² would overflow fp32."""
     x = ((3 * torch.randn(4, 37) + 1) * magnitude).to(device).requires_grad_()
     mask = (torch.rand(4, 37) > 0.3).to(device)
-    y = whiten(x, mask, shift_mean=shift_mean)
+    y = whiten(x, mask=mask, shift_mean=shift_mean)
     exp_y, exp_dx, g = whiten_oracle(x, mask, shift_mean)
     scale = exp_y.abs().max()
     _close(y / scale, exp_y / scale)
@@ -394,7 +396,7 @@ def test_whiten_reduce_equals_whiten_of_concatenated_batch(monkeypatch, device, 
 
     def part(rows):
         xs = x[rows].clone().requires_grad_()
-        y = whiten(xs, mask[rows], shift_mean=shift_mean, reduce=reduce)
+        y = whiten(xs, mask=mask[rows], shift_mean=shift_mean, reduce=reduce)
         (d_x,) = torch.autograd.grad((y * g[rows].float()).sum(), xs)
         return y.detach(), d_x
 
@@ -409,6 +411,6 @@ def test_whiten_reduce_equals_whiten_of_concatenated_batch(monkeypatch, device, 
 def test_whiten_reduce_identity_is_whiten(backend, device):
     x = torch.randn(3, 50).to(device)
     mask = (torch.rand(3, 50) > 0.2).to(device)
-    _close(whiten(x, mask, reduce=lambda t: t), whiten(x, mask))
+    _close(whiten(x, mask=mask, reduce=lambda t: t), whiten(x, mask=mask))
     with pytest.raises(ValueError, match="reduce"):
-        whiten(x, mask, reduce=3)
+        whiten(x, mask=mask, reduce=3)

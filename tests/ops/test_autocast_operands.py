@@ -65,7 +65,7 @@ def test_fused_ppo_loss_under_autocast_reads_bf16_operands():
     old = -torch.rand(targets.shape, generator=gen) * 3
     adv = torch.randn(targets.shape[0], generator=gen)
     (mixed, g_mixed), (plain, g_plain) = run_both(
-        lambda h, w, b: fused_ppo_loss(h, w, targets, old, adv, mask, bias=b, entropy_coef=0.01)[0])
+        lambda h, w, b: fused_ppo_loss(h, w, targets, old, adv, mask=mask, bias=b, entropy_coef=0.01)[0])
     torch.testing.assert_close(mixed, plain, rtol=0, atol=0)
     for a, b in zip(g_mixed, g_plain):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -76,7 +76,7 @@ def test_fused_dpo_loss_under_autocast_casts_the_reference_too():
     ref_h = torch.randn(h.shape, generator=torch.Generator().manual_seed(5))
 
     def loss(h, w, b, ref):
-        return fused_dpo_loss(h, w, targets, mask, bias=b, ref_hidden=ref, ref_weight=w.detach(),
+        return fused_dpo_loss(h, w, targets, mask=mask, bias=b, ref_hidden=ref, ref_weight=w.detach(),
                               ref_bias=b.detach())[0]
 
     (mixed, g_mixed), (plain, g_plain) = run_both(

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rftengine import ops
-from rftengine.ops import linear_logprobs as linear_module
+from rftengine.ops import _lm_head_chunks as lm_head_chunks
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -62,21 +62,21 @@ def _cases(device="cpu"):
         "token_logprobs": lambda: ops.token_logprobs(x(b, t, v), ids(b, t), mask=mask, return_entropy=True),
         "linear_token_logprobs": lambda: ops.linear_token_logprobs(
             x(b, t, h), x(v, h), ids(b, t), mask=mask, return_entropy=True),
-        "sequence_logprobs": lambda: ops.sequence_logprobs(x(b, t), mask, reduction="mean"),
+        "sequence_logprobs": lambda: ops.sequence_logprobs(x(b, t), mask=mask, reduction="mean"),
         "kl_penalty": lambda: ops.kl_penalty(x(b, t), x(b, t), estimator="k3", mask=mask),
-        "ppo_policy_loss": lambda: ops.ppo_policy_loss(x(b, t), x(b, t), x(b), mask, dual_clip=3.0),
-        "value_loss": lambda: ops.value_loss(x(b, t), x(b, t), x(b, t), mask),
-        "gae": lambda: ops.gae(x(b, t), x(b, t), mask),
-        "whiten": lambda: ops.whiten(x(b, t), mask),
+        "ppo_policy_loss": lambda: ops.ppo_policy_loss(x(b, t), x(b, t), x(b), mask=mask, dual_clip=3.0),
+        "value_loss": lambda: ops.value_loss(x(b, t), x(b, t), x(b, t), mask=mask),
+        "gae": lambda: ops.gae(x(b, t), x(b, t), mask=mask),
+        "whiten": lambda: ops.whiten(x(b, t), mask=mask),
         "group_advantages": lambda: ops.group_advantages(x(8), 4, scale="batch"),
         "dpo_loss": lambda: ops.dpo_loss(x(b), x(b), None, None, loss_type="simpo",
                                          chosen_lengths=lengths, rejected_lengths=lengths),
         "bradley_terry_loss": lambda: ops.bradley_terry_loss(x(b), x(b), margin=x(b).detach(), center_coef=0.01),
         "fused_ppo_loss": lambda: ops.fused_ppo_loss(
-            x(b, t, h), x(v, h), ids(b, t), x(b, t).detach(), x(b, t).detach(), mask,
-            ref_logp=x(b, t).detach(), kl_coef=0.1, entropy_coef=0.01),
+            x(b, t, h), x(v, h), ids(b, t), x(b, t).detach(), x(b, t).detach(), mask=mask,
+            ref_logp=x(b, t).detach(), kl_estimator="k3", kl_coef=0.1, entropy_coef=0.01),
         "fused_dpo_loss": lambda: ops.fused_dpo_loss(
-            x(b, t, h), x(v, h), ids(b, t), mask, loss_type="simpo"),
+            x(b, t, h), x(v, h), ids(b, t), mask=mask, loss_type="simpo"),
         "sample_tokens": lambda: ops.sample_tokens(
             x(b, v).detach(), torch.arange(b, device=device), top_k=4, top_p=0.9, min_p=0.05, with_truncated=True),
     }
@@ -125,20 +125,20 @@ def test_dpo_length_check_under_capture(backend, device, monkeypatch):
 
 def test_fp32_out_probe_not_cached_during_capture(monkeypatch):
     """The matmul-capability probe neither runs nor caches its answer inside a capture."""
-    monkeypatch.setattr(linear_module, "_FP32_OUT_PROBED", {})
+    monkeypatch.setattr(lm_head_chunks, "_FP32_OUT_PROBED", {})
     probes = []
 
     def probe_ones(*args, **kwargs):
         probes.append(kwargs.get("device"))
         raise RuntimeError("no CUDA device in this test")
 
-    monkeypatch.setattr(linear_module.torch, "ones", probe_ones)
+    monkeypatch.setattr(lm_head_chunks.torch, "ones", probe_ones)
     cuda = torch.device("cuda", 0)
     with simulated_capture(monkeypatch):
-        assert linear_module._fp32_out_matmuls(cuda) is False
-    assert probes == [] and linear_module._FP32_OUT_PROBED == {}
+        assert lm_head_chunks._fp32_out_matmuls(cuda) is False
+    assert probes == [] and lm_head_chunks._FP32_OUT_PROBED == {}
     # outside capture the probe runs once and its answer is cached
-    assert linear_module._fp32_out_matmuls(cuda) is False
-    assert probes == [cuda] and linear_module._FP32_OUT_PROBED == {cuda: False}
-    linear_module._fp32_out_matmuls(cuda)
+    assert lm_head_chunks._fp32_out_matmuls(cuda) is False
+    assert probes == [cuda] and lm_head_chunks._FP32_OUT_PROBED == {cuda: False}
+    lm_head_chunks._fp32_out_matmuls(cuda)
     assert probes == [cuda]

@@ -12,13 +12,9 @@ import math
 import pytest
 import torch
 
-from rftengine.ops import linear_logprobs as op_module
-from rftengine.ops.fused_heads import (
-    dpo_composite_loss,
-    fused_dpo_loss,
-    fused_ppo_loss,
-    ppo_composite_loss,
-)
+from rftengine.ops import _lm_head_chunks as lm_head_chunks
+from rftengine.ops.fused_dpo_head import dpo_composite_loss, fused_dpo_loss
+from rftengine.ops.fused_ppo_head import fused_ppo_loss, ppo_composite_loss
 from rftengine.ops.linear_logprobs import linear_token_logprobs
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
@@ -90,13 +86,13 @@ def run_ppo(case, dtype, device, chunk, mask_kind="random"):
     is_w = (torch.rand(3, 7).to(device) + 0.5) if case["is_weights"] else None
     opts = dict(
         ref_logp=ref if case["ref"] else None, kl_coef=case["kl_coef"], kl_estimator=case["kl_estimator"],
-        kl_clamp=20.0, entropy_coef=case["entropy_coef"], clip_low=0.2, clip_high=0.28,
+        kl_clamp=20.0, entropy_coef=case["entropy_coef"], clip_range=0.2, clip_range_high=0.28,
         dual_clip=case["dual_clip"], aggregation=case["aggregation"], loss_constant=None, is_weights=is_w,
     )
     fused_params = leaves(h, w, b)
     fused_bias = fused_params[2] if b is not None else None
     loss, stats = fused_ppo_loss(
-        fused_params[0], fused_params[1], t, old, adv, mask, bias=fused_bias,
+        fused_params[0], fused_params[1], t, old, adv, mask=mask, bias=fused_bias,
         temperature=case["temperature"], chunk_size=chunk, **opts,
     )
     loss.backward()
@@ -150,15 +146,15 @@ def test_ppo_upstream_gradient_scales_and_no_grad_skips_the_backward(device):
     mask = torch.rand(2, 5).to(device) > 0.2
     old, _, adv = ppo_inputs(h, w, b, t, mask, True, 1.0)
     params = leaves(h, w, b)
-    loss, _ = fused_ppo_loss(params[0], params[1], t, old, adv, mask, bias=params[2], chunk_size=3)
+    loss, _ = fused_ppo_loss(params[0], params[1], t, old, adv, mask=mask, bias=params[2], chunk_size=3)
     (2.5 * loss).backward()
     again = leaves(h, w, b)
-    loss1, _ = fused_ppo_loss(again[0], again[1], t, old, adv, mask, bias=again[2], chunk_size=3)
+    loss1, _ = fused_ppo_loss(again[0], again[1], t, old, adv, mask=mask, bias=again[2], chunk_size=3)
     loss1.backward()
     for g, g1 in zip(grads_of(params), grads_of(again)):
         torch.testing.assert_close(g, 2.5 * g1)
     with torch.no_grad():
-        loss2, _ = fused_ppo_loss(h, w, t, old, adv, mask, bias=b, chunk_size=3)
+        loss2, _ = fused_ppo_loss(h, w, t, old, adv, mask=mask, bias=b, chunk_size=3)
     torch.testing.assert_close(loss2, loss1.detach())
 
 
@@ -167,8 +163,8 @@ def test_ppo_all_masked_gives_zero_loss_and_zero_gradients(backend, device):
     mask = torch.zeros(2, 4, dtype=torch.bool, device=device)
     old = torch.full((2, 4), float("-inf"), device=device)
     params = leaves(h, w, b)
-    loss, stats = fused_ppo_loss(params[0], params[1], t, old, torch.randn(2).to(device), mask,
-                                 bias=params[2], ref_logp=old, kl_coef=0.1, entropy_coef=0.1)
+    loss, stats = fused_ppo_loss(params[0], params[1], t, old, torch.randn(2).to(device), mask=mask,
+                                 bias=params[2], ref_logp=old, kl_estimator="k3", kl_coef=0.1, entropy_coef=0.1)
     loss.backward()
     assert loss == 0 and all(torch.isfinite(v) for v in stats.values())
     for g in grads_of(params):
@@ -181,15 +177,15 @@ def test_ppo_is_one_sweep_and_dpo_two(monkeypatch, device):
     h, w, b, t = head(2, 6, 5, 13, FP32, device)  # 12 tokens, chunks of 4: 3 chunks
     old, _, adv = ppo_inputs(h, w, b, t, None, True, 1.0)
     calls = []
-    original = op_module.chunk_logits
-    monkeypatch.setattr(op_module, "chunk_logits", lambda *a: calls.append(1) or original(*a))
+    original = lm_head_chunks.chunk_logits
+    monkeypatch.setattr(lm_head_chunks, "chunk_logits", lambda *a: calls.append(1) or original(*a))
     params = leaves(h, w, b)
-    loss, _ = fused_ppo_loss(params[0], params[1], t, old, adv, None, bias=params[2], chunk_size=4)
+    loss, _ = fused_ppo_loss(params[0], params[1], t, old, adv, mask=None, bias=params[2], chunk_size=4)
     loss.backward()
     assert len(calls) == 3
     calls.clear()
     params = leaves(h, w, b)
-    loss, _ = fused_dpo_loss(params[0], params[1], t, None, bias=params[2], chunk_size=4,
+    loss, _ = fused_dpo_loss(params[0], params[1], t, mask=None, bias=params[2], chunk_size=4,
                              ref_logps=torch.randn(2).to(device))
     loss.backward()
     assert len(calls) == 6
@@ -198,13 +194,13 @@ def test_ppo_is_one_sweep_and_dpo_two(monkeypatch, device):
 # --- DPO ----------------------------------------------------------------------------------
 
 DPO_CASES = [
-    dict(loss_type="sigmoid", label_smoothing=0.0, gamma=0.0, length_normalized=None),
-    dict(loss_type="sigmoid", label_smoothing=0.1, gamma=0.0, length_normalized=None),
-    dict(loss_type="robust", label_smoothing=0.2, gamma=0.0, length_normalized=None),
-    dict(loss_type="ipo", label_smoothing=0.0, gamma=0.0, length_normalized=True),
-    dict(loss_type="ipo", label_smoothing=0.0, gamma=0.0, length_normalized=False),
-    dict(loss_type="hinge", label_smoothing=0.0, gamma=0.0, length_normalized=None),
-    dict(loss_type="simpo", label_smoothing=0.0, gamma=0.5, length_normalized=None),
+    dict(loss_type="sigmoid", label_smoothing=0.0, simpo_gamma=0.0, length_normalized=None),
+    dict(loss_type="sigmoid", label_smoothing=0.1, simpo_gamma=0.0, length_normalized=None),
+    dict(loss_type="robust", label_smoothing=0.2, simpo_gamma=0.0, length_normalized=None),
+    dict(loss_type="ipo", label_smoothing=0.0, simpo_gamma=0.0, length_normalized=True),
+    dict(loss_type="ipo", label_smoothing=0.0, simpo_gamma=0.0, length_normalized=False),
+    dict(loss_type="hinge", label_smoothing=0.0, simpo_gamma=0.0, length_normalized=None),
+    dict(loss_type="simpo", label_smoothing=0.0, simpo_gamma=0.5, length_normalized=None),
 ]
 
 
@@ -225,7 +221,7 @@ def run_dpo(case, dtype, device, chunk, ref_from_hidden=False, mask=None, upstre
     refs = dict(ref_hidden=ref_h, ref_weight=ref_w) if ref_from_hidden else dict(ref_logps=ref_logps)
     fused_params = leaves(h, w, b)
     loss, stats = fused_dpo_loss(
-        fused_params[0], fused_params[1], t, mask, bias=fused_params[2], beta=beta,
+        fused_params[0], fused_params[1], t, mask=mask, bias=fused_params[2], beta=beta,
         length_normalized=case["length_normalized"], chunk_size=chunk, **refs, **opts,
     )
     (upstream * loss).backward()
@@ -260,8 +256,8 @@ def test_dpo_reference_from_hidden_equals_precomputed(backend, device):
 
 def count_chunk_logits(monkeypatch):
     calls = []
-    original = op_module.chunk_logits
-    monkeypatch.setattr(op_module, "chunk_logits", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    original = lm_head_chunks.chunk_logits
+    monkeypatch.setattr(lm_head_chunks, "chunk_logits", lambda *a: calls.append(a[0].shape[0]) or original(*a))
     return calls
 
 
@@ -292,7 +288,7 @@ def test_dpo_single_sweep_computes_each_chunk_once_and_fallback_twice(monkeypatc
     for chunk, expected in ((8, [6, 6]), (12, [12]), (13, [12]), (5, [5, 5, 2] * 2)):
         calls.clear()
         params = leaves(h, w, b)
-        loss, _ = fused_dpo_loss(params[0], params[1], t, None, bias=params[2], chunk_size=chunk, ref_logps=refs)
+        loss, _ = fused_dpo_loss(params[0], params[1], t, mask=None, bias=params[2], chunk_size=chunk, ref_logps=refs)
         loss.backward()
         assert calls == expected, chunk
     # with a mask: kept tokens per pair 4 (rows 0, 2) and 2 (rows 1, 3)
@@ -300,7 +296,7 @@ def test_dpo_single_sweep_computes_each_chunk_once_and_fallback_twice(monkeypatc
     for chunk, expected in ((6, [6]), (5, [4, 2]), (3, [3, 3] * 2)):
         calls.clear()
         params = leaves(h, w, b)
-        loss, _ = fused_dpo_loss(params[0], params[1], t, mask, bias=params[2], chunk_size=chunk, ref_logps=refs)
+        loss, _ = fused_dpo_loss(params[0], params[1], t, mask=mask, bias=params[2], chunk_size=chunk, ref_logps=refs)
         loss.backward()
         assert calls == expected, chunk
 
@@ -377,7 +373,7 @@ def test_ppo_bad_input_raises_value_error(change, match):
         (args if key in args else kwargs)[key] = value
     with pytest.raises(ValueError, match=match):
         fused_ppo_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("old_logp"),
-                       args.pop("advantages"), args.pop("mask"), **kwargs)
+                       args.pop("advantages"), mask=args.pop("mask"), **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -396,7 +392,7 @@ def test_dpo_bad_input_raises_value_error(change, match):
     args = dict(hidden=torch.zeros(4, 3, 4), weight=torch.zeros(7, 4), targets=torch.zeros(4, 3, dtype=torch.long))
     args.update({k: change.pop(k) for k in list(change) if k in args})
     with pytest.raises(ValueError, match=match):
-        fused_dpo_loss(args["hidden"], args["weight"], args["targets"], None, **change)
+        fused_dpo_loss(args["hidden"], args["weight"], args["targets"], mask=None, **change)
 
 
 # --- GPU ----------------------------------------------------------------------------------
@@ -413,12 +409,12 @@ def test_cuda_bf16_ppo_and_dpo_match_composition():
         params = leaves(h, w, b)
         opts = dict(ref_logp=ref, kl_coef=0.05, entropy_coef=0.01)
         if fused:
-            loss, _ = fused_ppo_loss(params[0], params[1], t, old, adv, mask, bias=params[2], chunk_size=256, **opts)
+            loss, _ = fused_ppo_loss(params[0], params[1], t, old, adv, mask=mask, bias=params[2], chunk_size=256, kl_estimator="k3", **opts)
         else:
             logp, ent = linear_token_logprobs(params[0], params[1], t, bias=params[2], mask=mask,
                                               return_entropy=True, chunk_size=256)
             loss, _ = ppo_composite_loss(
-                logp, ent, old, adv, mask, kl_estimator="k3", kl_clamp=20.0, clip_low=0.2, clip_high=0.2,
+                logp, ent, old, adv, mask, kl_estimator="k3", kl_clamp=20.0, clip_range=0.2, clip_range_high=0.2,
                 dual_clip=None, aggregation="token_mean", loss_constant=None, is_weights=None, **opts)
         loss.backward()
         results.append((loss.detach(), [p.grad.float() for p in params]))

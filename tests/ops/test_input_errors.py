@@ -54,43 +54,43 @@ def _coefficient_calls(device):
     hd, wd, td = _head(2, 3, device)
     ref2 = _x(2, device=device)
     return {
-        "ppo_policy_loss.clip_low": lambda v: ppo_policy_loss(lp, old, adv, None, clip_low=v),
-        "ppo_policy_loss.clip_high": lambda v: ppo_policy_loss(lp, old, adv, None, clip_high=v),
-        "ppo_policy_loss.dual_clip": lambda v: ppo_policy_loss(lp, old, adv, None, dual_clip=v),
+        "ppo_policy_loss.clip_range": lambda v: ppo_policy_loss(lp, old, adv, mask=None, clip_range=v),
+        "ppo_policy_loss.clip_range_high": lambda v: ppo_policy_loss(lp, old, adv, mask=None, clip_range_high=v),
+        "ppo_policy_loss.dual_clip": lambda v: ppo_policy_loss(lp, old, adv, mask=None, dual_clip=v),
         "ppo_policy_loss.loss_constant": lambda v: ppo_policy_loss(
-            lp, old, adv, None, aggregation="token_sum_norm", loss_constant=v),
-        "value_loss.clip": lambda v: value_loss(lp, old, adv, None, clip=v),
+            lp, old, adv, mask=None, aggregation="token_sum_norm", loss_constant=v),
+        "value_loss.clip_range": lambda v: value_loss(lp, old, adv, mask=None, clip_range=v),
         "value_loss.loss_constant": lambda v: value_loss(
-            lp, old, adv, None, aggregation="token_sum_norm", loss_constant=v),
+            lp, old, adv, mask=None, aggregation="token_sum_norm", loss_constant=v),
         "kl_penalty.clamp": lambda v: kl_penalty(lp, old, estimator="k3", clamp=v),
-        "gae.gamma": lambda v: gae(lp, old, None, gamma=v),
-        "gae.lam": lambda v: gae(lp, old, None, lam=v),
-        "whiten.eps": lambda v: whiten(lp, None, eps=v),
+        "gae.gamma": lambda v: gae(lp, old, mask=None, gamma=v),
+        "gae.lam": lambda v: gae(lp, old, mask=None, lam=v),
+        "whiten.eps": lambda v: whiten(lp, mask=None, eps=v),
         "group_advantages.eps": lambda v: group_advantages(lp.reshape(-1), 5, eps=v),
         "token_logprobs.temperature": lambda v: token_logprobs(lp, torch.zeros(2, dtype=torch.long, device=device),
                                                                temperature=v),
         "linear_token_logprobs.temperature": lambda v: linear_token_logprobs(h, w, t, temperature=v),
         "dpo_loss.beta": lambda v: dpo_loss(pair, pair, pair, pair, beta=v),
         "dpo_loss.label_smoothing": lambda v: dpo_loss(pair, pair, pair, pair, label_smoothing=v),
-        "dpo_loss.gamma": lambda v: dpo_loss(pair, pair, None, None, loss_type="simpo", gamma=v,
+        "dpo_loss.simpo_gamma": lambda v: dpo_loss(pair, pair, None, None, loss_type="simpo", simpo_gamma=v,
                                              chosen_lengths=lengths, rejected_lengths=lengths),
         "bradley_terry_loss.margin": lambda v: bradley_terry_loss(pair, pair, margin=v),
         "bradley_terry_loss.center_coef": lambda v: bradley_terry_loss(pair, pair, center_coef=v),
-        "fused_ppo_loss.kl_coef": lambda v: fused_ppo_loss(h, w, t, old[:, :3], adv[:, :3], None,
-                                                           ref_logp=old[:, :3], kl_coef=v),
-        "fused_ppo_loss.kl_clamp": lambda v: fused_ppo_loss(h, w, t, old[:, :3], adv[:, :3], None, kl_clamp=v),
-        "fused_ppo_loss.entropy_coef": lambda v: fused_ppo_loss(h, w, t, old[:, :3], adv[:, :3], None,
+        "fused_ppo_loss.kl_coef": lambda v: fused_ppo_loss(h, w, t, old[:, :3], adv[:, :3], mask=None,
+                                                           ref_logp=old[:, :3], kl_estimator="k3", kl_coef=v),
+        "fused_ppo_loss.kl_clamp": lambda v: fused_ppo_loss(h, w, t, old[:, :3], adv[:, :3], mask=None, kl_clamp=v),
+        "fused_ppo_loss.entropy_coef": lambda v: fused_ppo_loss(h, w, t, old[:, :3], adv[:, :3], mask=None,
                                                                 entropy_coef=v),
-        "fused_ppo_loss.temperature": lambda v: fused_ppo_loss(h, w, t, old[:, :3], adv[:, :3], None,
+        "fused_ppo_loss.temperature": lambda v: fused_ppo_loss(h, w, t, old[:, :3], adv[:, :3], mask=None,
                                                                temperature=v),
-        "fused_ppo_loss.clip_low": lambda v: fused_ppo_loss(h, w, t, old[:, :3], adv[:, :3], None, clip_low=v),
-        "fused_ppo_loss.clip_high": lambda v: fused_ppo_loss(h, w, t, old[:, :3], adv[:, :3], None, clip_high=v),
+        "fused_ppo_loss.clip_range": lambda v: fused_ppo_loss(h, w, t, old[:, :3], adv[:, :3], mask=None, clip_range=v),
+        "fused_ppo_loss.clip_range_high": lambda v: fused_ppo_loss(h, w, t, old[:, :3], adv[:, :3], mask=None, clip_range_high=v),
         "fused_ppo_loss.loss_constant": lambda v: fused_ppo_loss(
-            h, w, t, old[:, :3], adv[:, :3], None, aggregation="token_sum_norm", loss_constant=v),
-        "fused_dpo_loss.beta": lambda v: fused_dpo_loss(hd, wd, td, None, ref_logps=ref2, beta=v),
-        "fused_dpo_loss.label_smoothing": lambda v: fused_dpo_loss(hd, wd, td, None, ref_logps=ref2,
+            h, w, t, old[:, :3], adv[:, :3], mask=None, aggregation="token_sum_norm", loss_constant=v),
+        "fused_dpo_loss.beta": lambda v: fused_dpo_loss(hd, wd, td, mask=None, ref_logps=ref2, beta=v),
+        "fused_dpo_loss.label_smoothing": lambda v: fused_dpo_loss(hd, wd, td, mask=None, ref_logps=ref2,
                                                                    label_smoothing=v),
-        "fused_dpo_loss.temperature": lambda v: fused_dpo_loss(hd, wd, td, None, ref_logps=ref2, temperature=v),
+        "fused_dpo_loss.temperature": lambda v: fused_dpo_loss(hd, wd, td, mask=None, ref_logps=ref2, temperature=v),
     }
 
 
@@ -122,9 +122,9 @@ def test_loss_constant_zero_rejected(backend, device, aggregation_op):
     lp, old, adv = _x(2, 3, device=device), _x(2, 3, device=device), _x(2, 3, device=device)
     h, w, t = _head(2, 3, device)
     call = {
-        "ppo_policy_loss": lambda: ppo_policy_loss(lp, old, adv, None, aggregation="token_sum_norm", loss_constant=0),
-        "value_loss": lambda: value_loss(lp, old, adv, None, aggregation="token_sum_norm", loss_constant=0),
-        "fused_ppo_loss": lambda: fused_ppo_loss(h, w, t, old, adv, None, aggregation="token_sum_norm",
+        "ppo_policy_loss": lambda: ppo_policy_loss(lp, old, adv, mask=None, aggregation="token_sum_norm", loss_constant=0),
+        "value_loss": lambda: value_loss(lp, old, adv, mask=None, aggregation="token_sum_norm", loss_constant=0),
+        "fused_ppo_loss": lambda: fused_ppo_loss(h, w, t, old, adv, mask=None, aggregation="token_sum_norm",
                                                  loss_constant=0),
     }[aggregation_op]
     with pytest.raises(ValueError, match=r"^loss_constant must be a number > 0, got 0"):
@@ -136,16 +136,16 @@ def _mask_calls(device):
     lp, old, adv = _x(2, 3, device=device), _x(2, 3, device=device), _x(2, 3, device=device)
     h, w, t = _head(2, 3, device)
     return {
-        "ppo_policy_loss": lambda m: ppo_policy_loss(lp, old, adv, m),
-        "value_loss": lambda m: value_loss(lp, old, adv, m),
-        "kl_penalty": lambda m: kl_penalty(lp, old, mask=m),
-        "gae": lambda m: gae(lp, old, m),
-        "whiten": lambda m: whiten(lp, m),
-        "sequence_logprobs": lambda m: sequence_logprobs(lp, m),
+        "ppo_policy_loss": lambda m: ppo_policy_loss(lp, old, adv, mask=m),
+        "value_loss": lambda m: value_loss(lp, old, adv, mask=m),
+        "kl_penalty": lambda m: kl_penalty(lp, old, estimator="k1", mask=m),
+        "gae": lambda m: gae(lp, old, mask=m),
+        "whiten": lambda m: whiten(lp, mask=m),
+        "sequence_logprobs": lambda m: sequence_logprobs(lp, mask=m),
         "token_logprobs": lambda m: token_logprobs(h, t.clamp(max=3), mask=m),
         "linear_token_logprobs": lambda m: linear_token_logprobs(h, w, t, mask=m),
-        "fused_ppo_loss": lambda m: fused_ppo_loss(h, w, t, old, adv, m),
-        "fused_dpo_loss": lambda m: fused_dpo_loss(h, w, t, m, ref_logps=_x(2, device=device)),
+        "fused_ppo_loss": lambda m: fused_ppo_loss(h, w, t, old, adv, mask=m),
+        "fused_dpo_loss": lambda m: fused_dpo_loss(h, w, t, mask=m, ref_logps=_x(2, device=device)),
     }
 
 
@@ -177,11 +177,11 @@ def test_every_masked_op_is_covered():
 def test_empty_token_ops(backend, device, b, t):
     x = _x(b, t, device=device).requires_grad_()
     y = _x(b, t, device=device)
-    adv, ret = gae(x, y, None)
+    adv, ret = gae(x, y, mask=None)
     assert adv.shape == ret.shape == (b, t)
     assert kl_penalty(x, y, estimator="k3").shape == (b, t)
-    assert whiten(x, None).shape == (b, t)
-    seq = sequence_logprobs(x, None, reduction="mean")
+    assert whiten(x, mask=None).shape == (b, t)
+    seq = sequence_logprobs(x, mask=None, reduction="mean")
     assert seq.shape == (b,) and (seq == 0).all()  # sequences without valid tokens give 0
     h, w, tg = _head(b, t, device)
     assert token_logprobs(_x(b, t, 5, device=device), tg.clamp(max=4)).shape == (b, t)
@@ -196,13 +196,13 @@ def test_empty_reduced_losses_are_zero(backend, device, b, t, aggregation):
     logp = _x(b, t, device=device).requires_grad_()
     other = _x(b, t, device=device)
     results = [
-        ppo_policy_loss(logp, other, other, None, aggregation=aggregation),
-        ppo_policy_loss(logp, other, _x(b, device=device), None, aggregation=aggregation),
-        value_loss(logp, other, other, None, aggregation=aggregation),
+        ppo_policy_loss(logp, other, other, mask=None, aggregation=aggregation),
+        ppo_policy_loss(logp, other, _x(b, device=device), mask=None, aggregation=aggregation),
+        value_loss(logp, other, other, mask=None, aggregation=aggregation),
     ]
     h, w, tg = _head(b, t, device)
     h.requires_grad_()
-    results.append(fused_ppo_loss(h, w, tg, other, other, None, ref_logp=other, kl_coef=0.1,
+    results.append(fused_ppo_loss(h, w, tg, other, other, mask=None, ref_logp=other, kl_estimator="k3", kl_coef=0.1,
                                   entropy_coef=0.01, aggregation=aggregation))
     for loss, stats in results:
         assert loss.item() == 0 and all(v.item() == 0 for v in stats.values())
@@ -217,7 +217,7 @@ def test_fused_dpo_zero_length_pairs(backend, device, loss_type):
     """T = 0: every pair has no tokens, as an all-masked pair (sequence log-probs 0)."""
     h, w, tg = _head(4, 0, device)
     ref = _x(4, device=device)
-    loss, _ = fused_dpo_loss(h.requires_grad_(), w, tg, None, ref_logps=ref, loss_type=loss_type)
+    loss, _ = fused_dpo_loss(h.requires_grad_(), w, tg, mask=None, ref_logps=ref, loss_type=loss_type)
     expected, _ = dpo_loss(torch.zeros(2, device=device), torch.zeros(2, device=device), ref[:2], ref[2:],
                            loss_type=loss_type)
     torch.testing.assert_close(loss, expected)
@@ -231,5 +231,5 @@ def test_empty_pair_batches_are_rejected(backend, device):
         bradley_terry_loss(empty, empty)
     h, w, tg = _head(0, 3, device)
     with pytest.raises(ValueError, match=r"^hidden must hold at least one pair"):
-        fused_dpo_loss(h, w, tg, None, ref_logps=empty)
+        fused_dpo_loss(h, w, tg, mask=None, ref_logps=empty)
     assert group_advantages(empty, 4).shape == (0,)

@@ -1,4 +1,5 @@
-"""kl_penalty on both backends against a float64 oracle written from DESIGN.md's formulas.
+"""kl_penalty on both backends against a float64 oracle written from the formulas in
+`docs/conventions.md` ("KL estimators").
 
 Inputs are fp32 (bf16 in one test); the ops compute in fp32, so each output is a handful of
 fp32 roundings of O(1) values: rtol 1e-5 with atol 1e-6 (k3 = exp(r) - r - 1 cancels for
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from rftengine.ops.kl import kl_penalty
+from tests.ops.helpers import assert_close_f64
 
 F64 = torch.float64
 
@@ -36,10 +38,6 @@ def oracle(logp, ref_logp, estimator, mask=None, clamp=20.0):
     return kl.detach(), d_lp, d_rf, g
 
 
-def _close(actual, expected, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(actual.to(F64), expected, rtol=rtol, atol=atol)
-
-
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 @pytest.mark.parametrize(
     "shape,masked", [((3, 37), True), ((2, 3, 41), False), ((5, 1), True), ((3, 701), True)]
@@ -51,10 +49,10 @@ def test_matches_oracle(backend, device, estimator, shape, masked):
     kl = kl_penalty(logp, ref, estimator=estimator, mask=mask)
     assert kl.dtype == torch.float32 and kl.shape == logp.shape
     exp_kl, exp_dlp, exp_drf, g = oracle(logp, ref, estimator, mask)
-    _close(kl, exp_kl)
+    assert_close_f64(kl, exp_kl)
     d_lp, d_rf = torch.autograd.grad((kl * g.float()).sum(), (logp, ref))
-    _close(d_lp, exp_dlp)
-    _close(d_rf, exp_drf)
+    assert_close_f64(d_lp, exp_dlp)
+    assert_close_f64(d_rf, exp_drf)
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -63,10 +61,10 @@ def test_bf16_inputs_fp32_output(backend, device, estimator):
     ref = (logp.detach().float() + 0.5 * torch.randn(4, 29).to(device)).to(torch.bfloat16)
     kl = kl_penalty(logp, ref, estimator=estimator)
     exp_kl, exp_dlp, _, g = oracle(logp, ref, estimator)
-    _close(kl, exp_kl)
+    assert_close_f64(kl, exp_kl)
     (d_lp,) = torch.autograd.grad((kl * g.float()).sum(), logp)
     assert d_lp.dtype == torch.bfloat16
-    _close(d_lp, exp_dlp, rtol=1e-2, atol=1e-2)  # one rounding to bf16 (8 bits)
+    assert_close_f64(d_lp, exp_dlp, rtol=1e-2, atol=1e-2)  # one rounding to bf16 (8 bits)
 
 
 def test_closed_form(backend, device):
@@ -79,7 +77,7 @@ def test_closed_form(backend, device):
     }
     for estimator, values in expected.items():
         kl = kl_penalty(logp, ref, estimator=estimator)
-        _close(kl, torch.tensor([values], dtype=F64, device=device))
+        assert_close_f64(kl, torch.tensor([values], dtype=F64, device=device))
 
 
 def test_k3_clamp_keeps_extremes_finite(backend, device):
@@ -90,7 +88,7 @@ def test_k3_clamp_keeps_extremes_finite(backend, device):
         (grad,) = torch.autograd.grad(kl.sum(), logp)
         assert torch.isfinite(kl).all() and torch.isfinite(grad).all()
     kl = kl_penalty(logp, ref, estimator="k3", clamp=20.0)
-    _close(kl, torch.tensor([[math.exp(20) - 21, math.exp(-20) + 19, 0.0]], dtype=F64, device=device), rtol=1e-6)
+    assert_close_f64(kl, torch.tensor([[math.exp(20) - 21, math.exp(-20) + 19, 0.0]], dtype=F64, device=device), rtol=1e-6)
     (grad,) = torch.autograd.grad(kl.sum(), logp)
     assert grad[0, :2].abs().max() == 0  # clamped: no gradient
 
@@ -128,4 +126,4 @@ def test_errors(kwargs, match):
     args = {"logp": torch.zeros(2, 4), "ref_logp": torch.zeros(2, 4)}
     args.update({k: kwargs.pop(k) for k in ("logp", "ref_logp") if k in kwargs})
     with pytest.raises(ValueError, match=match):
-        kl_penalty(args["logp"], args["ref_logp"], **kwargs)
+        kl_penalty(args["logp"], args["ref_logp"], **{"estimator": "k1", **kwargs})

@@ -81,11 +81,11 @@ def test_ppo_policy_loss_propagates_nan(monkeypatch, device, which, dual_clip, a
     else:
         logp = _with_nan(logp, index)
     results = _both_backends(
-        monkeypatch, lambda x: ppo_policy_loss(x, old, adv, mask, dual_clip=dual_clip), logp
+        monkeypatch, lambda x: ppo_policy_loss(x, old, adv, mask=mask, dual_clip=dual_clip), logp
     )
     _assert_nan_agrees(results, index)
     monkeypatch.setenv("RFTENGINE_BACKEND", "triton")
-    _, stats = ppo_policy_loss(logp, old, adv, mask)
+    _, stats = ppo_policy_loss(logp, old, adv, mask=mask)
     assert torch.isnan(stats["ratio_max"]) and torch.isnan(stats["approx_kl"])
 
 
@@ -114,13 +114,13 @@ def test_value_loss_propagates_nan(monkeypatch, device, which):
         old = _with_nan(old, index)
     else:
         values = _with_nan(values, index)
-    results = _both_backends(monkeypatch, lambda x: value_loss(x, old, ret, None, clip=0.2), values)
+    results = _both_backends(monkeypatch, lambda x: value_loss(x, old, ret, mask=None, clip_range=0.2), values)
     _assert_nan_agrees(results, index)
 
 
 def test_sequence_and_token_logprobs_propagate_nan(monkeypatch, device):
     x = _with_nan(_cpu(2, 6), (0, 2)).to(device)
-    results = _both_backends(monkeypatch, lambda t: sequence_logprobs(t, None), x)
+    results = _both_backends(monkeypatch, lambda t: sequence_logprobs(t, mask=None), x)
     _assert_nan_agrees(results, (0, 2), grad_nan=False)
     logits = _with_nan(_cpu(3, 11), (1, 4)).to(device)
     targets = torch.tensor([0, 1, 2], device=device)
@@ -140,7 +140,7 @@ def test_linear_and_fused_ppo_propagate_nan_hidden(monkeypatch, device):
     _assert_nan_agrees(results, (0, 1))
     results = _both_backends(
         monkeypatch,
-        lambda x: fused_ppo_loss(x, w, targets, old, adv, None, ref_logp=ref, kl_coef=0.1),
+        lambda x: fused_ppo_loss(x, w, targets, old, adv, mask=None, ref_logp=ref, kl_estimator="k3", kl_coef=0.1),
         h,
     )
     _assert_nan_agrees(results, (0, 1))
@@ -158,7 +158,7 @@ def test_fused_ppo_propagates_nan_constants(monkeypatch, device, which):
     else:
         ref = _with_nan(ref, (1, 1))
     results = _both_backends(
-        monkeypatch, lambda x: fused_ppo_loss(x, w, targets, old, adv, None, ref_logp=ref, kl_coef=0.1), h
+        monkeypatch, lambda x: fused_ppo_loss(x, w, targets, old, adv, mask=None, ref_logp=ref, kl_estimator="k3", kl_coef=0.1), h
     )
     _assert_nan_agrees(results, (1, 1))
 
@@ -197,4 +197,4 @@ def test_fused_dpo_rejects_nan_hidden(backend, device):
     targets = torch.randint(0, 11, (4, 3), generator=gen).to(device)
     for loss_type in ("sigmoid", "hinge"):
         with pytest.raises(ValueError, match="must be finite"):
-            fused_dpo_loss(h, w, targets, None, ref_logps=torch.zeros(4, device=device), loss_type=loss_type)
+            fused_dpo_loss(h, w, targets, mask=None, ref_logps=torch.zeros(4, device=device), loss_type=loss_type)

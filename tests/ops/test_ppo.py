@@ -1,4 +1,5 @@
-"""ppo_policy_loss and value_loss on both backends against float64 oracles from DESIGN.md.
+"""ppo_policy_loss and value_loss on both backends against float64 oracles written from the
+formulas in the ops' docstrings and `docs/conventions.md` ("Aggregation").
 
 Per-token terms are O(1) fp32 values and the losses are fp32 sums of at most a few hundred of
 them, so rtol 1e-5 / atol 1e-6 covers the accumulation with margin.
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from rftengine.ops.ppo import ppo_policy_loss, value_loss
+from tests.ops.helpers import assert_close_f64
 
 F64 = torch.float64
 
@@ -27,7 +29,7 @@ def _agg(l, m, aggregation, loss_constant):
     return ((l * m).sum(-1) / c).mean()
 
 
-def policy_oracle(logp, old, adv, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
+def policy_oracle(logp, old, adv, mask, *, clip_range=0.2, clip_range_high=0.2, dual_clip=None,
                   aggregation="token_mean", is_weights=None, loss_constant=None):
     """Loss, stats and d loss/d logp in float64, straight from the formulas (autograd)."""
     keep = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()
@@ -38,7 +40,7 @@ def policy_oracle(logp, old, adv, mask, *, clip_low=0.2, clip_high=0.2, dual_cli
     log_ratio = torch.where(keep, lp, 0) - o
     ratio = torch.exp(torch.clamp(log_ratio, -20, 20))
     unclipped = -a * ratio
-    clipped = -a * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clipped = -a * torch.clamp(ratio, 1 - clip_range, 1 + clip_range_high)
     l = torch.max(unclipped, clipped)
     dual = torch.zeros_like(l, dtype=torch.bool)
     if dual_clip is not None:
@@ -69,7 +71,7 @@ def _inputs(device, b=4, t=37, per_seq=False):
     mask = torch.rand(b, t) > 0.25
     # both clips are reached by construction, not by the luck of the draw: token 0 of row 0
     # has A < 0 and ratio 5 (above every dual_clip tested: dual-clipped), token 0 of row 1
-    # A > 0 and ratio 5 (above 1 + clip_high: clipped)
+    # A > 0 and ratio 5 (above 1 + clip_range_high: clipped)
     old[:2, 0] = logp[:2, 0] - math.log(5.0)
     first = (slice(0, 2),) if per_seq else (slice(0, 2), 0)
     adv[first] = adv[first].abs().add(0.5) * torch.tensor([-1.0, 1.0])
@@ -77,19 +79,15 @@ def _inputs(device, b=4, t=37, per_seq=False):
     return logp.to(device).requires_grad_(), old.to(device), adv.to(device), mask.to(device)
 
 
-def _close(actual, expected, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(actual.to(F64), expected.to(F64), rtol=rtol, atol=atol)
-
-
 CASES = [
     dict(aggregation="token_mean"),
     dict(aggregation="seq_mean_token_mean"),
     dict(aggregation="token_sum_norm"),
     dict(aggregation="token_sum_norm", loss_constant=100.0),
-    dict(aggregation="token_mean", clip_low=0.2, clip_high=0.28, dual_clip=3.0),
+    dict(aggregation="token_mean", clip_range=0.2, clip_range_high=0.28, dual_clip=3.0),
     dict(aggregation="seq_mean_token_mean", dual_clip=1.5, is_weights=True),
     dict(aggregation="token_mean", is_weights=True, per_seq=True),
-    dict(aggregation="token_sum_norm", clip_low=0.1, clip_high=0.3, per_seq=True, dual_clip=2.0),
+    dict(aggregation="token_sum_norm", clip_range=0.1, clip_range_high=0.3, per_seq=True, dual_clip=2.0),
 ]
 
 
@@ -99,15 +97,15 @@ def test_policy_matches_oracle(backend, device, case):
     logp, old, adv, mask = _inputs(device, per_seq=case.pop("per_seq", False))
     if case.pop("is_weights", False):
         case["is_weights"] = torch.rand(logp.shape).to(device) * 2
-    loss, stats = ppo_policy_loss(logp, old, adv, mask, **case)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask=mask, **case)
     exp_loss, exp_grad, exp_stats = policy_oracle(logp, old, adv, mask, **case)
-    _close(loss, exp_loss)
+    assert_close_f64(loss, exp_loss)
     (grad,) = torch.autograd.grad(loss, logp)
-    _close(grad, exp_grad)
+    assert_close_f64(grad, exp_grad)
     assert set(stats) == set(exp_stats)
     for k, v in exp_stats.items():
         assert not stats[k].requires_grad
-        _close(stats[k], v)
+        assert_close_f64(stats[k], v)
     if "dual_clip" in case:
         assert stats["clipfrac_dual"] > 0  # the inputs do exercise the dual clip
     assert stats["clipfrac"] > 0
@@ -118,33 +116,33 @@ def test_policy_long_rows_span_kernel_blocks(backend, device, per_seq):
     logp, old, adv, mask = _inputs(device, b=2, t=1100, per_seq=per_seq)
     mask[1, 1000:] = False
     for aggregation in ("token_mean", "seq_mean_token_mean"):
-        loss, stats = ppo_policy_loss(logp, old, adv, mask, aggregation=aggregation, dual_clip=2.0)
+        loss, stats = ppo_policy_loss(logp, old, adv, mask=mask, aggregation=aggregation, dual_clip=2.0)
         exp_loss, exp_grad, exp_stats = policy_oracle(
             logp, old, adv, mask, aggregation=aggregation, dual_clip=2.0
         )
-        _close(loss, exp_loss)
+        assert_close_f64(loss, exp_loss)
         (grad,) = torch.autograd.grad(loss, logp)
-        _close(grad, exp_grad)
+        assert_close_f64(grad, exp_grad)
         for k, v in exp_stats.items():
-            _close(stats[k], v)
+            assert_close_f64(stats[k], v)
     values = torch.randn(2, 1100).to(device).requires_grad_()
-    loss, _ = value_loss(values, old, adv if not per_seq else old + 1, mask)
+    loss, _ = value_loss(values, old, adv if not per_seq else old + 1, mask=mask)
     exp_loss, exp_grad, _ = value_oracle(values, old, adv if not per_seq else old + 1, mask)
-    _close(loss, exp_loss)
+    assert_close_f64(loss, exp_loss)
     (grad,) = torch.autograd.grad(loss, values)
-    _close(grad, exp_grad)
+    assert_close_f64(grad, exp_grad)
 
 
 def test_policy_bf16(backend, device):
     logp, old, adv, mask = _inputs(device, b=3, t=29)
     logp16 = logp.detach().bfloat16().requires_grad_()
-    loss, _ = ppo_policy_loss(logp16, old.bfloat16(), adv.bfloat16(), mask)
+    loss, _ = ppo_policy_loss(logp16, old.bfloat16(), adv.bfloat16(), mask=mask)
     exp_loss, exp_grad, _ = policy_oracle(logp16, old.bfloat16(), adv.bfloat16(), mask)
     assert loss.dtype == torch.float32
-    _close(loss, exp_loss)
+    assert_close_f64(loss, exp_loss)
     (grad,) = torch.autograd.grad(loss, logp16)
     assert grad.dtype == torch.bfloat16
-    _close(grad, exp_grad, rtol=1e-2, atol=1e-4)
+    assert_close_f64(grad, exp_grad, rtol=1e-2, atol=1e-4)
 
 
 def test_policy_closed_form(backend, device):
@@ -152,7 +150,7 @@ def test_policy_closed_form(backend, device):
     logp = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.1)]], device=device, requires_grad=True)
     old = torch.zeros(1, 3, device=device)
     adv = torch.tensor([[1.0, -1.0, 2.0]], device=device)
-    loss, stats = ppo_policy_loss(logp, old, adv, None)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask=None)
     assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3, rel=1e-6)
     assert stats["clipfrac"].item() == pytest.approx(2 / 3)
     assert stats["ratio_mean"].item() == pytest.approx((1.5 + 0.5 + 1.1) / 3, rel=1e-6)
@@ -161,7 +159,7 @@ def test_policy_closed_form(backend, device):
     # dual clip 3 caps A=-1 at ratio 4: l = min(4, 3) = 3
     logp = torch.tensor([[math.log(4.0)]], device=device)
     loss, stats = ppo_policy_loss(logp, torch.zeros(1, 1, device=device), torch.tensor([-1.0], device=device),
-                                  None, dual_clip=3.0)
+                                  mask=None, dual_clip=3.0)
     assert loss.item() == pytest.approx(3.0) and stats["clipfrac_dual"].item() == 1.0
 
 
@@ -169,14 +167,14 @@ def test_policy_closed_form(backend, device):
 def test_policy_empty_rows_and_length_one(backend, device, aggregation):
     logp, old, adv, _ = _inputs(device, b=3, t=1)
     mask = torch.tensor([[True], [False], [True]], device=device)
-    loss, _ = ppo_policy_loss(logp, old, adv, mask, aggregation=aggregation)
+    loss, _ = ppo_policy_loss(logp, old, adv, mask=mask, aggregation=aggregation)
     exp_loss, exp_grad, _ = policy_oracle(logp, old, adv, mask, aggregation=aggregation)
-    _close(loss, exp_loss)
+    assert_close_f64(loss, exp_loss)
     (grad,) = torch.autograd.grad(loss, logp)
-    _close(grad, exp_grad)
+    assert_close_f64(grad, exp_grad)
     assert grad[1].abs().max() == 0
     # nothing valid at all: finite zero loss, zero gradient, zero stats
-    loss, stats = ppo_policy_loss(logp, old, adv, torch.zeros_like(mask), aggregation=aggregation)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask=torch.zeros_like(mask), aggregation=aggregation)
     (grad,) = torch.autograd.grad(loss, logp)
     assert loss.item() == 0 and grad.abs().max() == 0
     assert all(torch.isfinite(v) and v.item() == 0 for v in stats.values())
@@ -187,11 +185,11 @@ def test_policy_extreme_logps_and_zero_advantages(backend, device):
     logp = (1e4 * sign).requires_grad_()
     old = -1e4 * sign
     adv = torch.randn(3, 17).to(device)
-    loss, stats = ppo_policy_loss(logp, old, adv, None, dual_clip=3.0)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask=None, dual_clip=3.0)
     (grad,) = torch.autograd.grad(loss, logp)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert all(torch.isfinite(v) for v in stats.values())
-    loss, _ = ppo_policy_loss(logp, old, torch.zeros(3, device=device), None)
+    loss, _ = ppo_policy_loss(logp, old, torch.zeros(3, device=device), mask=None)
     (grad,) = torch.autograd.grad(loss, logp)
     assert loss.item() == 0 and grad.abs().max() == 0
 
@@ -199,9 +197,9 @@ def test_policy_extreme_logps_and_zero_advantages(backend, device):
 def test_policy_masked_padding_not_read(backend, device):
     logp, old, adv, mask = _inputs(device, b=2, t=9)
     bad = ~mask
-    loss_a, _ = ppo_policy_loss(logp, old, adv, mask)
+    loss_a, _ = ppo_policy_loss(logp, old, adv, mask=mask)
     garbage_old = old.masked_fill(bad, float("-inf"))
-    loss_b, _ = ppo_policy_loss(logp, garbage_old, adv.masked_fill(bad, float("nan")), mask)
+    loss_b, _ = ppo_policy_loss(logp, garbage_old, adv.masked_fill(bad, float("nan")), mask=mask)
     torch.testing.assert_close(loss_a, loss_b)
 
 
@@ -238,13 +236,13 @@ def test_value_matches_oracle(backend, device, clip, aggregation):
     returns = torch.randn(4, 33).to(device)
     mask = torch.rand(4, 33).to(device) > 0.3
     mask[2] = False
-    loss, stats = value_loss(values, old_values, returns, mask, clip=clip, aggregation=aggregation)
+    loss, stats = value_loss(values, old_values, returns, mask=mask, clip_range=clip, aggregation=aggregation)
     exp_loss, exp_grad, exp_stats = value_oracle(values, old_values, returns, mask, clip, aggregation)
-    _close(loss, exp_loss)
+    assert_close_f64(loss, exp_loss)
     (grad,) = torch.autograd.grad(loss, values)
-    _close(grad, exp_grad)
+    assert_close_f64(grad, exp_grad)
     for k, v in exp_stats.items():
-        _close(stats[k], v)
+        assert_close_f64(stats[k], v)
     if clip is not None:
         assert stats["clipfrac"] > 0
 
@@ -252,16 +250,16 @@ def test_value_matches_oracle(backend, device, clip, aggregation):
 def test_value_closed_form_and_empty(backend, device):
     # V=1, V_old=0, R=0, clip 0.2: max(1, 0.04)/2 = 0.5, gradient V - R = 1
     values = torch.ones(1, 1, device=device, requires_grad=True)
-    loss, _ = value_loss(values, torch.zeros(1, 1, device=device), torch.zeros(1, 1, device=device), None)
+    loss, _ = value_loss(values, torch.zeros(1, 1, device=device), torch.zeros(1, 1, device=device), mask=None)
     (grad,) = torch.autograd.grad(loss, values)
     assert loss.item() == pytest.approx(0.5) and grad.item() == pytest.approx(1.0)
     # V=0.5, V_old=0, R=1: clipped V=0.2 is further from R: 0.5*0.64 with no gradient
     values = torch.full((1, 1), 0.5, device=device, requires_grad=True)
-    loss, stats = value_loss(values, torch.zeros(1, 1, device=device), torch.ones(1, 1, device=device), None)
+    loss, stats = value_loss(values, torch.zeros(1, 1, device=device), torch.ones(1, 1, device=device), mask=None)
     (grad,) = torch.autograd.grad(loss, values)
     assert loss.item() == pytest.approx(0.32) and grad.item() == 0 and stats["clipfrac"].item() == 1
     nothing = torch.zeros(1, 1, device=device)
-    loss, _ = value_loss(values, values.detach(), torch.ones(1, 1, device=device), nothing)
+    loss, _ = value_loss(values, values.detach(), torch.ones(1, 1, device=device), mask=nothing)
     (grad,) = torch.autograd.grad(loss, values)
     assert loss.item() == 0 and grad.item() == 0
 
@@ -270,8 +268,8 @@ def test_value_closed_form_and_empty(backend, device):
     "kwargs,match",
     [
         ({"aggregation": "mean"}, "aggregation"),
-        ({"clip_low": 1.0}, "clip_low"),
-        ({"clip_high": -0.1}, "clip_high"),
+        ({"clip_range": 1.0}, "clip_range"),
+        ({"clip_range_high": -0.1}, "clip_range_high"),
         ({"dual_clip": 1.0}, "dual_clip"),
         ({"loss_constant": 10.0}, "loss_constant"),
         ({"aggregation": "token_sum_norm", "loss_constant": 0.0}, "loss_constant"),
@@ -288,16 +286,16 @@ def test_policy_errors(kwargs, match):
             "mask": None}
     args.update({k: kwargs.pop(k) for k in list(args) if k in kwargs})
     with pytest.raises(ValueError, match=match):
-        ppo_policy_loss(args["logp"], args["old_logp"], args["advantages"], args["mask"], **kwargs)
+        ppo_policy_loss(args["logp"], args["old_logp"], args["advantages"], mask=args["mask"], **kwargs)
 
 
 def test_value_errors():
     v = torch.zeros(2, 5)
     with pytest.raises(ValueError, match="old_values"):
-        value_loss(v, None, v, None)
+        value_loss(v, None, v, mask=None)
     with pytest.raises(ValueError, match="returns"):
-        value_loss(v, v, torch.full((2, 5), float("inf")), None)
+        value_loss(v, v, torch.full((2, 5), float("inf")), mask=None)
     with pytest.raises(ValueError, match="clip"):
-        value_loss(v, v, v, None, clip=-1.0)
+        value_loss(v, v, v, mask=None, clip_range=-1.0)
     with pytest.raises(ValueError, match="aggregation"):
-        value_loss(v, v, v, None, aggregation="sum")
+        value_loss(v, v, v, mask=None, aggregation="sum")

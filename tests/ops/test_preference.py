@@ -1,4 +1,5 @@
-"""dpo_loss and bradley_terry_loss on both backends against float64 oracles from DESIGN.md.
+"""dpo_loss and bradley_terry_loss on both backends against float64 oracles written from the
+per-pair formulas (and their papers) in the docstrings of `dpo_loss` and `bradley_terry_loss`.
 
 Per-pair terms are O(1) fp32 values (softplus, sigmoid) averaged over B: rtol 1e-5 / atol 1e-6.
 """
@@ -12,22 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from rftengine.ops.preference import bradley_terry_loss, dpo_loss
+from tests.ops.helpers import assert_close_f64
 
 F64 = torch.float64
 
 
-def _close(actual, expected, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(actual.to(F64), expected.to(F64), rtol=rtol, atol=atol)
-
-
-def dpo_oracle(pc, pr, rc, rr, *, beta, loss_type, label_smoothing=0.0, gamma=0.0, lc=None, lr=None):
+def dpo_oracle(pc, pr, rc, rr, *, beta, loss_type, label_smoothing=0.0, simpo_gamma=0.0, lc=None, lr=None):
     """Each variant written from its paper's formula (TRL semantics), float64 autograd."""
     x = [t.detach().to(F64).requires_grad_() for t in (pc, pr, rc, rr)]
     pc_, pr_, rc_, rr_ = x
     eps = label_smoothing
     if loss_type == "simpo":
         logits = pc_ / lc.to(F64) - pr_ / lr.to(F64)
-        z = beta * logits - gamma
+        z = beta * logits - simpo_gamma
         losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
         r_c, r_r = beta * pc_ / lc.to(F64), beta * pr_ / lr.to(F64)
     else:
@@ -66,8 +64,8 @@ CASES = [
     dict(loss_type="ipo"),
     dict(loss_type="ipo", lengths=True),
     dict(loss_type="hinge", beta=0.5),
-    dict(loss_type="simpo", beta=2.0, gamma=0.5, lengths=True),
-    dict(loss_type="simpo", beta=2.0, gamma=0.0, label_smoothing=0.1, lengths=True),
+    dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, lengths=True),
+    dict(loss_type="simpo", beta=2.0, simpo_gamma=0.0, label_smoothing=0.1, lengths=True),
 ]
 
 
@@ -86,17 +84,17 @@ def test_dpo_matches_oracle(backend, device, case):
     exp_loss, exp_grads, exp_stats = dpo_oracle(
         pc, pr, rc, rr, lc=kwargs.get("chosen_lengths"), lr=kwargs.get("rejected_lengths"), **oracle_kw
     )
-    _close(loss, exp_loss)
+    assert_close_f64(loss, exp_loss)
     grads = torch.autograd.grad(loss, (pc, pr, rc, rr), allow_unused=True)
     for got, want in zip(grads, exp_grads):
         if want is None:  # SimPO: no reference, no gradient
             assert got is None or got.abs().max() == 0
         else:
-            _close(got, want)
+            assert_close_f64(got, want)
     assert set(stats) == set(exp_stats)
     for k, v in exp_stats.items():
         assert not stats[k].requires_grad
-        _close(stats[k], v)
+        assert_close_f64(stats[k], v)
 
 
 def test_dpo_closed_form(backend, device):
@@ -136,7 +134,7 @@ def test_dpo_extreme_logps_finite(backend, device, loss_type):
         ({"loss_type": "ipo", "label_smoothing": 0.1}, "label_smoothing"),
         ({"loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing"),
         ({"label_smoothing": 0.7}, "label_smoothing"),
-        ({"gamma": 0.5}, "gamma"),
+        ({"simpo_gamma": 0.5}, "simpo_gamma"),
         ({"loss_type": "simpo"}, "simpo"),
         ({"chosen_lengths": torch.ones(4), "rejected_lengths": torch.ones(4)}, "lengths"),
         ({"loss_type": "ipo", "chosen_lengths": torch.ones(4)}, "together"),
@@ -180,15 +178,15 @@ def test_bradley_terry_matches_oracle(backend, device, margin, center):
         margin = torch.rand(41).to(device)
     loss, stats = bradley_terry_loss(rc, rr, margin=margin, center_coef=center)
     exp_loss, exp_grads = bt_oracle(rc, rr, margin, center)
-    _close(loss, exp_loss)
+    assert_close_f64(loss, exp_loss)
     for got, want in zip(torch.autograd.grad(loss, (rc, rr)), exp_grads):
-        _close(got, want)
+        assert_close_f64(got, want)
     rc64, rr64 = rc.detach().to(F64), rr.detach().to(F64)
-    _close(stats["accuracy"], (rc64 > rr64).to(F64).mean())
-    _close(stats["margin"], (rc64 - rr64).mean())
-    _close(stats["rewards/chosen"], rc64.mean())
-    _close(stats["rewards/rejected"], rr64.mean())
-    _close(stats["loss"], exp_loss)
+    assert_close_f64(stats["accuracy"], (rc64 > rr64).to(F64).mean())
+    assert_close_f64(stats["margin"], (rc64 - rr64).mean())
+    assert_close_f64(stats["rewards/chosen"], rc64.mean())
+    assert_close_f64(stats["rewards/rejected"], rr64.mean())
+    assert_close_f64(stats["loss"], exp_loss)
 
 
 def test_bradley_terry_closed_form_and_extremes(backend, device):

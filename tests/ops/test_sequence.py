@@ -5,10 +5,13 @@ Sums of up to ~1,500 fp32 log-probs of magnitude <= 10: rtol 1e-5 / atol 1e-4.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 from rftengine.ops.sequence import sequence_logprobs
+from tests.ops.helpers import assert_close_f64
 
 F64 = torch.float64
 
@@ -24,8 +27,7 @@ def oracle(token_logp, mask, reduction):
     return total.detach(), d_x, g
 
 
-def _close(actual, expected, rtol=1e-5, atol=1e-4):
-    torch.testing.assert_close(actual.to(F64), expected, rtol=rtol, atol=atol)
+_close = partial(assert_close_f64, atol=1e-4)  # this file's default tolerance
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -36,7 +38,7 @@ def test_matches_oracle(backend, device, reduction, shape, masked):
     if masked:
         mask = torch.rand(shape).to(device) > 0.3
         mask[0] = False  # an empty row
-    out = sequence_logprobs(x, mask, reduction=reduction)
+    out = sequence_logprobs(x, mask=mask, reduction=reduction)
     assert out.shape == shape[:1] and out.dtype == torch.float32
     expected, exp_dx, g = oracle(x, mask, reduction)
     _close(out, expected)
@@ -49,14 +51,14 @@ def test_matches_oracle(backend, device, reduction, shape, masked):
 def test_closed_form_and_padding_not_read(backend, device):
     x = torch.tensor([[-1.0, -2.0, float("-inf")], [float("nan"), -0.5, -1.5]], device=device)
     mask = torch.tensor([[1, 1, 0], [0, 1, 1]], device=device)
-    torch.testing.assert_close(sequence_logprobs(x, mask), torch.tensor([-3.0, -2.0], device=device))
-    means = sequence_logprobs(x, mask, reduction="mean")
+    torch.testing.assert_close(sequence_logprobs(x, mask=mask), torch.tensor([-3.0, -2.0], device=device))
+    means = sequence_logprobs(x, mask=mask, reduction="mean")
     torch.testing.assert_close(means, torch.tensor([-1.5, -1.0], device=device))
 
 
 def test_bf16_input(backend, device):
     x = (-5 * torch.rand(3, 50)).to(device=device, dtype=torch.bfloat16).requires_grad_()
-    out = sequence_logprobs(x, None, reduction="mean")
+    out = sequence_logprobs(x, mask=None, reduction="mean")
     expected, exp_dx, g = oracle(x, None, "mean")
     _close(out, expected)
     (d_x,) = torch.autograd.grad((out * g.float()).sum(), x)
@@ -66,10 +68,10 @@ def test_bf16_input(backend, device):
 
 def test_errors():
     with pytest.raises(ValueError, match="reduction"):
-        sequence_logprobs(torch.zeros(2, 3), None, reduction="max")
+        sequence_logprobs(torch.zeros(2, 3), mask=None, reduction="max")
     with pytest.raises(ValueError, match="token_logp"):
-        sequence_logprobs(torch.zeros(6), None)
+        sequence_logprobs(torch.zeros(6), mask=None)
     with pytest.raises(ValueError, match="mask"):
-        sequence_logprobs(torch.zeros(2, 3), torch.ones(2, 4))
+        sequence_logprobs(torch.zeros(2, 3), mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="token_logp"):
-        sequence_logprobs(torch.zeros(2, 3, dtype=torch.int32), None)
+        sequence_logprobs(torch.zeros(2, 3, dtype=torch.int32), mask=None)

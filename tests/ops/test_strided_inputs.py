@@ -45,11 +45,11 @@ def same(a, b):
 
 CASES = {
     "kl_penalty": lambda x, y, m: kl_penalty(x, y, estimator="k3", mask=m),
-    "ppo_policy_loss": lambda x, y, m: ppo_policy_loss(x, y, x - y, m),
-    "value_loss": lambda x, y, m: value_loss(x, y, x + y, m),
-    "gae": lambda x, y, m: gae(x, y, m, gamma=0.9, lam=0.8),
-    "whiten": lambda x, y, m: whiten(x, m),
-    "sequence_logprobs": lambda x, y, m: sequence_logprobs(x, m, reduction="mean"),
+    "ppo_policy_loss": lambda x, y, m: ppo_policy_loss(x, y, x - y, mask=m),
+    "value_loss": lambda x, y, m: value_loss(x, y, x + y, mask=m),
+    "gae": lambda x, y, m: gae(x, y, mask=m, gamma=0.9, lam=0.8),
+    "whiten": lambda x, y, m: whiten(x, mask=m),
+    "sequence_logprobs": lambda x, y, m: sequence_logprobs(x, mask=m, reduction="mean"),
 }
 
 
@@ -68,7 +68,7 @@ def test_one_dimensional_column_views(backend, device):
     a, b = logp[:, 0], ref[:, 0]
     same(kl_penalty(a, b, estimator="k2"), kl_penalty(a.contiguous(), b.contiguous(), estimator="k2"))
     keep = torch.ones(7, dtype=torch.bool, device=device)
-    same(whiten(a, keep), whiten(a.contiguous(), keep))
+    same(whiten(a, mask=keep), whiten(a.contiguous(), mask=keep))
     scores = torch.randn(8, 3).to(device)[:, 1]
     same(group_advantages(scores, 4), group_advantages(scores.contiguous(), 4))
 
