@@ -2,7 +2,7 @@
 Biases, Trackio; by default JSONL, CSV and TensorBoard when installed) and a PNG plot at the end.
 
 One row per optimizer step: {"step": N, <metric>: value, ...} with the metric names the methods
-emit (`loss`, `reward/mean`, `kl`, `rewards/accuracies` ...). On resume the rows after the
+emit (`loss`, `reward`, `kl`, `rewards/accuracies` ...). On resume the rows after the
 checkpoint's step are dropped, so the files read as one uninterrupted run. Evaluation rows carry
 `eval/*` metrics (`eval/loss`, `eval/reward` ...), plotted beside their training curve. metrics.jsonl is the
 record a resume reads back: a torn last line (a kill mid-write) is dropped with a note on
@@ -28,14 +28,14 @@ PLOT_NAME = "metrics.png"
 # Panels of the plot, in order: (title, candidate metric names; the first present is drawn).
 # Each panel also draws the held-out curve of its metric (`eval/<name>`) when there is one.
 PANELS = (
-    ("reward", ("reward/mean", "reward", "judge/score", "rewards/margins", "rewards/chosen")),
+    ("reward", ("reward", "judge/score", "rewards/margins", "rewards/chosen")),
     ("KL", ("kl", "objective/kl")),
     ("loss", ("loss",)),
     ("accuracy", ("accuracy", "rewards/accuracies")),
 )
 # The held-out metric of a training metric whose eval name differs: rollout evaluations log
 # `eval/reward` whatever the training reward is called.
-EVAL_NAMES = {"reward/mean": "eval/reward", "judge/score": "eval/reward"}
+EVAL_NAMES = {"judge/score": "eval/reward"}
 
 
 def _scalar(value) -> float | None:
