@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-# rows of `partials` written by the policy forward kernel, in this order
-PPO_PARTIALS = ("loss", "count", "clipped", "dual_clipped", "approx_kl", "ratio", "ratio_max")
+# rows of `partials` written by the policy forward kernel, in this order; "clipped_low" counts
+# the clipped tokens with A < 0 (ratio below 1 - clip_low): the high side is clipped - clipped_low
+PPO_PARTIALS = ("loss", "count", "clipped", "clipped_low", "dual_clipped", "approx_kl", "ratio", "ratio_max")
 # rows written by the value forward kernel
 VALUE_PARTIALS = ("loss", "count", "clipped", "values", "returns")
 
@@ -142,10 +143,12 @@ def _ppo_fwd_kernel(
     tl.store(out, tl.sum(tl.where(keep, loss, 0.0), 0))
     tl.store(out + n_prog, tl.sum(k, 0))
     tl.store(out + 2 * n_prog, tl.sum(clipped * k, 0))
-    tl.store(out + 3 * n_prog, tl.sum(dual * k, 0))
-    tl.store(out + 4 * n_prog, tl.sum(tl.where(keep, approx_kl, 0.0), 0))
-    tl.store(out + 5 * n_prog, tl.sum(tl.where(keep, ratio, 0.0), 0))
-    tl.store(out + 6 * n_prog, tl.reduce(tl.where(keep, ratio, 0.0), 0, _max_keep_nan))
+    # a clip with A < 0 can only be the floor 1 - clip_low (with A > 0 only the ceiling)
+    tl.store(out + 3 * n_prog, tl.sum(tl.where(adv < 0, clipped, 0.0) * k, 0))
+    tl.store(out + 4 * n_prog, tl.sum(dual * k, 0))
+    tl.store(out + 5 * n_prog, tl.sum(tl.where(keep, approx_kl, 0.0), 0))
+    tl.store(out + 6 * n_prog, tl.sum(tl.where(keep, ratio, 0.0), 0))
+    tl.store(out + 7 * n_prog, tl.reduce(tl.where(keep, ratio, 0.0), 0, _max_keep_nan))
 
 
 @triton.jit

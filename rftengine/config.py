@@ -238,7 +238,7 @@ class RunConfig:
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # The deprecated spelling is folded into report_to once (a replace() must not fold it again).
-        self.report_to, self.tensorboard = _check_report_to(self.report_to, self.tensorboard), None
+        self.report_to, self.tensorboard = check_report_to(self.report_to, self.tensorboard), None
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.train, dict):
@@ -301,7 +301,7 @@ class RunConfig:
         return None
 
 
-def _check_report_to(report_to, tensorboard) -> list[str] | None:
+def check_report_to(report_to, tensorboard) -> list[str] | None:
     """`report_to` checked (a list of REPORTERS, or null: the default), with the deprecated
     `tensorboard: true/false` folded in (a one-line notice says so)."""
     if report_to is not None:

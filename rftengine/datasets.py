@@ -305,9 +305,9 @@ def _check_text_or_messages(record, where, name) -> bool:
 
 
 def _require_chat_template(tokenizer, where) -> None:
-    """The methods' rule (`methods.data.has_chat_template`: an empty template is none), checked
+    """The one rule (`rftengine.chat.has_chat_template`: an empty template is none), checked
     here so that the error names the record."""
-    from rftengine.methods.data import require_chat_template
+    from rftengine.chat import require_chat_template
 
     try:
         require_chat_template(tokenizer, f"{where}: the data")

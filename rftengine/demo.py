@@ -20,26 +20,32 @@ The stages then run in turn, each from the same pretrained policy:
    then SFT on the revisions and DPO on (revision ≻ original).
 
 Printed: a before/after table of the true reward, preference accuracy and KL to the
-pretrained policy. Written to ``output_dir``: ``demo_metrics.jsonl`` (every step of every
-stage, then the table rows) and ``demo_curves.png``.
+pretrained policy. Written to ``output_dir`` through ``rftengine.metrics.MetricsWriter``, the
+writer of ``rftengine train``: every step of every stage as it comes (a "stage" column), to
+``demo_metrics.jsonl`` and ``demo_metrics.csv`` by default (``report_to``), so a killed demo
+leaves the steps so far; at the end one summary line per table row in the JSONL, and
+``demo_curves.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
+import dataclasses
 import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rftengine.toy import VOWELS, vowel_fraction
+
+if TYPE_CHECKING:
+    from rftengine.metrics import MetricsWriter
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 VOWEL_LETTERS = "".join(sorted(VOWELS))  # "aeiou": a fixed order keeps the seeded draws reproducible
@@ -101,7 +107,8 @@ class StageRow:
 
 @dataclass
 class DemoResult:
-    """What ``run_demo`` returns: the table rows, the files written and the wall time."""
+    """What ``run_demo`` returns: the table rows, the files written (``metrics_path``: the JSONL,
+    there when ``report_to`` has jsonl) and the wall time."""
 
     rows: list[StageRow]
     metrics_path: Path
@@ -293,56 +300,81 @@ def run_demo(
     device: str | None = None,
     quick: bool = False,
     threads: int | None = 1,
+    report_to: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Run every stage (module docstring) and write the metrics JSONL and the PNG plot.
+    """Run every stage (module docstring) and write the metrics and the PNG plot.
 
     Args:
-        output_dir: where ``demo_metrics.jsonl`` and ``demo_curves.png`` go (created).
+        output_dir: where ``demo_metrics.jsonl``, ``demo_metrics.csv`` and ``demo_curves.png``
+            go (created).
         seed: seeds the data, the models and every sampling call: same seed, same numbers.
         device: "cpu", "cuda", ... (default: cuda when available).
         quick: a much smaller run (seconds) for tests and smoke checks.
         threads: CPU threads for torch during the run (restored after). One is fastest for
             models this small (per-op overhead dominates, and a second thread only spins);
             None keeps the current setting.
+        report_to: where the metrics go, as ``rftengine train``'s ``report_to`` (any of jsonl,
+            csv, tensorboard, wandb, trackio); None: jsonl and csv.
         log: where progress lines and the table go.
+
+    Raises ValueError for bad ``threads`` or ``report_to``, before anything runs.
     """
+    report_to = ["jsonl", "csv"] if report_to is None else _checked_report_to(report_to)
     saved_threads = torch.get_num_threads()
     if threads is not None:
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
         torch.set_num_threads(threads)
     try:
-        return _run(Path(output_dir), seed, device, quick, log)
+        return _run(Path(output_dir), seed, device, quick, report_to, log)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _run(out_dir: Path, seed: int, device: str | None, quick: bool, log: Callable[[str], None]) -> DemoResult:
+def _checked_report_to(report_to) -> list[str]:
+    """``report_to`` checked as ``rftengine train`` checks it; a ValueError names the bad destination."""
+    from rftengine.config import check_report_to
+    from rftengine.errors import UserError
+
+    try:
+        return check_report_to(report_to, None)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _run(out_dir: Path, seed: int, device: str | None, quick: bool, report_to: list[str],
+         log: Callable[[str], None]) -> DemoResult:
+    from rftengine.metrics import MetricsWriter
+
     t_start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    world = _setup(DemoSettings.quick() if quick else DemoSettings(), seed,
-                   torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), log)
-    # The stages draw from one rng in this order, so each run of a seed gives the same numbers.
-    rm_row, rm_model = stage_reward_model(world)
-    rows = [rm_row, stage_ppo(world, rm_model), stage_dpo(world), stage_rlaif(world), stage_cai(world)]
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = {"seed": seed, "device": str(torch_device), **dataclasses.asdict(settings)}
+    with MetricsWriter(out_dir, name="demo_metrics", report_to=report_to, config=config) as writer:
+        world = _setup(settings, seed, torch_device, log, writer)
+        # The stages draw from one rng in this order, so each run of a seed gives the same numbers.
+        rm_row, rm_model = stage_reward_model(world)
+        rows = [rm_row, stage_ppo(world, rm_model), stage_dpo(world), stage_rlaif(world), stage_cai(world)]
+        for row in rows:
+            writer.summary({k: v for k, v in vars(row).items() if k != "stage"}, stage=row.stage)
     seconds = time.perf_counter() - t_start
-    metrics_path = out_dir / "demo_metrics.jsonl"
-    _write_metrics(metrics_path, world.curves, rows)
     plot_path = out_dir / "demo_curves.png"
     _plot(world.curves, rows, plot_path)
+    written = [path for path, on in ((writer.jsonl_path, writer.write_jsonl), (writer.csv_path, writer.write_csv))
+               if on]
     log("")
     log(format_table(rows))
-    log(f"\nwrote {metrics_path} and {plot_path} in {seconds:.1f}s")
-    return DemoResult(rows=rows, metrics_path=metrics_path, plot_path=plot_path, seconds=seconds,
+    log(f"\nwrote {', '.join(str(path) for path in [*written, plot_path])} in {seconds:.1f}s")
+    return DemoResult(rows=rows, metrics_path=writer.jsonl_path, plot_path=plot_path, seconds=seconds,
                       curves=world.curves)
 
 
 @dataclass
 class DemoWorld:
     """What every stage starts from: the pretrained policy ``base`` (frozen), the prompts and
-    program-labelled pairs, the evaluator and the base policy's scores; ``curves`` collects each
-    stage's per-step metrics (``recorder``)."""
+    program-labelled pairs, the evaluator and the base policy's scores; ``recorder`` writes each
+    stage's steps through ``writer`` and collects them in ``curves``."""
 
     settings: DemoSettings
     seed: int
@@ -357,10 +389,11 @@ class DemoWorld:
     evaluator: Evaluator
     base_reward: float
     base_accuracy: float
+    writer: MetricsWriter
     curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
     def recorder(self, stage: str) -> Callable[[int, dict[str, float]], None]:
-        return _recorder(self.curves, stage)
+        return _recorder(self.curves, stage, self.writer)
 
     def fresh_policy(self):
         """A trainable copy of the pretrained policy."""
@@ -379,13 +412,21 @@ class DemoWorld:
         return row
 
 
-def _recorder(curves: dict[str, list[dict[str, float]]], stage: str) -> Callable[[int, dict[str, float]], None]:
-    """The ``callback(step, metrics)`` of a train_* call that files its steps under ``stage``."""
+def _recorder(curves: dict[str, list[dict[str, float]]], stage: str,
+              writer: MetricsWriter) -> Callable[[int, dict[str, float]], None]:
+    """The ``callback(step, metrics)`` of a train_* call that files its steps under ``stage`` in
+    ``curves`` and writes each through ``writer`` as it comes."""
     curves[stage] = []
-    return lambda step, metrics: curves[stage].append({"step": step, **metrics})
+
+    def record(step: int, metrics: dict[str, float]) -> None:
+        curves[stage].append({"step": step, **metrics})
+        writer.log(step, metrics, stage=stage)
+
+    return record
 
 
-def _setup(settings: DemoSettings, seed: int, device: torch.device, log: Callable[[str], None]) -> DemoWorld:
+def _setup(settings: DemoSettings, seed: int, device: torch.device, log: Callable[[str], None],
+           writer: MetricsWriter) -> DemoWorld:
     """Pretraining (answer, critique, revise), the prompts, and program-labelled pairs of two
     samples per prompt from the pretrained policy (the better one by the program chosen)."""
     from rftengine.generation import Generator
@@ -398,7 +439,7 @@ def _setup(settings: DemoSettings, seed: int, device: torch.device, log: Callabl
     curves: dict[str, list[dict[str, float]]] = {}
     t0 = time.perf_counter()
     base = pretrain_policy(tok, rng, steps=settings.pretrain_steps, batch_size=settings.pretrain_batch, seed=seed,
-                           device=device, callback=_recorder(curves, "pretrain"))
+                           device=device, callback=_recorder(curves, "pretrain", writer))
     for p in base.parameters():
         p.requires_grad_(False)
     train_prompts = [make_prompt(rng) for _ in range(settings.num_prompts)]
@@ -418,7 +459,7 @@ def _setup(settings: DemoSettings, seed: int, device: torch.device, log: Callabl
     log(f"pretrained policy: reward {base_reward:.3f}, {len(train_pairs)} training pairs, "
         f"{len(eval_pairs)} held-out pairs ({time.perf_counter() - t0:.1f}s)")
     return DemoWorld(settings, seed, device, log, rng, tok, base, train_prompts, train_pairs, eval_pairs,
-                     evaluator, base_reward, base_accuracy, curves)
+                     evaluator, base_reward, base_accuracy, writer, curves)
 
 
 def stage_reward_model(world: DemoWorld):
@@ -526,17 +567,6 @@ def stage_cai(world: DemoWorld) -> StageRow:
                             f"{len(cai.pairs)} pairs, revisions score {revised:.2f}")
 
 
-def _write_metrics(path: Path, curves: dict[str, list[dict[str, float]]], rows: list[StageRow]) -> None:
-    """``demo_metrics.jsonl``: every stage's steps (``{"stage", "step", ...}``), then one
-    ``"summary": true`` line per table row (NaN written as null)."""
-    with path.open("w", encoding="utf-8") as f:
-        for stage, points in curves.items():
-            for point in points:
-                f.write(json.dumps({"stage": stage, **point}) + "\n")
-        for row in rows:
-            f.write(json.dumps({"stage": row.stage, "summary": True, **_row_dict(row)}) + "\n")
-
-
 # ----------------------------------------------------------------------------- output
 
 
@@ -547,13 +577,6 @@ def _pearson(x: list[float], y: list[float]) -> float:
     sx = math.sqrt(sum((a - mx) ** 2 for a in x))
     sy = math.sqrt(sum((b - my) ** 2 for b in y))
     return sxy / (sx * sy) if sx > 0 and sy > 0 else 0.0
-
-
-def _row_dict(row: StageRow) -> dict[str, Any]:
-    def clean(v):
-        return None if isinstance(v, float) and math.isnan(v) else v
-
-    return {k: clean(v) for k, v in vars(row).items() if k != "stage"}
 
 
 def format_table(rows: list[StageRow]) -> str:
@@ -617,24 +640,38 @@ def _plot(curves: dict[str, list[dict[str, float]]], rows: list[StageRow], path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rftengine.config import REPORTERS
+
     parser = argparse.ArgumentParser(
         prog="rftengine demo",
         description="Reward model, PPO, DPO, RLAIF and Constitutional AI on a tiny model with a "
                     "verifiable reward; no download, about half a minute on 2 CPU cores.",
     )
-    parser.add_argument("--output-dir", default="rftengine-demo", help="where the metrics JSONL and the PNG go")
+    parser.add_argument("--output-dir", default="rftengine-demo", help="where the metrics and the PNG go")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, models and sampling")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--quick", action="store_true", help="a much smaller run (seconds), for smoke tests")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: fastest for models this small)")
+    parser.add_argument("--report-to", type=_report_to_option, default=None, metavar="DEST[,DEST...]",
+                        help="where the metrics go, comma-separated, as rftengine train's report_to: "
+                             f"{', '.join(REPORTERS)} (default: jsonl,csv)")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    run_demo(args.output_dir, seed=args.seed, device=args.device, quick=args.quick, threads=args.threads)
+    run_demo(args.output_dir, seed=args.seed, device=args.device, quick=args.quick, threads=args.threads,
+             report_to=args.report_to)
     return 0
+
+
+def _report_to_option(text: str) -> list[str]:
+    """``--report-to jsonl,csv``: the destinations, checked as ``report_to`` is."""
+    try:
+        return _checked_report_to([name.strip() for name in text.split(",") if name.strip()])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     Every rank holds an equal share of the global batch (``shard_batch``), so the mean of the
     ranks' per-example means is the mean over the global batch; values equal on every rank
     (``grad_norm``, ``learning_rate``) come out unchanged; metrics named ``*max`` take the
-    largest rank's value. Every rank must pass the same keys."""
+    largest rank's value, metrics named ``*min`` the smallest. Every rank must pass the same keys."""
     if not is_distributed():
         return metrics
     keys = sorted(metrics)
@@ -82,8 +82,11 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_comm_device())
     means = (all_reduce_sum(values) / world_size()).tolist()
     maxima = all_reduce_max(values).tolist()
-    # A maximum (``ratio_max``) is the largest rank's, not a mean of the ranks' maxima.
-    return {k: maxima[i] if k.endswith("max") else means[i] for i, k in enumerate(keys)}
+    minima = (-all_reduce_max(-values)).tolist()
+    # A maximum (``policy/ratio_max``) is the largest rank's, not a mean of the ranks' maxima;
+    # likewise a minimum (``clip_ratio/low_min``: the smallest rank's value).
+    return {k: maxima[i] if k.endswith("max") else minima[i] if k.endswith("min") else means[i]
+            for i, k in enumerate(keys)}
 
 
 def require_divisible(batch_size: int, owner: str = "batch_size") -> None:
@@ -223,8 +226,13 @@ def process_group(device: str = "auto") -> Iterator[torch.device | None]:
         dist.init_process_group("gloo")
     try:
         yield dev
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave together: a rank that tears its gloo connections down while a peer is still writing
+    # its last results can abort the peer's exit ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- FSDP2

@@ -8,6 +8,10 @@ checkpoint's step are dropped, so the files read as one uninterrupted run. Evalu
 record a resume reads back: a torn last line (a kill mid-write) is dropped with a note on
 stderr. metrics.csv is never read back: a resume rewrites it whole from those rows, so a torn
 CSV line goes with it.
+
+A writer may also tag its rows with a stage (a run of several trainings, such as the demo:
+`log(step, metrics, stage=...)`, a "stage" column) and end with summary records (`summary`:
+one `{"summary": true, ...}` line each, JSONL only), under a file-name stem of its own (`name`).
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import math
 import sys
 from pathlib import Path
 
-from rftengine.config import REPORTERS
+from rftengine.config import check_report_to
 from rftengine.errors import UserError
 
-JSONL_NAME = "metrics.jsonl"
-CSV_NAME = "metrics.csv"
+STEM = "metrics"  # the files' stem when the writer is given no `name`
+JSONL_NAME = f"{STEM}.jsonl"
+CSV_NAME = f"{STEM}.csv"
 PLOT_NAME = "metrics.png"
 
 # Panels of the plot, in order: (title, candidate metric names; the first present is drawn).
@@ -48,35 +53,40 @@ def _scalar(value) -> float | None:
 
 
 class MetricsWriter:
-    """Appends one row per `log(step, metrics)` to the `report_to` destinations: `metrics.jsonl`
-    and `metrics.csv` in `out_dir`, TensorBoard events in `out_dir/tensorboard`, a Weights &
-    Biases or Trackio run (project `$WANDB_PROJECT` / `$TRACKIO_PROJECT`, default "rftengine";
-    run name `run_name`, default the folder's name; `config`: the run's settings). The rows are
-    kept in `rows` (for the plot) whatever the destinations.
+    """Appends one row per `log(step, metrics)` to the `report_to` destinations: `<name>.jsonl`
+    and `<name>.csv` in `out_dir` (default `metrics.jsonl`, `metrics.csv`), TensorBoard events in
+    `out_dir/tensorboard`, a Weights & Biases or Trackio run (project `$WANDB_PROJECT` /
+    `$TRACKIO_PROJECT`, default "rftengine"; run name `run_name`, default the folder's name;
+    `config`: the run's settings). The rows are kept in `rows` (for the plot) whatever the
+    destinations; summary records (`summary`) are not.
 
     `report_to` None: JSONL, CSV, and TensorBoard when it is installed. A destination named
     in `report_to` whose package is missing is a UserError saying what to install.
     `tensorboard` (the deprecated switch) adds or removes TensorBoard. `resume_step`: keep the
-    rows of an earlier run up to that step and continue after them; None starts fresh
-    (existing files are replaced).
+    rows of an earlier run up to that step and continue after them, dropping its summary
+    records; None starts fresh (existing files are replaced). Rows tagged with a stage are cut
+    by step alone, whatever their stage: a run of several stages (the demo) does not resume.
     """
 
     def __init__(self, out_dir: str | Path, *, resume_step: int | None = None,
                  report_to: list[str] | tuple[str, ...] | None = None, tensorboard: bool | None = None,
-                 run_name: str | None = None, config: dict | None = None):
-        reporters = list(report_to) if report_to is not None else ["jsonl", "csv"]
-        unknown = [r for r in reporters if r not in REPORTERS]
-        if unknown:
-            raise UserError(f"report_to: unknown destination {unknown[0]!r}; choose from {', '.join(REPORTERS)}")
+                 run_name: str | None = None, config: dict | None = None, name: str = STEM):
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise ValueError(f"name must be a file-name stem such as {STEM!r} (no folder), got {name!r}")
+        if report_to is None:
+            reporters = ["jsonl", "csv"]
+        else:
+            reporters = check_report_to(list(report_to) if isinstance(report_to, tuple) else report_to, None)
         if tensorboard is not None:
             reporters = [r for r in reporters if r != "tensorboard"] + (["tensorboard"] if tensorboard else [])
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl_path = self.out_dir / JSONL_NAME
-        self.csv_path = self.out_dir / CSV_NAME
+        self.jsonl_path = self.out_dir / f"{name}.jsonl"
+        self.csv_path = self.out_dir / f"{name}.csv"
         self.rows: list[dict] = []
         if resume_step is not None and self.jsonl_path.is_file():
-            self.rows = [r for r in read_metrics(self.jsonl_path) if r.get("step", math.inf) <= resume_step]
+            self.rows = [r for r in read_metrics(self.jsonl_path)
+                         if not r.get("summary") and r.get("step", math.inf) <= resume_step]
         self.write_jsonl, self.write_csv = "jsonl" in reporters, "csv" in reporters
         if self.write_jsonl:
             self.jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
@@ -91,8 +101,11 @@ class MetricsWriter:
         name = run_name or self.out_dir.resolve().name
         self.trackers = [_tracker(kind, name, config or {}) for kind in ("wandb", "trackio") if kind in reporters]
 
-    def log(self, step: int, metrics: dict) -> dict:
-        row = {"step": int(step)}
+    def log(self, step: int, metrics: dict, *, stage: str | None = None) -> dict:
+        """Append the scalars of `metrics` (numbers, one-element tensors; anything else is left
+        out) as the row of `step`, tagged with `stage` when given: a "stage" column in the JSONL
+        and the CSV, "<stage>/<metric>" in TensorBoard and the trackers. Returns the row."""
+        row = {"step": int(step)} if stage is None else {"stage": stage, "step": int(step)}
         for key, value in metrics.items():
             scalar = _scalar(value)
             if scalar is not None:
@@ -107,21 +120,48 @@ class MetricsWriter:
             else:
                 with self.csv_path.open("a", newline="", encoding="utf-8") as f:
                     csv.DictWriter(f, self.columns).writerow(row)
+        values = _prefixed({k: v for k, v in row.items() if k not in ("stage", "step")}, stage)
         if self.tb is not None:
-            for key, value in row.items():
-                if key != "step":
-                    self.tb.add_scalar(key, value, step)
-        values = {k: v for k, v in row.items() if k != "step"}
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, row["step"])
+        if stage is not None:
+            # Each stage counts its steps from 1, and wandb ignores a step lower than its last:
+            # the tracker counts the rows itself, and the stage's step is a metric of the row.
+            values[f"{stage}/step"] = row["step"]
         for tracker in self.trackers:
-            tracker.log(values, step=row["step"])
+            if stage is None:
+                tracker.log(values, step=row["step"])
+            else:
+                tracker.log(values)
         return row
+
+    def summary(self, record: dict, *, stage: str | None = None) -> dict:
+        """Write `record` (a run's end results: numbers, one-element tensors, strings) as one
+        `{"stage": stage, "summary": true, ...}` JSONL line (no "stage" when None), NaN and
+        infinities as null so that the line is strict JSON. The CSV holds step rows only and
+        leaves it out; so do TensorBoard and Trackio; a wandb run gets it in its run summary
+        (keys "<stage>/<key>"). Returns the line's record."""
+        line = {"summary": True} if stage is None else {"stage": stage, "summary": True}
+        for key, value in record.items():
+            scalar = _scalar(value)
+            if scalar is not None:
+                value = scalar if math.isfinite(scalar) else None
+            line[key] = value
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(line) + "\n")
+            self._jsonl.flush()
+        values = _prefixed({k: v for k, v in line.items() if k not in ("stage", "summary")}, stage)
+        for tracker in self.trackers:
+            if tracker.__name__ == "wandb":
+                tracker.run.summary.update(values)
+        return line
 
     def _rewrite_csv(self) -> None:
         for row in self.rows:
             self.columns += [k for k in row if k not in self.columns]
-        if "step" in self.columns:
-            self.columns.remove("step")
-        self.columns.insert(0, "step")
+        # "stage" (when any row has one) and "step" lead, in the JSONL's order.
+        leading = (["stage"] if "stage" in self.columns else []) + ["step"]
+        self.columns = leading + [k for k in self.columns if k not in leading]
         with self.csv_path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
@@ -141,6 +181,11 @@ class MetricsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _prefixed(values: dict, stage: str | None) -> dict:
+    """`values` with keys "<stage>/<key>" (unchanged when `stage` is None)."""
+    return values if stage is None else {f"{stage}/{k}": v for k, v in values.items()}
 
 
 def _tensorboard_writer(log_dir: Path, required: bool):
@@ -169,7 +214,8 @@ def _tracker(kind: str, name: str, config: dict):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl. A last line that does not parse is what a kill mid-write
+    """The records of a metrics JSONL: its rows, then any summary records (`"summary": true`,
+    no step; see `MetricsWriter.summary`). A last line that does not parse is what a kill mid-write
     leaves: it is dropped, with a note on stderr. A broken line before it is a UserError naming
     the file and line."""
     path = Path(path)

@@ -1,5 +1,6 @@
 """`rftengine demo --quick` runs every stage end to end and writes its plot and metrics."""
 
+import csv
 import json
 
 import pytest
@@ -7,7 +8,15 @@ import pytest
 from rftengine import demo
 
 
-def test_quick_demo_end_to_end(tmp_path, capsys):
+def test_quick_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    seen = []  # what a demo killed before its last stage leaves in demo_metrics.jsonl
+    stage_cai = demo.stage_cai
+
+    def watched_stage_cai(world):
+        seen.extend(json.loads(line) for line in (tmp_path / "demo_metrics.jsonl").read_text().splitlines())
+        return stage_cai(world)
+
+    monkeypatch.setattr(demo, "stage_cai", watched_stage_cai)
     assert demo.main(["--quick", "--output-dir", str(tmp_path), "--seed", "0"]) == 0
     out = capsys.readouterr().out
     for stage in ("reward model", "PPO", "DPO", "RLAIF", "Constitutional AI"):
@@ -26,6 +35,12 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         if name != "reward model":
             assert row["reward_after"] > row["reward_before"] + 0.05, name
             assert row["kl_after"] > 0.0, name
+    # The steps were written as they came: the earlier stages' steps were there before the last began.
+    assert {r["stage"] for r in seen} == {"pretrain", "reward_model", "ppo", "dpo", "judge_sft", "rlaif"}
+    assert seen == records[:len(seen)]
+    with open(tmp_path / "demo_metrics.csv", newline="") as f:
+        steps = list(csv.DictReader(f))
+    assert list(steps[0])[:2] == ["stage", "step"] and len(steps) == len(records) - len(summary)
 
 
 def test_demo_rejects_bad_options(tmp_path):
@@ -35,3 +50,8 @@ def test_demo_rejects_bad_options(tmp_path):
         demo.main(["--threads", "0", "--output-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="threads"):
         demo.run_demo(tmp_path, threads=0)
+    with pytest.raises(SystemExit):
+        demo.main(["--report-to", "jsonl,wandbb", "--output-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"report_to: unknown destination 'cvs' \(did you mean 'csv'\?\)"):
+        demo.run_demo(tmp_path, report_to=["jsonl", "cvs"])
+    assert not any(tmp_path.iterdir())  # refused before anything ran

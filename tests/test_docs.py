@@ -29,6 +29,6 @@ def test_conventions_sections_named_in_the_code_exist():
     assert named and named <= sections, named - sections
 
 
-@pytest.mark.parametrize("name", ["docs/conventions.md", "bench/README.md"])
+@pytest.mark.parametrize("name", ["docs/conventions.md", "docs/metrics.md", "bench/README.md"])
 def test_readme_points_to_the_in_repo_docs(name):
     assert name in (ROOT / "README.md").read_text(encoding="utf-8") and (ROOT / name).is_file()

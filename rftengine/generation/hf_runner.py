@@ -1,7 +1,8 @@
 """The eager fallback: the Hugging Face model's own forward with its own (dynamic) cache.
 
 Used for families the static runner does not implement. Correct for any causal LM that takes
-`attention_mask`, `position_ids` and `past_key_values`, and slower: one host-driven forward per
+`attention_mask`, `position_ids` and a cache (`cache`, or `past_key_values` before transformers
+5.2x), and slower: one host-driven forward per
 token, no CUDA graph. It shares the sampling and bookkeeping (`record_token`) with the fast path.
 """
 
@@ -18,7 +19,11 @@ class HFRunner:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self._keep_arg = "logits_to_keep" in params
+        # transformers >= 5.2x names the cache `cache` (argument and output) and deprecates
+        # `past_key_values`; earlier versions, and remote-code models, know only the latter.
+        self._cache_name = "cache" if "cache" in params else "past_key_values"
         self._cache = None
         self._mask = None
 
@@ -26,9 +31,9 @@ class HFRunner:
         extra = {"logits_to_keep": 1} if self._keep_arg else {}
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions,
-            past_key_values=cache, use_cache=True, **extra,
+            use_cache=True, **{self._cache_name: cache}, **extra,
         )
-        return out.logits[:, -1], out.past_key_values
+        return out.logits[:, -1], getattr(out, self._cache_name)
 
     def prefill(self, ids: torch.Tensor, prompt_mask: torch.Tensor, copies: int | torch.Tensor) -> torch.Tensor:
         """ids/prompt_mask ``[b, P]`` left-padded; prompt i gets ``copies`` rows (or ``copies[i]``,

@@ -215,7 +215,7 @@ def run_request(generator, prompts, sampling_params, *, tokenizer=None, attentio
         if any(is_text_prompt(p) for p in prompts) and tokenizer is None:
             raise ValueError("text prompts need a tokenizer: Generator(model, tokenizer=...) or "
                              "generate(..., tokenizer=...)")
-        prompts = [encode_prompt(tokenizer, p, f"prompts[{i}]") if is_text_prompt(p) else p
+        prompts = [encode_prompt(tokenizer, p, where=f"prompts[{i}]") if is_text_prompt(p) else p
                    for i, p in enumerate(prompts)]
     if params.stop and tokenizer is None:
         raise ValueError("SamplingParams.stop needs a tokenizer to decode the responses: "

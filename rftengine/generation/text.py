@@ -5,43 +5,19 @@ tokenizer and its chat template), response texts beside the ids, and vLLM's
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rftengine.chat import encode_prompt, is_messages
 from rftengine.generation.outputs import GenerationOutput
 
 __all__ = ["CompletionOutput", "RequestOutput", "encode_prompt", "is_text_prompt", "request_outputs", "response_texts"]
 
 
-def _is_messages(prompt) -> bool:
-    return (isinstance(prompt, Sequence) and not isinstance(prompt, str) and len(prompt) > 0
-            and all(isinstance(m, Mapping) for m in prompt))
-
-
 def is_text_prompt(prompt) -> bool:
-    """A string or a list of chat messages (``{"role", "content"}`` mappings)."""
-    return isinstance(prompt, str) or _is_messages(prompt)
-
-
-def encode_prompt(tokenizer, prompt, where: str = "prompt") -> list[int]:
-    """Token ids of a text prompt. A string gets the tokenizer's special tokens (e.g. BOS); chat
-    messages are rendered with the chat template and the generation prompt
-    (``add_generation_prompt=True``), which already holds the special tokens it wants."""
-    if isinstance(prompt, str):
-        ids = tokenizer(prompt)["input_ids"]
-    else:
-        for i, message in enumerate(prompt):
-            if "role" not in message or "content" not in message:
-                raise ValueError(f"{where}[{i}] must be a chat message with 'role' and 'content', "
-                                 f"got keys {sorted(message)}")
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"{where} is a list of chat messages but the tokenizer has no chat template "
-                             "(tokenizer.chat_template is empty); give a string or set a chat template")
-        text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"{where} encodes to no tokens, got {prompt!r:.80}")
-    return list(ids)
+    """A string or a list of chat messages (``{"role", "content"}`` mappings), as opposed to
+    token ids."""
+    return isinstance(prompt, str) or is_messages(prompt)
 
 
 def response_texts(out: GenerationOutput, tokenizer, *, stops=None, first_sequence: int = 0,

@@ -41,6 +41,7 @@ from rftengine.methods.config_base import (
     stage_config,
 )
 from rftengine.methods.loop import Callback, CheckpointFn
+from rftengine.methods.metric_names import Metrics
 from rftengine.methods.precision import resolve_precision
 from rftengine.methods.train_state import FixedTensors, TrainState, stage_state, unwrap_stage_state
 from rftengine.methods.data import (
@@ -519,7 +520,7 @@ def train_cai(
                 saved["stage_reference"] = FixedTensors(key, _reference_weights(stage_ref))
 
         def stage_callback(step, metrics, _offset=start_offset, _index=index):
-            metrics = {**metrics, "stage_index": float(_index)}
+            metrics = Metrics({**metrics, "cai/stage": float(_index)})
             history.append(metrics)
             if callback is not None:
                 callback(_offset + step, metrics)

@@ -20,10 +20,16 @@ from typing import Any
 
 import torch
 
+from rftengine.chat import (  # noqa: F401 (has_chat_template, render_prompt: part of this module's API)
+    Message,
+    PromptLike,
+    check_messages,
+    encode_prompt,
+    has_chat_template,
+    render_prompt,
+    require_chat_template,
+)
 from rftengine.methods.loop import track
-
-Message = Mapping[str, str]
-PromptLike = str | Sequence[Message]
 
 
 @dataclass
@@ -116,45 +122,7 @@ def pad_token_id(tokenizer) -> int:
     return int(pad) if pad is not None else require_eos(tokenizer)
 
 
-def has_chat_template(tokenizer) -> bool:
-    """The one chat-template rule, for the data loaders' checks (``rftengine.datasets``) and the
-    methods' rendering alike: a tokenizer has a chat template when ``tokenizer.chat_template`` is
-    a non-empty string. None and "" are none (an empty template renders every chat as nothing)."""
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def require_chat_template(tokenizer, what: str) -> None:
-    """ValueError unless ``has_chat_template(tokenizer)``: ``what`` (a field, or a data file's
-    record) holds chat messages, which need the template to become text."""
-    if not has_chat_template(tokenizer):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(
-            f"{what} has chat messages but the tokenizer has no chat template ({name!r}: chat_template is "
-            f"{getattr(tokenizer, 'chat_template', None)!r}); give plain text, or a tokenizer with a chat "
-            "template (tokenizer_config.json 'chat_template')"
-        )
-
-
-def _is_messages(value) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str) and all(
-        isinstance(m, Mapping) and "role" in m and "content" in m for m in value
-    )
-
-
 # ----------------------------------------------------------------------------- rendering
-
-
-def render_prompt(tokenizer, prompt: PromptLike) -> str:
-    """Plain text stays as is; a chat-message list is rendered with the chat template and the
-    generation prompt (``add_generation_prompt=True``)."""
-    if isinstance(prompt, str):
-        return prompt
-    if not _is_messages(prompt):
-        raise ValueError(
-            f"prompt must be a string or a list of {{'role', 'content'}} messages, got {prompt!r:.80}"
-        )
-    require_chat_template(tokenizer, "prompt")
-    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
 
 
 def render_response(tokenizer, prompt: PromptLike, response: str | Sequence[Message]) -> str:
@@ -163,10 +131,7 @@ def render_response(tokenizer, prompt: PromptLike, response: str | Sequence[Mess
     token included: ``encode_response`` then adds no second one)."""
     if isinstance(response, str):
         return response
-    if not _is_messages(response):
-        raise ValueError(
-            f"response must be a string or a list of chat messages, got {response!r:.80}"
-        )
+    check_messages(response, "response")
     require_chat_template(tokenizer, "response")
     prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     head = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
@@ -179,26 +144,7 @@ def render_response(tokenizer, prompt: PromptLike, response: str | Sequence[Mess
     return full[len(head):]
 
 
-def is_chat_prompt(prompt: PromptLike) -> bool:
-    return not isinstance(prompt, str)
-
-
 # ----------------------------------------------------------------------------- encoding
-
-
-def encode_prompt(tokenizer, prompt: PromptLike, max_length: int | None = None) -> list[int]:
-    """Token ids of a prompt, truncated from the left to ``max_length`` (its end is kept).
-
-    Plain text gets the tokenizer's special tokens (e.g. BOS); chat-rendered text already has
-    them from the template.
-    """
-    text = render_prompt(tokenizer, prompt)
-    ids = tokenizer(text, add_special_tokens=not is_chat_prompt(prompt))["input_ids"]
-    if max_length is not None and len(ids) > max_length:
-        ids = ids[len(ids) - max_length:]
-    if not ids:
-        raise ValueError(f"prompt {text!r:.80} encodes to no tokens")
-    return list(ids)
 
 
 def encode_response(

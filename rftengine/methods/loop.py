@@ -13,6 +13,7 @@ import torch
 
 from rftengine.methods.config_base import _is_number
 from rftengine.methods.data_order import batch_indices
+from rftengine.methods.metric_names import Metrics
 from rftengine.methods.train_state import TrainState
 
 
@@ -186,6 +187,7 @@ def train_loop(
             state.data_position += len(idx)
             if evaluate is not None and should_evaluate(config, state.step, num_steps):
                 metrics = {**metrics, **run_evaluation(evaluate)}
+            metrics = Metrics(metrics)  # the earlier names of renamed metrics still read, with a warning
             history.append(metrics)
             if callback is not None:
                 callback(state.step, metrics)

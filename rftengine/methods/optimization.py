@@ -274,7 +274,7 @@ def global_count(count: torch.Tensor | float) -> torch.Tensor:
 
 def accumulate_gradients(
     micro_batches, micro_loss: MicroLoss, *, precision: str, device: torch.device, scaler=None,
-    max_keys: Sequence[str] = (),
+    max_keys: Sequence[str] = (), rank_keys: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Forward (under ``autocast(precision, device)``) and backward of every micro-batch of one
     optimizer step, gradients accumulating in ``.grad``; returns the step's stats.
@@ -283,7 +283,8 @@ def accumulate_gradients(
     the step's global normaliser (``global_count`` of the tokens, sequences or pairs of every
     micro-batch on every rank: the op's own normalisation is multiplied by ``local / global``),
     and stats weighted the same way, so that the sum over micro-batches (and ranks) is exactly
-    the value one batch gives. Stats named in ``max_keys`` combine by max (rank-local).
+    the value one batch gives. Stats named in ``max_keys`` combine by max (rank-local); those in
+    ``rank_keys`` are summed over the micro-batches only (this rank's own value).
     Returns detached fp32 0-d tensors, sums all-reduced across ranks.
     """
     from rftengine.distributed import all_reduce_sum, is_distributed
@@ -300,7 +301,7 @@ def accumulate_gradients(
             else:
                 sums[key] = torch.maximum(sums[key], value) if key in max_keys else sums[key] + value
     if is_distributed():
-        keys = [k for k in sums if k not in max_keys]
+        keys = [k for k in sums if k not in max_keys and k not in rank_keys]
         if keys:
             total = all_reduce_sum(torch.stack([sums[k] for k in keys]))
             sums.update(zip(keys, total.unbind(0)))

@@ -432,7 +432,7 @@ def compute_advantages(ctx: PPOContext, ro: Rollout, scores: torch.Tensor) -> PP
     stats = {
         "reward": distributed.global_mean(scores),
         "kl": distributed.global_mean(seq_kl),
-        "kl_coef": ctx.kl.value,
+        "objective/kl_coef": ctx.kl.value,
         "completions/mean_length": distributed.global_mean(lengths),
         "completions/min_length": -distributed.all_reduce_max(-lengths.min()),
         "completions/max_length": distributed.all_reduce_max(lengths.max()),
@@ -463,34 +463,57 @@ class StepCounts:
     """The normalisers of one optimizer step (every micro-batch of the minibatch, every rank),
     0-d fp32 tensors >= 1: valid response ``tokens`` ("token_mean", and every token-mean
     stat), ``sequences`` with at least one valid token ("seq_mean_token_mean") and ``rows``
-    ("token_sum_norm")."""
+    ("token_sum_norm"); ``rank_tokens``: this process's valid tokens (``RANK_STATS``)."""
 
     tokens: torch.Tensor
     sequences: torch.Tensor
     rows: torch.Tensor
+    rank_tokens: torch.Tensor
 
     @classmethod
     def of(cls, mask: torch.Tensor) -> StepCounts:
         """From the ``[N, T]`` response mask of this process's part of the step."""
         valid = mask.float().sum(-1)
         return cls(global_count(valid.sum()), global_count((valid > 0).float().sum()),
-                   global_count(float(mask.shape[0])))
+                   global_count(float(mask.shape[0])), valid.sum().clamp(min=1.0))
+
+
+# The fused op's stat names -> the run's metric names (methods/metric_names.py): TRL's for the
+# clip fractions, the policy/ namespace for the rest. The op's "kl" is the current policy's
+# token-mean KL (KL-in-loss); plain "kl" names the rollout's sequence KL.
+OP_METRIC_NAMES = {
+    "clipfrac": "clip_ratio/region_mean",
+    "clipfrac_dual": "clip_ratio/dual_mean",
+    "policy_loss": "policy/loss",
+    "approx_kl": "policy/approx_kl",
+    "ratio_mean": "policy/ratio_mean",
+    "ratio_max": "policy/ratio_max",
+    "kl": "policy/kl",
+    "clipfrac_low": "clip_ratio/low_mean",
+    "clipfrac_high": "clip_ratio/high_mean",
+}
+# TRL's min / max over the ranks of each rank's own low / high clip fraction: the op stat ->
+# the metric, a mean over this rank's tokens (summed over micro-batches, not over ranks);
+# mean_over_ranks then takes the min ("*min") or max ("*max") over the ranks.
+RANK_STATS = {"clipfrac_low": "clip_ratio/low_min", "clipfrac_high": "clip_ratio/high_max"}
 
 
 def ppo_loss(ctx: PPOContext, mb: PPOBatch, *, counts: StepCounts | None = None):
     """Loss of one minibatch: fused clipped policy loss (+ KL and entropy terms) and, for
     "ppo", ``vf_coef`` · clipped value loss. Returns ``(loss, stats)`` (stats detached):
-    ``loss`` (the total), ``policy_loss`` (the clipped term), ``clip_ratio/region_mean`` (share
+    ``loss`` (the total), ``policy/loss`` (the clipped term), ``clip_ratio/region_mean`` (share
     of tokens whose clip set the loss: ratio above 1+ε_high with A > 0 or below 1-ε with A < 0,
-    TRL's name), ``clip_ratio/dual_mean`` (dual clip), ``entropy``, ``approx_kl``,
-    ``ratio_mean``, ``ratio_max``, ``kl/policy`` (KL-in-loss), ``value_loss`` and ``value/*``
-    ("ppo").
+    TRL's name) and its two sides ``clip_ratio/low_mean`` / ``clip_ratio/high_mean``,
+    ``clip_ratio/low_min`` / ``clip_ratio/high_max`` (the same over this rank's tokens only:
+    ``RANK_STATS``), ``clip_ratio/dual_mean`` (dual clip), ``entropy``, ``policy/approx_kl``,
+    ``policy/ratio_mean``, ``policy/ratio_max``, ``policy/kl`` (KL-in-loss), ``value/loss`` and
+    the other ``value/*`` ("ppo").
 
     ``counts``: the step's global normalisers when ``mb`` is one micro-batch of it (default:
     ``mb`` is the whole step). The ops normalise over ``mb``; their loss is multiplied by
     ``mb``'s share of the step's normaliser (tokens, sequences or rows, as the aggregation
     divides by) and the stats by its share of the tokens, so micro-batch results sum to the
-    whole step's (``ratio_max`` combines by max).
+    whole step's (``policy/ratio_max`` combines by max).
     """
     from rftengine.ops import fused_ppo_loss, value_loss
 
@@ -522,21 +545,17 @@ def ppo_loss(ctx: PPOContext, mb: PPOBatch, *, counts: StepCounts | None = None)
         "token_sum_norm": valid.shape[0] / counts.rows.to(valid.device),
     }[cfg.aggregation]
     loss = loss * policy_share
-    stats = {k: v.detach() * (policy_share if k in ("loss", "policy_loss") else
-                              1.0 if k == "ratio_max" else token_share)
+    stats = {OP_METRIC_NAMES.get(k, k): v.detach() * (policy_share if k in ("loss", "policy_loss") else
+                                                        1.0 if k == "ratio_max" else token_share)
              for k, v in dict(op_stats).items()}
-    if "kl" in stats:  # token-mean KL of the current policy (KL-in-loss); "kl" names the rollout's
-        stats["kl/policy"] = stats.pop("kl")
-    # TRL's names for the op's clip fractions
-    stats["clip_ratio/region_mean"] = stats.pop("clipfrac")
-    if "clipfrac_dual" in stats:
-        stats["clip_ratio/dual_mean"] = stats.pop("clipfrac_dual")
+    rank_share = valid.sum() / counts.rank_tokens.to(valid.device)
+    stats.update({name: op_stats[k].detach() * rank_share for k, name in RANK_STATS.items()})
     if cfg.algorithm == "ppo":
         values = _critic_values(ctx, batch, hidden)
         v_loss, v_stats = value_loss(values, mb.old_values, mb.returns, mask=batch.response_mask, clip_range=cfg.value_clip)
         v_loss = v_loss * token_share      # value_loss is a token mean
         stats.update({f"value/{k}": v.detach() * token_share for k, v in dict(v_stats).items() if k != "loss"})
-        stats["value_loss"] = v_loss.detach()
+        stats["value/loss"] = v_loss.detach()
         loss = loss + cfg.vf_coef * v_loss
     stats["loss"] = loss.detach()
     return loss, stats
@@ -547,7 +566,7 @@ def step(ctx: PPOContext, exp: PPOBatch) -> dict[str, float]:
     then the adaptive KL controller update. Advances ``ctx.state.step`` by one.
 
     Returns float metrics: the rollout stats of ``exp`` plus the minibatch means of ``loss``,
-    ``policy_loss``, ``clip_ratio/region_mean``, ``entropy``, ``value_loss`` (ppo), ... and
+    ``policy/loss``, ``clip_ratio/region_mean``, ``entropy``, ``value/loss`` (ppo), ... and
     ``learning_rate``.
     """
     cfg = ctx.config
@@ -571,7 +590,8 @@ def step(ctx: PPOContext, exp: PPOBatch) -> dict[str, float]:
             counts = StepCounts.of(mb.batch.response_mask)
             micro = [mb.select(rows.to(device)) for rows in split_rows(mb.num_rows, micro_batch_rows(cfg, mb.num_rows))]
             stats = accumulate_gradients(micro, lambda m, counts=counts: ppo_loss(ctx, m, counts=counts),
-                                         precision=precision, device=device, scaler=scaler, max_keys=("ratio_max",))
+                                         precision=precision, device=device, scaler=scaler, max_keys=("policy/ratio_max",),
+                                         rank_keys=tuple(RANK_STATS.values()))
             stats["grad_norm"] = clip_and_step(params, ctx.optimizer, None, cfg.max_grad_norm, loss=stats["loss"],
                                                state=ctx.state, max_skipped_steps=cfg.max_skipped_steps,
                                                scaler=scaler)

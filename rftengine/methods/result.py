@@ -32,7 +32,7 @@ class TrainResult:
         ``RewardModel`` of ``train_reward_model``.
     state: the final ``TrainState`` (``state.method`` names the method; DPO's carries its
         reference cache, CAI's its examples).
-    history: every step's metrics, in order (CAI: across its stages, each with ``stage_index``).
+    history: every step's metrics, in order (CAI: across its stages, each with ``cai/stage``).
     accuracy: reward model only: the pairwise accuracy on ``eval_pairs`` (or the training pairs).
     critic: the trained critic of algorithm "ppo" (RLAIF and PPO; None for GRPO/RLOO).
     context: PPO only: the ``PPOContext`` (reference, generator, critic, KL controller).

@@ -228,13 +228,13 @@ def rlaif_dpo_round(
 
     Returns ``(metrics, pairs)``. Metrics: ``judge/score`` (mean candidate strength: expected
     rating, or mean win probability; also ``reward`` when pointwise), ``judge/margin``
-    (mean chosen-rejected margin), ``pairs`` (pairs formed), ``completions/mean_length``,
+    (mean chosen-rejected margin), ``judge/pairs`` (pairs formed), ``completions/mean_length``,
     ``/min_length``, ``/max_length`` (sampled tokens, EOS included, as PPO-mode RLAIF reports
     them), and the DPO step's metrics (``loss``,
     ``rewards/accuracies``, ``rewards/margins``, ...) when a pair was formed.
 
     Under torchrun ``prompts`` is this rank's share: it samples and judges its own rollouts,
-    and the number of pairs it forms varies per rank. ``pairs`` and ``judge/margin`` are then
+    and the number of pairs it forms varies per rank. ``judge/pairs`` and ``judge/margin`` are then
     global (sums over the ranks, the same on every rank), the DPO loss divides by the global
     pair count, and every rank runs as many reference and policy forwards as the busiest one
     (``dpo_step``'s ``real_pairs``): a round with no pair on any rank trains no rank.
@@ -258,7 +258,7 @@ def rlaif_dpo_round(
     metrics: dict[str, float] = {
         "judge/score": sum(flat) / len(flat),
         "judge/margin": float(counts[1]) / num_pairs if num_pairs else 0.0,
-        "pairs": float(num_pairs),
+        "judge/pairs": float(num_pairs),
         # sampled tokens (EOS included), under the names PPO-mode RLAIF and every rollout logs
         "completions/mean_length": float(lengths.mean()),
         "completions/min_length": float(-distributed.all_reduce_max(-lengths.min())),
@@ -346,7 +346,7 @@ def _train_online_dpo(policy, tokenizer, prompts, judge, config, *, ref_model, c
 
     history = train_loop(train_state, cfg, num_steps, len(prompts), run_step, callback=callback,
                          checkpoint_fn=checkpoint_fn, progress=progress, desc="rlaif-dpo",
-                         postfix={"judge": "judge/score", "pairs": "pairs"}, evaluate=evaluate)
+                         postfix={"judge": "judge/score", "pairs": "judge/pairs"}, evaluate=evaluate)
     generator.free()
     policy.eval()
     return TrainResult(model=policy, state=train_state, history=history)

@@ -104,7 +104,8 @@ def sft_loss(policy: nn.Module, batch: SequenceBatch, *, chunk_size: int | None 
     """Token-mean NLL of the response tokens of ``batch`` (``packing``: padding-free trunk).
 
     Returns ``(loss, stats)``; stats (detached): ``loss``, ``logps/mean`` (mean per-token
-    log-prob), ``response_length`` (mean response tokens per row).
+    log-prob), ``completions/mean_length`` (mean response tokens per row, TRL's name for the
+    length of the completion part).
     """
     logp = response_logprobs(policy, batch, chunk_size=chunk_size, packing=packing)  # [N, T] fp32, 0 at pads
     mask = batch.response_mask
@@ -113,7 +114,7 @@ def sft_loss(policy: nn.Module, batch: SequenceBatch, *, chunk_size: int | None 
     stats = {
         "loss": loss.detach(),
         "logps/mean": -loss.detach(),
-        "response_length": mask.sum(-1).float().mean(),
+        "completions/mean_length": mask.sum(-1).float().mean(),
     }
     return loss, stats
 
@@ -134,8 +135,8 @@ def sft_step(
         loss, stats = sft_loss(policy, mb, chunk_size=config.logprob_chunk_size, packing=config.packing)
         # token-mean over the whole step: each micro-batch's mean weighted by its token share
         share = mb.response_mask.sum() / tokens.to(loss.device)
-        stats = {k: v * share for k, v in stats.items() if k != "response_length"}
-        stats["response_length"] = mb.response_mask.sum(-1).float().sum() / rows_total.to(loss.device)
+        stats = {k: v * share for k, v in stats.items() if k != "completions/mean_length"}
+        stats["completions/mean_length"] = mb.response_mask.sum(-1).float().sum() / rows_total.to(loss.device)
         return loss * share, stats
 
     stats = accumulated_step(split_rows(batch.num_rows, micro_batch_rows(config, batch.num_rows)), micro_loss,

@@ -34,6 +34,7 @@ from rftengine.ops.kl import KL_ESTIMATORS, kl_penalty, kl_token_reference
 from rftengine.ops.ppo import (
     DEPRECATED_CLIP_KEYWORDS,
     LOG_RATIO_CLAMP,
+    PPO_STATS,
     aggregation_weights,
     check_aggregation,
     ppo_policy_loss,
@@ -41,10 +42,7 @@ from rftengine.ops.ppo import (
     resolve_clips,
 )
 
-PPO_STAT_NAMES = (
-    "loss", "policy_loss", "clipfrac", "clipfrac_dual", "approx_kl", "ratio_mean", "ratio_max",
-    "entropy", "kl",
-)
+PPO_STAT_NAMES = ("loss", "policy_loss", *PPO_STATS, "entropy", "kl")
 
 
 def _masked_token_sum(x: torch.Tensor, keep: torch.Tensor | None, row_weight: torch.Tensor):
@@ -153,7 +151,8 @@ def fused_ppo_loss(
     Returns:
         ``(loss, stats)``: 0-d float32 loss (float64 for float64 inputs) differentiable
         w.r.t. hidden, weight and bias; stats detached: ``loss``, ``policy_loss``,
-        ``clipfrac``, ``clipfrac_dual``, ``approx_kl``, ``ratio_mean``, ``ratio_max``,
+        ``clipfrac`` (= ``clipfrac_low`` + ``clipfrac_high``), ``clipfrac_low``,
+        ``clipfrac_high``, ``clipfrac_dual``, ``approx_kl``, ``ratio_mean``, ``ratio_max``,
         ``entropy`` (token mean), and ``kl`` (token mean) when ``ref_logp`` is given.
         Cost 6NHV FLOPs over the kept tokens; gradients are computed during forward (their
         memory is held from then on), a backward call only scales them. Without valid tokens

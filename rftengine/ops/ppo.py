@@ -32,8 +32,12 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "token_sum_norm")
 # |logp - old_logp| is clamped to this before exp: exp(20) ~ 5e8 keeps the ratio finite in fp32
 LOG_RATIO_CLAMP = 20.0
 
-PPO_PARTIALS = ("loss", "count", "clipped", "dual_clipped", "approx_kl", "ratio", "ratio_max")
+# the kernels' rows (rftengine.kernels.ppo.PPO_PARTIALS), not imported so that the torch path
+# does not load Triton; "clipped_low": the clipped tokens with A < 0 (below the ratio floor)
+PPO_PARTIALS = ("loss", "count", "clipped", "clipped_low", "dual_clipped", "approx_kl", "ratio", "ratio_max")
 VALUE_PARTIALS = ("loss", "count", "clipped", "values", "returns")
+# the stats of ppo_policy_loss besides "loss", in the order _PPOPolicyLoss stacks them
+PPO_STATS = ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_dual", "approx_kl", "ratio_mean", "ratio_max")
 
 
 # ---------------------------------------------------------------- per-token closed forms
@@ -137,7 +141,9 @@ def ppo_policy_forward_reference(
     if is_weights is not None:
         loss = loss * _load(is_weights, keep, acc)
     k = torch.ones_like(loss) if keep is None else keep.to(acc)
-    sums = [(x * k).sum(-1) for x in (loss, k, clipped, dual, approx_kl, ratio)]
+    # a clip with A < 0 can only be the floor 1 - clip_low (with A > 0 only the ceiling)
+    clipped_low = torch.where(adv < 0, clipped, torch.zeros_like(clipped))
+    sums = [(x * k).sum(-1) for x in (loss, k, clipped, clipped_low, dual, approx_kl, ratio)]
     sums.append((ratio * k).amax(-1) if ratio.shape[-1] else torch.zeros_like(sums[0]))
     return torch.stack(sums).unsqueeze(-1)
 
@@ -198,13 +204,18 @@ class _PPOPolicyLoss(torch.autograd.Function):
                 triton_path):
         forward_impl, *_ = _implementation(triton_path)
         partials = forward_impl(logp, old_logp, advantages, keep, is_weights, *clips)
-        sums = partials[:6].sum(-1)  # [6, B]
-        row_scale = aggregation_weights(sums[1], aggregation, loss_constant, logp.shape[-1])
-        loss = (sums[0] * row_scale).sum()
-        n_valid = sums[1].sum().clamp(min=1.0)
+        rows = dict(zip(PPO_PARTIALS[:-1], partials[:-1].sum(-1)))  # name -> [B], all but ratio_max
+        row_scale = aggregation_weights(rows["count"], aggregation, loss_constant, logp.shape[-1])
+        loss = (rows["loss"] * row_scale).sum()
+        n_valid = rows["count"].sum().clamp(min=1.0)
+        total = {k: v.sum() for k, v in rows.items()}
+        # token counts are integers in fp32 (exact below 2^24): high = clipped - low is exact
+        clipped_high = total["clipped"] - total["clipped_low"]
+        ratio_max = partials[-1]
         stats = torch.stack([
-            sums[2].sum() / n_valid, sums[3].sum() / n_valid, sums[4].sum() / n_valid,
-            sums[5].sum() / n_valid, partials[6].amax() if partials[6].numel() else loss * 0,
+            total["clipped"] / n_valid, total["clipped_low"] / n_valid, clipped_high / n_valid,
+            total["dual_clipped"] / n_valid, total["approx_kl"] / n_valid, total["ratio"] / n_valid,
+            ratio_max.amax() if ratio_max.numel() else loss * 0,
         ])
         ctx.save_for_backward(logp, old_logp, advantages, keep, is_weights, row_scale)
         ctx.clips, ctx.triton_path = clips, triton_path
@@ -354,9 +365,11 @@ def ppo_policy_loss(
         ``(loss, stats)``: ``loss`` a 0-d float32 tensor (float64 for float64 inputs)
         differentiable w.r.t. ``logp`` only; ``stats`` detached 0-d tensors, token means over
         valid tokens whatever the aggregation: ``loss``, ``clipfrac`` (the clip set the loss),
-        ``clipfrac_dual``, ``approx_kl`` (k3 estimate of KL(old‖new): ``ρ - 1 - log ρ``),
-        ``ratio_mean``, ``ratio_max``. A batch without valid tokens (all masked, B = 0 or T = 0) gives
-        loss 0, stats 0 and zero gradient, never NaN.
+        its two sides ``clipfrac_low`` (A < 0 and ρ < 1 - ε) and ``clipfrac_high`` (A > 0 and
+        ρ > 1 + ε_high), which sum to ``clipfrac``, ``clipfrac_dual``, ``approx_kl`` (k3
+        estimate of KL(old‖new): ``ρ - 1 - log ρ``), ``ratio_mean``, ``ratio_max``. A batch
+        without valid tokens (all masked, B = 0 or T = 0) gives loss 0, stats 0 and zero
+        gradient, never NaN.
     """
     check_floating("logp", logp)
     check_ndim("logp", logp, (2,), "[B, T]")
@@ -389,8 +402,7 @@ def ppo_policy_loss(
         rows_view(is_weights) if is_weights is not None else None,
         clips, aggregation, loss_constant, triton_path,
     )
-    names = ("clipfrac", "clipfrac_dual", "approx_kl", "ratio_mean", "ratio_max")
-    return loss, {"loss": loss.detach(), **dict(zip(names, stats.unbind()))}
+    return loss, {"loss": loss.detach(), **dict(zip(PPO_STATS, stats.unbind()))}
 
 
 @deprecated_call_forms(positional=("mask",), renamed={"clip": "clip_range"})

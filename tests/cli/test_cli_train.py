@@ -51,7 +51,7 @@ def test_reward_then_ppo_with_the_reward_model(tmp_path, tiny_model_dir, capsys)
     assert train("ppo", tiny_model_dir, tmp_path / "ppo", f"reward={tmp_path / 'rm' / 'final'}") == 0
     check_run(tmp_path / "ppo")
     rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
-    assert {"loss", "reward", "reward_std", "kl", "clip_ratio/region_mean", "entropy", "value_loss",
+    assert {"loss", "reward", "reward_std", "kl", "clip_ratio/region_mean", "entropy", "value/loss",
             "completions/mean_length"} <= set(rows[0])
 
 
@@ -85,7 +85,7 @@ def test_rlaif_online_dpo_with_a_judge(tmp_path, tiny_model_dir):
     assert train("rlaif", tiny_model_dir, tmp_path / "rlaif", f"judge={tiny_model_dir}") == 0
     check_run(tmp_path / "rlaif")
     rows = read_metrics(tmp_path / "rlaif" / "metrics.jsonl")
-    assert {"judge/score", "pairs"} <= set(rows[0])
+    assert {"judge/score", "judge/pairs"} <= set(rows[0])
 
 
 def test_cai_sft_then_dpo(tmp_path, tiny_model_dir, capsys):
@@ -98,7 +98,7 @@ def test_cai_sft_then_dpo(tmp_path, tiny_model_dir, capsys):
             "train.dpo.save_every=1"]
     assert main(argv) == 0
     rows = read_metrics(tmp_path / "cai" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3] and [r["stage_index"] for r in rows] == [0.0, 1.0, 1.0]
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["cai/stage"] for r in rows] == [0.0, 1.0, 1.0]
     assert "rewards/accuracies" in rows[-1]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "cai")] == ["checkpoint-2", "checkpoint-3"]
     out = capsys.readouterr().out

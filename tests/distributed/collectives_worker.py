@@ -42,6 +42,21 @@ def _whiten_rows(r: int) -> dict:
     return out
 
 
+def _accumulated(r: int) -> list:
+    """Every rank's stats of ``accumulate_gradients`` over two micro-batches: "summed" over the
+    micro-batches and the ranks, "mine" (a ``rank_keys`` stat) over this rank's micro-batches only."""
+    from rftengine.methods.optimization import accumulate_gradients
+
+    w = torch.zeros((), requires_grad=True)
+    stats = accumulate_gradients(
+        [1.0, 2.0], lambda x: (w * x, {"summed": torch.tensor(x + r), "mine": torch.tensor(x * (r + 1))}),
+        precision="fp32", device=torch.device("cpu"), rank_keys=("mine",),
+    )
+    ranks = [None, None]
+    torch.distributed.all_gather_object(ranks, {k: float(v) for k, v in stats.items()})
+    return ranks
+
+
 def main(out: str) -> None:
     with distributed.process_group("cpu") as device:
         r = distributed.rank()
@@ -52,7 +67,8 @@ def main(out: str) -> None:
             "shard": distributed.shard_batch([7, 3, 9, 1]),
             "global_mean": float(distributed.global_mean(values)),
             "global_std": float(distributed.global_std(values)),
-            "mean_over_ranks": distributed.mean_over_ranks({"a": float(r), "b": 4.0, "ratio_max": 1.0 + r}),
+            "mean_over_ranks": distributed.mean_over_ranks({"a": float(r), "b": 4.0, "ratio_max": 1.0 + r,
+                                                            "clip_ratio/low_min": 0.75 - 0.5 * r}),
             "max_over_ranks": distributed.max_over_ranks(15 if r == 1 else None),
             "max_none": distributed.max_over_ranks(None),
             "broadcast": distributed.broadcast_object(f"from {r}"),
@@ -62,6 +78,7 @@ def main(out: str) -> None:
         except ValueError as exc:
             result["error"] = str(exc)
         result["whiten"] = _whiten_rows(r)
+        result["accumulated"] = _accumulated(r)
         shards = [None, None]
         torch.distributed.all_gather_object(shards, result["shard"])
         result["shards"] = shards

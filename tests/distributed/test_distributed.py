@@ -61,7 +61,10 @@ def test_two_ranks_give_the_global_values(tmp_path):
     assert got["shards"] == [[7, 3], [9, 1]]  # contiguous halves of the global batch
     assert got["global_mean"] == pytest.approx(float(everything.mean()))
     assert got["global_std"] == pytest.approx(float(everything.std(unbiased=False)))
-    assert got["mean_over_ranks"] == {"a": 0.5, "b": 4.0, "ratio_max": 2.0}
+    # "*max": the largest rank's value, "*min": the smallest rank's (rank 1's here), not the mean
+    assert got["mean_over_ranks"] == {"a": 0.5, "b": 4.0, "ratio_max": 2.0, "clip_ratio/low_min": 0.25}
+    # rank r's micro-batches give 1 + r and 2 + r ("summed": 3 + 5 on both) and 1(r+1), 2(r+1)
+    assert got["accumulated"] == [{"summed": 8.0, "mine": 3.0}, {"summed": 8.0, "mine": 6.0}]
     assert got["max_over_ranks"] == 15 and got["max_none"] is None
     assert got["broadcast"] == "from 0"
     assert "batch_size must be a multiple of the world size 2" in got["error"] and "got 3" in got["error"]

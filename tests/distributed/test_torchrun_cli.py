@@ -256,9 +256,9 @@ def test_ppo_with_a_critic_two_ranks(tmp_path, model_dir, critic):
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:
-        assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "value_loss", "grad_norm", "kl_coef"))
-        assert r["value_loss"] > 0
-    assert rows[-1]["kl_coef"] != 0.1  # the adaptive controller moved β
+        assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "value/loss", "grad_norm", "objective/kl_coef"))
+        assert r["value/loss"] > 0
+    assert rows[-1]["objective/kl_coef"] != 0.1  # the adaptive controller moved β
     assert AutoModelForCausalLM.from_pretrained(out / "final").num_parameters() > 0
     part = tmp_path / f"{critic}-resumed"
     run_cli(2, train_args("ppo", model_dir, part, f"train.critic={critic}", f"train.max_steps={STEPS - 1}"))
@@ -280,7 +280,7 @@ def test_ppo_two_ranks_equal_one_process(tmp_path, model_dir, critic):
     rows1, rows2 = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in rows2] == [r["step"] for r in rows1] == list(range(1, STEPS + 1))
     for r1, r2 in zip(rows1, rows2):
-        for key in ("loss", "value_loss", "kl", "kl_coef", "grad_norm", "reward"):
+        for key in ("loss", "value/loss", "kl", "objective/kl_coef", "grad_norm", "reward"):
             rel = 1e-5 if r1["step"] == 1 else 1e-4
             # kl: a difference of nearly equal log-probs, whose rounding is absolute
             assert r2[key] == pytest.approx(r1[key], rel=rel, abs=1e-5 if key == "kl" else 1e-7), (r1["step"], key)

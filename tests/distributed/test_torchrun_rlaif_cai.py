@@ -43,11 +43,11 @@ def test_rlaif_online_dpo_two_ranks_equal_one_process(tmp_path, model_dir):  # n
     run_cli(2, rlaif_dpo_args(tmp_path, model_dir, tmp_path / "two"))
     rows1, rows2 = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in rows2] == [r["step"] for r in rows1] == list(range(1, STEPS + 1))  # once each
-    assert any(r["pairs"] > 0 for r in rows2)          # it trained
+    assert any(r["judge/pairs"] > 0 for r in rows2)          # it trained
     for r1, r2 in zip(rows1, rows2):
         assert r1.keys() == r2.keys()
         # global: the pairs of both ranks (not a mean over the ranks), their mean margin
-        assert r2["pairs"] == r1["pairs"] and r2["pairs"] == int(r2["pairs"])
+        assert r2["judge/pairs"] == r1["judge/pairs"] and r2["judge/pairs"] == int(r2["judge/pairs"])
         for key in ("judge/score", "judge/margin", "completions/mean_length", "completions/max_length", "loss",
                     "rewards/margins", "grad_norm"):
             if key in r1:
@@ -87,7 +87,7 @@ def test_cai_two_ranks_equal_one_process(tmp_path, model_dir):  # noqa: F811 (fi
     assert "resuming from" in proc.stdout and "checkpoint-3" in proc.stdout
     rows1, rows2 = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in rows2] == [r["step"] for r in rows1] == [1, 2, 3, 4]
-    assert [r["stage_index"] for r in rows2] == [0, 0, 1, 1]
+    assert [r["cai/stage"] for r in rows2] == [0, 0, 1, 1]
     for r1, r2 in zip(rows1, rows2):
         assert r1.keys() == r2.keys()
         for key in ("loss", "grad_norm", "rewards/margins"):
@@ -120,7 +120,7 @@ def test_rlaif_ppo_with_a_critic_two_ranks_resumes_exactly(tmp_path, model_dir):
     run_cli(2, rlaif_ppo_args(tmp_path, model_dir, out))
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert all(torch.isfinite(torch.tensor(r["value_loss"])) and r["value_loss"] > 0 for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["value/loss"])) and r["value/loss"] > 0 for r in rows)
     whole = tmp_path / "whole"
     whole.mkdir()
     shutil.copy(out / "metrics.jsonl", whole / "metrics.jsonl")
@@ -148,8 +148,8 @@ def test_cai_rl_stage_with_a_critic_two_ranks_resumes_exactly(tmp_path, model_di
         "    kl_coef: 0.1\n    learning_rate: 1.0e-3\n    save_every: 1\n"))
     run_cli(2, args)
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3] and [r["stage_index"] for r in rows] == [0, 1, 1]
-    assert rows[-1]["value_loss"] > 0 and rows[-1]["kl"] != 0
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["cai/stage"] for r in rows] == [0, 1, 1]
+    assert rows[-1]["value/loss"] > 0 and rows[-1]["kl"] != 0
     whole = tmp_path / "whole"
     whole.mkdir()
     shutil.copy(out / "metrics.jsonl", whole / "metrics.jsonl")

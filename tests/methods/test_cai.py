@@ -161,7 +161,7 @@ def test_train_cai_sft_then_dpo(make_lm, tokenizer):
     result = train_cai(policy, tokenizer, PROMPTS, config, constitution=TOY,
                        callback=lambda step, m: steps.append((step, m)))
     assert [s for s, _ in steps] == [1, 2, 3, 4]
-    assert [m["stage_index"] for _, m in steps] == [0.0, 0.0, 1.0, 1.0]
+    assert [m["cai/stage"] for _, m in steps] == [0.0, 0.0, 1.0, 1.0]
     assert "rewards/accuracies" in steps[-1][1] and "logps/mean" in steps[0][1]
     assert set(result.stage_results) == {"sft", "dpo"}
     assert result.pairs == revision_pairs(result.examples)

@@ -40,8 +40,8 @@ def test_ppo_raises_mean_reward(tokenizer, make_lm):
                                                vf_coef=0.5)
     assert after > before + 0.2, (before, after)
     metrics = result.history[-1]
-    for name in ("reward", "reward_std", "kl", "clip_ratio/region_mean", "entropy", "value_loss",
-                 "completions/mean_length", "loss", "kl_coef", "rewards/vowel_fraction_reward/mean"):
+    for name in ("reward", "reward_std", "kl", "clip_ratio/region_mean", "entropy", "value/loss",
+                 "completions/mean_length", "loss", "objective/kl_coef", "rewards/vowel_fraction_reward/mean"):
         assert name in metrics, name
     assert metrics["kl"] > 0  # the policy moved away from the reference
 
@@ -50,7 +50,7 @@ def test_grpo_raises_mean_reward(tokenizer, make_lm):
     before, after, result = _train_and_measure(tokenizer, make_lm, algorithm="grpo", group_size=4,
                                                batch_size=4)
     assert after > before + 0.2, (before, after)
-    assert "value_loss" not in result.history[-1] and result.context.critic is None
+    assert "value/loss" not in result.history[-1] and result.context.critic is None
 
 
 @pytest.mark.parametrize("algorithm,critic", [("rloo", "shared"), ("ppo", "separate")])
@@ -123,6 +123,37 @@ def test_fused_step_matches_unfused_hf_step(tokenizer, make_lm, assert_same_para
     assert_same_params(policy, ref_policy, rtol=1e-4, atol=1e-6)
     if ref_critic is not None:
         assert_same_params(ctx.critic, ref_critic, rtol=1e-4, atol=1e-6)
+
+
+def test_clip_ratio_sides_and_their_rank_extremes(tokenizer, make_lm, monkeypatch):
+    """TRL's clip_ratio/low_mean + high_mean = region_mean; low_min / high_max are the rank's own
+    low / high mean over its micro-batches, so in one process they equal low_mean / high_mean;
+    with other ranks' tokens in the step's normaliser, low_mean is only this rank's share of the
+    global mean while low_min stays the rank's mean."""
+    from rftengine.methods import ppo
+
+    def one_step(config):
+        ctx = make_ppo_context(make_lm(), tokenizer, config)
+        ro = rollout(ctx, ["ab:", "cde:", "f:", "ghij:"])
+        exp = compute_advantages(ctx, ro, score(ctx, ro, vowel_fraction_reward))
+        gen = torch.Generator().manual_seed(1)  # an older policy: ratios leave the clip range on both sides
+        exp.old_logprobs = (exp.old_logprobs + 0.5 * torch.randn(exp.old_logprobs.shape, generator=gen)) \
+            * ro.batch.response_mask
+        return step(ctx, exp)
+
+    config = PPOConfig(algorithm="grpo", group_size=2, batch_size=4, max_new_tokens=6, ppo_epochs=1,
+                       minibatch_size=4, micro_batch_size=1, clip_range=0.1, clip_range_high=0.3, seed=0)
+    m = one_step(config)
+    low, high = m["clip_ratio/low_mean"], m["clip_ratio/high_mean"]
+    assert low > 0 and high > 0
+    assert low + high == pytest.approx(m["clip_ratio/region_mean"], rel=1e-6)
+    assert m["clip_ratio/low_min"] == low and m["clip_ratio/high_max"] == high
+
+    # a second rank with as many tokens: the step's token count doubles, this rank's does not
+    monkeypatch.setattr(ppo, "global_count", lambda count: 2 * torch.as_tensor(count, dtype=torch.float32).clamp(min=1))
+    m = one_step(config)
+    assert m["clip_ratio/low_min"] == pytest.approx(2 * m["clip_ratio/low_mean"], rel=1e-6)
+    assert m["clip_ratio/high_max"] == pytest.approx(2 * m["clip_ratio/high_mean"], rel=1e-6)
 
 
 def test_ppo_rewards_are_score_minus_kl_penalty(tokenizer, make_lm):
@@ -238,7 +269,7 @@ def test_bf16_training_on_cuda(tokenizer, make_lm, algorithm):
                        max_new_tokens=8, max_steps=3, learning_rate=1e-4, ppo_epochs=1)
     result = train_ppo(policy, tokenizer, toy_prompts(16), config, reward_fn=vowel_fraction_reward)
     assert all(torch.isfinite(torch.tensor(list(m.values()))).all() for m in result.history)
-    assert result.history[0]["ratio_mean"] == pytest.approx(1.0, abs=2e-2)
+    assert result.history[0]["policy/ratio_mean"] == pytest.approx(1.0, abs=2e-2)
 
 
 def test_references_reach_the_reward_fn(tokenizer, make_lm):

@@ -77,7 +77,7 @@ def test_rlaif_online_dpo_end_to_end(make_lm, tokenizer, judge):
     result = train_rlaif(policy, tokenizer, PROMPTS, judge, config, callback=lambda s, m: history.append(m))
     assert len(history) == 2 and result.state.step == 2 and result.state.data_position == 6
     m = history[0]
-    assert 1 <= m["pairs"] <= 3
+    assert 1 <= m["judge/pairs"] <= 3
     for key in ("loss", "rewards/accuracies", "rewards/margins", "judge/score", "judge/margin"):
         assert key in m
     assert m["judge/score"] == pytest.approx(0.5, abs=1e-5)

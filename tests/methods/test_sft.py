@@ -27,7 +27,7 @@ def test_sft_loss_is_response_token_nll(make_lm, tokenizer):
                 nll -= float(logp[len(p) - 1 + t, tok])
                 count += 1
     assert float(loss.detach()) == pytest.approx(nll / count, rel=1e-5)
-    assert float(stats["response_length"]) == pytest.approx(count / len(DATA))
+    assert float(stats["completions/mean_length"]) == pytest.approx(count / len(DATA))
 
 
 def test_train_sft_lowers_the_loss(make_lm, tokenizer):

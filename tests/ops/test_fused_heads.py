@@ -141,6 +141,29 @@ def test_ppo_without_mask_and_default_chunks(backend, device):
     check_against_composition(fused, comp, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dual_clip", [None, 2.0])
+def test_ppo_clip_sides_match_their_definition(backend, device, dual_clip):
+    """clipfrac_low / clipfrac_high of the head against the float64 ratio, with TRL's
+    definitions: low = A < 0 and ratio < 1 - ε, high = A > 0 and ratio > 1 + ε_high."""
+    h, w, b, t = head(3, 7, 9, 37, FP32, device, bias=False)
+    mask = torch.rand(3, 7).to(device) > 0.3
+    mask[:2, 0] = True
+    old, _, adv = ppo_inputs(h, w, b, t, mask, True, 1.0)
+    current = linear_token_logprobs(h.double(), w.double(), t)
+    old[1, 0] = current[1, 0] - math.log(0.5)  # token (1, 0): ratio 0.5 and A < 0, clipped low
+    adv[1, 0] = -(adv[1, 0].abs() + 0.5)
+    _, stats = fused_ppo_loss(h, w, t, old, adv, mask=mask, clip_range=0.2, clip_range_high=0.28,
+                              dual_clip=dual_clip, chunk_size=4)
+    ratio = torch.exp(current - old.double())
+    n = mask.sum()
+    low = ((ratio < 0.8) & (adv < 0) & mask).sum() / n
+    high = ((ratio > 1.28) & (adv > 0) & mask).sum() / n
+    assert low > 0 and high > 0  # tokens (1, 0) and (0, 0) by construction
+    assert_same(stats["clipfrac_low"], low.float(), 1e-6, 0, "clipfrac_low")
+    assert_same(stats["clipfrac_high"], high.float(), 1e-6, 0, "clipfrac_high")
+    assert_same(stats["clipfrac"], (low + high).float(), 1e-6, 0, "clipfrac")
+
+
 def test_ppo_upstream_gradient_scales_and_no_grad_skips_the_backward(device):
     h, w, b, t = head(2, 5, 6, 19, FP32, device)
     mask = torch.rand(2, 5).to(device) > 0.2

@@ -56,6 +56,9 @@ def policy_oracle(logp, old, adv, mask, *, clip_range=0.2, clip_range_high=0.2, 
     stats = {
         "loss": loss.detach(),
         "clipfrac": ((clipped > unclipped).to(F64) * m).sum() / n,
+        # the two sides as TRL's GRPOTrainer defines them, from the ratio and the sign of A
+        "clipfrac_low": (((ratio < 1 - clip_range) & (a < 0)).to(F64) * m).sum() / n,
+        "clipfrac_high": (((ratio > 1 + clip_range_high) & (a > 0)).to(F64) * m).sum() / n,
         "clipfrac_dual": (dual.to(F64) * m).sum() / n,
         "approx_kl": ((ratio - 1 - lr) * m).sum().detach() / n,
         "ratio_mean": (ratio * m).sum().detach() / n,
@@ -69,13 +72,16 @@ def _inputs(device, b=4, t=37, per_seq=False):
     old = logp + 0.8 * torch.randn(b, t)
     adv = 2 * torch.randn((b,) if per_seq else (b, t))
     mask = torch.rand(b, t) > 0.25
-    # both clips are reached by construction, not by the luck of the draw: token 0 of row 0
+    # every clip is reached by construction, not by the luck of the draw: token 0 of row 0
     # has A < 0 and ratio 5 (above every dual_clip tested: dual-clipped), token 0 of row 1
-    # A > 0 and ratio 5 (above 1 + clip_range_high: clipped)
-    old[:2, 0] = logp[:2, 0] - math.log(5.0)
-    first = (slice(0, 2),) if per_seq else (slice(0, 2), 0)
-    adv[first] = adv[first].abs().add(0.5) * torch.tensor([-1.0, 1.0])
-    mask[:2, 0] = True
+    # A > 0 and ratio 5 (above 1 + clip_range_high: clipped high), token 0 of row 2 A < 0 and
+    # ratio 0.5 (below 1 - clip_range: clipped low)
+    ratios, signs = torch.tensor([5.0, 5.0, 0.5])[:b], torch.tensor([-1.0, 1.0, -1.0])[:b]
+    rows = slice(0, len(ratios))
+    old[rows, 0] = logp[rows, 0] - ratios.log()
+    first = (rows,) if per_seq else (rows, 0)
+    adv[first] = adv[first].abs().add(0.5) * signs
+    mask[rows, 0] = True
     return logp.to(device).requires_grad_(), old.to(device), adv.to(device), mask.to(device)
 
 
@@ -108,7 +114,10 @@ def test_policy_matches_oracle(backend, device, case):
         assert_close_f64(stats[k], v)
     if "dual_clip" in case:
         assert stats["clipfrac_dual"] > 0  # the inputs do exercise the dual clip
-    assert stats["clipfrac"] > 0
+    assert stats["clipfrac_low"] > 0 and stats["clipfrac_high"] > 0
+    # the sides partition the clipped tokens: equal up to the rounding of the divisions
+    torch.testing.assert_close(stats["clipfrac_low"] + stats["clipfrac_high"], stats["clipfrac"],
+                               rtol=2e-7, atol=0)
 
 
 @pytest.mark.parametrize("per_seq", [False, True])
@@ -153,6 +162,7 @@ def test_policy_closed_form(backend, device):
     loss, stats = ppo_policy_loss(logp, old, adv, mask=None)
     assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3, rel=1e-6)
     assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["clipfrac_low"].item() == pytest.approx(1 / 3) and stats["clipfrac_high"].item() == pytest.approx(1 / 3)
     assert stats["ratio_mean"].item() == pytest.approx((1.5 + 0.5 + 1.1) / 3, rel=1e-6)
     (grad,) = torch.autograd.grad(loss, logp)
     torch.testing.assert_close(grad, torch.tensor([[0.0, 0.0, -2.2 / 3]], device=device))
@@ -299,3 +309,12 @@ def test_value_errors():
         value_loss(v, v, v, mask=None, clip_range=-1.0)
     with pytest.raises(ValueError, match="aggregation"):
         value_loss(v, v, v, mask=None, aggregation="sum")
+
+
+def test_ops_name_the_kernels_partial_rows_in_their_order():
+    """The torch path keeps its own copy of the kernels' row names (so that it does not load
+    Triton); the two must not drift apart."""
+    from rftengine.kernels import ppo as kernel
+    from rftengine.ops import ppo as ops
+
+    assert ops.PPO_PARTIALS == kernel.PPO_PARTIALS and ops.VALUE_PARTIALS == kernel.VALUE_PARTIALS
