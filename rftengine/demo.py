@@ -675,4 +675,9 @@ def _report_to_option(text: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Through the `rftengine` command, so that a user's mistake is one line, as in `rftengine demo`.
+    import sys
+
+    from rftengine.cli import main as cli_main
+
+    raise SystemExit(cli_main(["demo", *sys.argv[1:]]))

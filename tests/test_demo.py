@@ -1,7 +1,10 @@
 """`rftengine demo --quick` runs every stage end to end and writes its plot and metrics."""
 
 import csv
+import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -55,3 +58,11 @@ def test_demo_rejects_bad_options(tmp_path):
     with pytest.raises(ValueError, match=r"report_to: unknown destination 'cvs' \(did you mean 'csv'\?\)"):
         demo.run_demo(tmp_path, report_to=["jsonl", "cvs"])
     assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="needs wandb absent")
+def test_python_m_demo_reports_a_missing_tracker_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rftengine.demo", "--quick", "--report-to", "jsonl,wandb",
+                           "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "rftengine demo: error: report_to includes wandb, which is not installed: pip install wandb" in proc.stderr
