@@ -24,6 +24,7 @@ import re
 import sys
 from pathlib import Path
 
+from rftengine.chat import require_chat_template
 from rftengine.config import decode_utf8, read_text
 from rftengine.errors import UserError
 
@@ -307,8 +308,6 @@ def _check_text_or_messages(record, where, name) -> bool:
 def _require_chat_template(tokenizer, where) -> None:
     """The one rule (`rftengine.chat.has_chat_template`: an empty template is none), checked
     here so that the error names the record."""
-    from rftengine.chat import require_chat_template
-
     try:
         require_chat_template(tokenizer, f"{where}: the data")
     except ValueError as exc:

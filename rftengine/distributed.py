@@ -81,8 +81,9 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
         raise RuntimeError(f"ranks logged different metrics: {gathered}")
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_comm_device())
     means = (all_reduce_sum(values) / world_size()).tolist()
-    maxima = all_reduce_max(values).tolist()
-    minima = (-all_reduce_max(-values)).tolist()
+    # one collective for both: the max of -x is minus the min of x
+    extremes = all_reduce_max(torch.cat([values, -values]))
+    maxima, minima = extremes[:len(keys)].tolist(), (-extremes[len(keys):]).tolist()
     # A maximum (``policy/ratio_max``) is the largest rank's, not a mean of the ranks' maxima;
     # likewise a minimum (``clip_ratio/low_min``: the smallest rank's value).
     return {k: maxima[i] if k.endswith("max") else minima[i] if k.endswith("min") else means[i]
