@@ -240,7 +240,7 @@ main() {
     local s
     for s in "${STEPS[@]}"; do
         case $s in
-            tests) run_step tests "$PY" -m pytest "${base[@]}" "${par[@]}" tests/ops tests/generation ;;
+            tests) run_step tests "$PY" -m pytest "${base[@]}" "${par[@]}" tests/ops tests/generation tests/kernels/test_sampling_kernel.py ;;
             tests_methods) run_step tests_methods "$PY" -m pytest "${base[@]}" -m cuda tests/methods ;;
             linear_logprobs | fused_heads | logprobs | sampling | losses) bench "$s" "$s" ;;
             train_step) bench train_step train_step ;;

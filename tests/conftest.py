@@ -16,6 +16,42 @@ if not torch.cuda.is_available():
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels here, or None.
+
+    Triton 3.6's interpreter (3.8's no longer; 3.7's unchecked) turns a scalar argument used as a
+    loop bound into a Python int with `int()` of a one-element array, which numpy 2.4 refuses:
+    every kernel that loops up to its vocabulary or length would fail, each test with a long
+    traceback. One tiny kernel tells. Compiled kernels on a GPU are not affected.
+    """
+    import numpy
+    import triton
+    import triton.language as tl
+    from triton.runtime.errors import InterpreterError
+
+    @triton.jit
+    def count_blocks(out_ptr, n, BLOCK: tl.constexpr):
+        count = 0
+        for _ in range(0, n, BLOCK):
+            count += 1
+        tl.store(out_ptr, count)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count_blocks[(1,)](out, 3, BLOCK=1)
+    except InterpreterError as error:
+        return (f"Triton {triton.__version__}'s interpreter cannot run the kernels with numpy "
+                f"{numpy.__version__} ({error.__cause__ or error}); install 'numpy<2.4' or triton>=3.8")
+    return None
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        problem = _interpreter_problem()
+        if problem:
+            pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
